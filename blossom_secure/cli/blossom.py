@@ -1,0 +1,129 @@
+"""``blossom``: commands for the people who run federations and experiments.
+
+    blossom simulate --sites sites --rounds N --out DIR [--quick] [--mode blockwise|full-model|local]
+                     [--plaintext] [--seed S] [--fresh] [--allow-full-model]
+    blossom data synth --sites sites [--force]
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from blossom_secure.cli import EXIT_OK, ArgumentParser, UsageError, console, run
+
+QUICK_ROUNDS = 3
+
+
+def _parser() -> ArgumentParser:
+    p = ArgumentParser(prog="blossom", description="Block-wise federated learning with DP and secure aggregation.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+
+    sim = sub.add_parser("simulate", help="run the embedded federation over example sites on this machine")
+    sim.add_argument("--sites", type=Path, default=Path("sites"), help="folder with federation.toml and site folders")
+    sim.add_argument("--rounds", type=int, default=None, help="rounds (default: the federation file's)")
+    sim.add_argument("--out", type=Path, required=True, help="folder for metrics.json and the global blocks")
+    sim.add_argument("--quick", action="store_true", help=f"a short run ({QUICK_ROUNDS} rounds) for demos and tests")
+    sim.add_argument("--mode", choices=("blockwise", "full-model", "local"), default="blockwise")
+    sim.add_argument("--plaintext", action="store_true",
+                     help="aggregate in the clear (sites whose policy requires secure aggregation decline)")
+    sim.add_argument("--seed", type=int, default=0, help="seed for initial values, sampling and DP noise")
+    sim.add_argument("--fresh", action="store_true",
+                     help="first delete the example sites' previous state (ledger, audit log, blocks)")
+    sim.add_argument("--allow-full-model", action="store_true",
+                     help="allow --mode full-model (shares heads, ignores policies; synthetic sites only)")
+
+    data = sub.add_parser("data", help="example-site data")
+    dsub = data.add_subparsers(dest="data_command", required=True, parser_class=ArgumentParser)
+    synth = dsub.add_parser("synth", help="generate the example sites' synthetic DICOM studies and clinical tables")
+    synth.add_argument("--sites", type=Path, default=Path("sites"))
+    synth.add_argument("--force", action="store_true", help="regenerate data that already exist")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "simulate":
+        return _simulate(args)
+    return _synth(args)
+
+
+def _simulate(args) -> int:
+    from blossom_secure.federation import simulate
+
+    rounds = args.rounds
+    if args.quick:
+        rounds = min(rounds or QUICK_ROUNDS, QUICK_ROUNDS)
+    if rounds is not None and rounds < 1:
+        raise UsageError("--rounds must be at least 1")
+    if args.mode == "full-model" and not args.allow_full_model:
+        raise UsageError("--mode full-model shares task heads and ignores the sites' policies; "
+                         "add --allow-full-model to run this baseline (synthetic sites only)")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        bar = progress.add_task("loading sites", total=None)
+
+        def on_setup(line: str) -> None:
+            console.print(f"  site {line}")
+
+        def on_round(report, agents) -> None:
+            if progress.tasks[bar].total is None:
+                progress.update(bar, total=rounds_total[0])
+            progress.update(bar, advance=1, description=f"round {report.round_id + 1}")
+            console.print(_round_table(report, agents))
+
+        rounds_total = [rounds]
+        if rounds is None:
+            from blossom_secure.config import load_federation
+
+            rounds_total[0] = load_federation(args.sites / "federation.toml").training.rounds
+        result = simulate(sites_root=args.sites, rounds=rounds, out_dir=args.out, mode=args.mode,
+                          secure=not args.plaintext, seed=args.seed, fresh=args.fresh,
+                          allow_full_model=args.allow_full_model, on_round=on_round, on_setup=on_setup)
+    console.print(f"metrics: {result.metrics_path}")
+    console.print(f"global shared blocks: {result.out_dir / 'global_blocks.npz'}")
+    console.print("each site's private blocks, ledger and audit log: <site>/state/")
+    return EXIT_OK
+
+
+def _round_table(report, agents) -> Table:
+    table = Table(title=f"round {report.round_id + 1}", title_justify="left")
+    for col in ("site", "task", "accuracy", "macro-F1", "chance", "epsilon", "status"):
+        table.add_column(col, justify="right" if col in ("accuracy", "macro-F1", "chance", "epsilon") else "left")
+    for agent in agents:
+        s = report.sites[agent.id]
+        status = "declined: " + s["declined"] if s["declined"] else "trained"
+        from blossom_secure.federation import _chance
+
+        for task, m in sorted(s["tasks"].items()):
+            table.add_row(agent.id, task, f"{m['accuracy']:.3f}", f"{m['macro_f1']:.3f}",
+                          f"{_chance(agent, task):.3f}", f"{s['epsilon']:.2f}", status)
+    return table
+
+
+def _synth(args) -> int:
+    from blossom_secure.config import load_federation, load_site, site_dirs
+    from blossom_secure.site_agent import ensure_site_data
+
+    federation = load_federation(args.sites / "federation.toml")
+    for d in site_dirs(args.sites):
+        site = load_site(d, federation=federation)
+        if site.synth is None:
+            console.print(f"{site.id}: no [synth] section (real data); skipped")
+            continue
+        if args.force and (site.root / "data").is_dir():
+            shutil.rmtree(site.root / "data")
+        made = ensure_site_data(site, federation)
+        console.print(f"{site.id}: {'generated' if made else 'data already present'} in {site.root / 'data'}")
+    return EXIT_OK
+
+
+def entry() -> int:
+    return run(main)
+
+
+if __name__ == "__main__":
+    raise SystemExit(entry())

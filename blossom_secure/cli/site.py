@@ -1,0 +1,166 @@
+"""``blossom-site``: the hospital operator's commands.
+
+    blossom-site init SITE_DIR            create the identity key, start the audit log
+    blossom-site check SITE_DIR           validate site file, policy and data; show what would leave
+    blossom-site budget SITE_DIR          privacy spent per round and remaining
+    blossom-site audit verify SITE_DIR    recompute the audit log's hash chain and signatures
+    blossom-site audit review SITE_DIR [--round R] [--html FILE]
+
+Every command takes ``--federation FILE`` when the site file does not name its federation.
+Exit codes: see :mod:`blossom_secure.cli`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+from blossom_secure.cli import EXIT_OK, ArgumentParser, UsageError, console, run
+
+
+def _parser() -> ArgumentParser:
+    p = ArgumentParser(prog="blossom-site", description="A hospital site's commands: set up, check, review, verify.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+
+    def site_cmd(name: str, help_text: str, parent=sub):
+        cmd = parent.add_parser(name, help=help_text)
+        cmd.add_argument("site_dir", type=Path, metavar="SITE_DIR")
+        cmd.add_argument("--federation", type=Path, default=None,
+                         help="federation file (default: the one the site file names)")
+        return cmd
+
+    site_cmd("init", "create the site's identity key and start its audit log")
+    site_cmd("check", "validate the site file, policy and data; show what would leave the site")
+    site_cmd("budget", "privacy budget: epsilon spent per round and remaining")
+    audit = sub.add_parser("audit", help="the site's audit log")
+    asub = audit.add_subparsers(dest="audit_command", required=True, parser_class=ArgumentParser)
+    site_cmd("verify", "recompute the hash chain and signatures; exit 1 if the log was altered", asub)
+    review = site_cmd("review", "what left the site, per round and block, and the privacy spent", asub)
+    review.add_argument("--round", type=int, default=None, dest="round_id", help="only this round")
+    review.add_argument("--html", type=Path, default=None, help="also write a self-contained HTML report")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "audit":
+        handler = {"verify": _audit_verify, "review": _audit_review}[args.audit_command]
+    else:
+        handler = {"init": _init, "check": _check, "budget": _budget}[args.command]
+    return handler(args)
+
+
+def _load(args, *, with_data: bool = False):
+    """Federation + site config (no data, no state written)."""
+    from blossom_secure.config import load_federation, load_site
+    from blossom_secure.errors import PolicyError, Problem
+
+    site_dir: Path = args.site_dir
+    if not site_dir.is_dir():
+        raise PolicyError([Problem(str(site_dir), "", "site folder not found")])
+    fed_path = args.federation
+    if fed_path is None:
+        bare = load_site(site_dir)
+        if bare.federation_file is None:
+            raise UsageError("the site file names no federation file; pass --federation FILE")
+        fed_path = bare.federation_file
+    federation = load_federation(fed_path)
+    site = load_site(site_dir, federation=federation)
+    return federation, site
+
+
+def _check(args) -> int:
+    from blossom_secure.errors import DataError, Problem
+    from blossom_secure.model import BlockModel
+    from blossom_secure.site_agent import load_arrays
+
+    federation, site = _load(args)
+    missing = []
+    if not site.clinical_csv.exists():
+        missing.append(Problem(str(site.clinical_csv), "", "clinical CSV not found"))
+    if "image" in site.modalities and (site.dicom_dir is None or not site.dicom_dir.is_dir()):
+        missing.append(Problem(str(site.dicom_dir), "", "DICOM folder not found"))
+    if missing:
+        if site.synth is not None:
+            missing.append(Problem(str(site.root / "site.toml"), "synth",
+                                   "example site: generate its data with `blossom data synth`"))
+        raise DataError(missing)
+    arrays = load_arrays(site, federation)
+    sizes = BlockModel(federation.layout, site.modalities, tuple(site.tasks)).block_sizes()
+
+    console.print(f"[bold]{site.name}[/bold] ({site.id}) in federation {federation.id!r}")
+    console.print(f"policy {site.policy.path} sha256 {site.policy.sha256[:16]}...")
+    data = Table(title="data", title_justify="left")
+    data.add_column("item")
+    data.add_column("patients", justify="right")
+    data.add_row("patients usable", str(len(arrays.patient_ids)))
+    if arrays.image is not None:
+        data.add_row("with imaging study", str(int(arrays.image_present.sum())))
+    if arrays.tabular is not None:
+        data.add_row("with clinical features", str(int(arrays.tabular_present.sum())))
+    for task, labels in sorted(arrays.labels.items()):
+        counts = ", ".join(f"{c}: {int((labels == c).sum())}" for c in range(federation.layout.tasks[task]))
+        data.add_row(f"task {task} (labels {counts})", str(int((labels >= 0).sum())))
+    console.print(data)
+
+    blocks = Table(title="blocks", title_justify="left")
+    for col in ("block", "parameters", "leaves the site?"):
+        blocks.add_column(col)
+    for name in site.blocks:
+        leaves = site.policy.is_shareable(name)
+        why = ("yes: shareable by policy, as a secure-aggregation contribution only"
+               if leaves and site.policy.secure_aggregation_required else
+               "yes: shareable by policy" if leaves else
+               "no: task heads never leave" if name.startswith("head.") else "no: not shareable by policy")
+        blocks.add_row(name, f"{sizes[name]:,}", why)
+    console.print(blocks)
+    p = site.policy.privacy
+    noise = f"noise multiplier {p.noise_multiplier}" if p.noise_multiplier else f"target epsilon {p.target_epsilon_per_round}/round"
+    console.print(f"privacy: DP-SGD, {noise}, clip {p.max_grad_norm}, delta {p.delta:g}, "
+                  f"budget epsilon {p.epsilon_budget:g} ({p.accountant} accountant)")
+    console.print(f"secure aggregation {'required' if site.policy.secure_aggregation_required else 'not required'}; "
+                  f"blocks leave only into groups of at least {site.policy.min_contributors} sites")
+    console.print("[green]valid[/green]")
+    return EXIT_OK
+
+
+def _budget(args) -> int:
+    from blossom_secure.privacy import PrivacyLedger, compute_epsilon
+    from blossom_secure.site_agent import LEDGER_FILE
+
+    _, site = _load(args)
+    terms = site.policy.privacy
+    ledger = PrivacyLedger(site.state_dir / LEDGER_FILE, site_id=site.id, terms=terms)
+    table = Table(title=f"privacy budget of {site.id} (delta {terms.delta:g}, {terms.accountant})", title_justify="left")
+    for col in ("round", "noise multiplier", "sample rate", "steps", "epsilon (round alone)", "epsilon total"):
+        table.add_column(col, justify="right")
+    for i, e in enumerate(ledger.entries):
+        alone = compute_epsilon([ledger.history[i]], accountant=terms.accountant, delta=terms.delta)
+        total = compute_epsilon(ledger.history[: i + 1], accountant=terms.accountant, delta=terms.delta)
+        table.add_row(str(e.round_id), f"{e.noise_multiplier:.3f}", f"{e.sample_rate:.4f}", str(e.steps),
+                      f"{alone:.3f}", f"{total:.3f}")
+    console.print(table)
+    spent = ledger.epsilon_spent
+    console.print(f"spent {spent:.3f} of {terms.epsilon_budget:g}; remaining {max(0.0, terms.epsilon_budget - spent):.3f}")
+    return EXIT_OK
+
+
+def _init(args) -> int:
+    raise UsageError("init is not available yet")
+
+
+def _audit_verify(args) -> int:
+    raise UsageError("audit verify is not available yet")
+
+
+def _audit_review(args) -> int:
+    raise UsageError("audit review is not available yet")
+
+
+def entry() -> int:
+    return run(main)
+
+
+if __name__ == "__main__":
+    raise SystemExit(entry())

@@ -1,0 +1,383 @@
+"""Federation and site files.
+
+* The **federation file** (``federation.toml``) is shared by every member out of band: the
+  federation id, the block layout (embedding size, imaging encoder, tabular features,
+  tasks), training and aggregation parameters. Every site builds its blocks from it, so a
+  block has the same shape at every site that holds it.
+* A **site file** (``<site>/site.toml``) belongs to one hospital: its id, the policy it is
+  bound by, and its data manifest (modalities, DICOM folder, clinical CSV, tasks and label
+  columns). Optional ``[synth]`` says how the example sites' data are generated on first use.
+
+Both are data only; every problem is reported at once as a
+:class:`~blossom_secure.errors.PolicyError`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from blossom_secure._toml import Table, read_toml
+from blossom_secure.blocks import FUSION, MODALITIES, encoder_block, head_block, is_valid_task_name
+from blossom_secure.errors import PolicyError, Problem
+from blossom_secure.policy import Policy, load_policy
+
+__all__ = [
+    "AggregationConfig",
+    "FederationConfig",
+    "ImageConfig",
+    "ModelLayout",
+    "SiteConfig",
+    "SynthConfig",
+    "TabularConfig",
+    "TrainingConfig",
+    "load_federation",
+    "load_site",
+    "site_dirs",
+]
+
+_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+AGGREGATION_MODES = ("blockwise", "full-model", "local")
+IMAGE_ARCHITECTURES = ("cnn", "densenet121")
+COMPRESSIONS = ("none", "rle", "jpeg2000")
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    spatial_dims: int
+    size: tuple[int, ...]
+    window: tuple[float, float] | None
+    architecture: str
+    channels: tuple[int, ...]
+    norm: str
+
+
+@dataclass(frozen=True)
+class TabularConfig:
+    features: tuple[str, ...]
+    hidden: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """The federation's block layout: what every block is, wherever it is built."""
+
+    embedding_dim: int
+    image: ImageConfig
+    tabular: TabularConfig
+    tasks: dict[str, int]  # task -> number of classes
+
+    def blocks_for(self, modalities: tuple[str, ...], tasks: tuple[str, ...]) -> tuple[str, ...]:
+        """Block names a site with these modalities and tasks builds, in canonical order."""
+        return (
+            tuple(encoder_block(m) for m in MODALITIES if m in modalities)
+            + (FUSION,)
+            + tuple(head_block(t) for t in sorted(tasks))
+        )
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    rounds: int
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    holdout_fraction: float
+    split_seed: int
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    mode: str
+    secure: bool
+    min_contributors: int
+    clip: float
+    ring_bits: int
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    path: Path
+    id: str
+    name: str
+    coordinator: str
+    layout: ModelLayout
+    training: TrainingConfig
+    aggregation: AggregationConfig
+    synth_seed: int
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    seed: int
+    patients: int
+    image_fraction: float
+    tabular_fraction: float
+    shift: float
+    compression: str | None
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """A validated site file (and the policy it names)."""
+
+    root: Path
+    id: str
+    name: str
+    policy: Policy
+    modalities: tuple[str, ...]
+    dicom_dir: Path | None
+    clinical_csv: Path
+    patient_id_column: str
+    tasks: dict[str, str]  # task -> label column
+    synth: SynthConfig | None = None
+    federation_file: Path | None = None
+    blocks: tuple[str, ...] = field(default=())
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+
+def load_federation(path: Path) -> FederationConfig:
+    """Read and validate a federation file.
+
+    Raises:
+        PolicyError: every problem found, with file, key and reason.
+    """
+    path = Path(path)
+    problems: list[Problem] = []
+    data = read_toml(path, problems)
+    if data is None:
+        raise PolicyError(problems)
+    root = Table(str(path), "", data, problems)
+
+    fed = root.table("federation")
+    fid = name = coordinator = None
+    if fed is not None:
+        fid = _ident(fed, "id")
+        name = fed.str("name", required=False, default=fid)
+        coordinator = fed.str("coordinator", required=False, default="embedded")
+        fed.finish()
+
+    layout = _parse_layout(root.table("model"))
+
+    tr = root.table("training")
+    training = None
+    if tr is not None:
+        values = dict(
+            rounds=tr.int("rounds", minimum=1, maximum=10_000),
+            local_epochs=tr.int("local_epochs", required=False, default=1, minimum=1, maximum=100),
+            batch_size=tr.int("batch_size", minimum=1, maximum=4096),
+            learning_rate=tr.float("learning_rate", exclusive_minimum=0.0, maximum=10.0),
+            holdout_fraction=tr.float("holdout_fraction", required=False, default=0.25,
+                                      exclusive_minimum=0.0, exclusive_maximum=1.0),
+            split_seed=tr.int("split_seed", required=False, default=0, minimum=0),
+        )
+        tr.finish()
+        if None not in values.values():
+            training = TrainingConfig(**values)
+
+    ag = root.table("aggregation", required=False)
+    aggregation = AggregationConfig(mode="blockwise", secure=True, min_contributors=2, clip=1.0, ring_bits=32)
+    if ag is not None:
+        values = dict(
+            mode=ag.choice("mode", AGGREGATION_MODES, required=False, default="blockwise"),
+            secure=ag.bool("secure", required=False, default=True),
+            min_contributors=ag.int("min_contributors", required=False, default=2, minimum=2),
+            clip=ag.float("clip", required=False, default=1.0, exclusive_minimum=0.0, maximum=1e6),
+            ring_bits=ag.int("ring_bits", required=False, default=32),
+        )
+        if values["ring_bits"] not in (32, 64):
+            ag.problem("ring_bits", "must be 32 or 64")
+        ag.finish()
+        if None not in values.values():
+            aggregation = AggregationConfig(**values)
+
+    synth = root.table("synth", required=False)
+    synth_seed = 0
+    if synth is not None:
+        synth_seed = synth.int("seed", minimum=0) or 0
+        synth.finish()
+
+    root.finish()
+    if problems:
+        raise PolicyError(problems)
+    return FederationConfig(path=path, id=fid, name=name, coordinator=coordinator, layout=layout,
+                            training=training, aggregation=aggregation, synth_seed=synth_seed)
+
+
+def _ident(table: Table, name: str) -> str | None:
+    value = table.str(name)
+    if value is not None and not _ID_RE.match(value):
+        table.problem(name, "must be lower-case letters, digits, '-' or '_' (at most 63), starting with a letter or digit")
+        return None
+    return value
+
+
+def _parse_layout(model: Table | None) -> ModelLayout | None:
+    if model is None:
+        return None
+    embedding_dim = model.int("embedding_dim", minimum=2, maximum=4096)
+
+    image = None
+    im = model.table("image")
+    if im is not None:
+        dims = im.int("spatial_dims", minimum=2, maximum=3)
+        size = im.int_list("size", minimum=8, length=dims) if dims else None
+        window = im.float_pair("window", required=False)
+        arch = im.choice("architecture", IMAGE_ARCHITECTURES, required=False, default="cnn")
+        channels = im.int_list("channels", required=False, default=[8, 16, 32])
+        norm = im.choice("norm", ("group", "instance"), required=False, default="group")
+        if channels and norm == "group" and any(c % 4 for c in channels):
+            im.problem("channels", "with group norm every channel count must be a multiple of 4")
+        im.finish()
+        if None not in (dims, size, arch, channels, norm):
+            image = ImageConfig(spatial_dims=dims, size=tuple(size), window=window, architecture=arch,
+                                channels=tuple(channels), norm=norm)
+
+    tabular = None
+    tb = model.table("tabular")
+    if tb is not None:
+        features = tb.str_list("features")
+        hidden = tb.int_list("hidden", required=False, default=[64])
+        tb.finish()
+        if features is not None and hidden is not None:
+            tabular = TabularConfig(features=tuple(features), hidden=tuple(hidden))
+
+    tasks: dict[str, int] = {}
+    tt = model.table("tasks")
+    if tt is not None:
+        for task in list(tt.data):
+            if not is_valid_task_name(task):
+                tt.problem(task, "task names are lower-case identifiers (letters, digits, '_')")
+                tt.mark_seen(task)
+                continue
+            classes = tt.int(task, minimum=2, maximum=1000)
+            if classes is not None:
+                tasks[task] = classes
+        if not tt.data:
+            tt.problems.append(Problem(tt.file, tt.prefix, "declare at least one task"))
+        tt.finish()
+    model.finish()
+    if None in (embedding_dim, image, tabular) or tt is None or not tasks:
+        return None
+    return ModelLayout(embedding_dim=embedding_dim, image=image, tabular=tabular, tasks=tasks)
+
+
+def load_site(site_dir: Path, *, federation: FederationConfig | None = None) -> SiteConfig:
+    """Read and validate ``site_dir/site.toml`` and the policy it names.
+
+    Paths in the site file are relative to the site folder. If ``federation`` is given, the
+    site's tasks must be federation tasks, its policy must name that federation, and the
+    site's block list is filled in.
+
+    Raises:
+        PolicyError: every problem in the site file and its policy, together.
+    """
+    site_dir = Path(site_dir)
+    path = site_dir / "site.toml"
+    problems: list[Problem] = []
+    if not site_dir.is_dir():
+        raise PolicyError([Problem(str(site_dir), "", "site folder not found")])
+    data = read_toml(path, problems)
+    if data is None:
+        raise PolicyError(problems)
+    root = Table(str(path), "", data, problems)
+
+    site = root.table("site")
+    sid = name = policy = federation_file = None
+    if site is not None:
+        sid = _ident(site, "id")
+        name = site.str("name", required=False, default=sid)
+        policy_ref = site.str("policy")
+        if policy_ref is not None:
+            try:
+                policy = load_policy(site_dir / policy_ref)
+            except PolicyError as exc:
+                problems.extend(exc.problems)
+        fed_ref = site.str("federation", required=False)
+        if fed_ref is not None:
+            federation_file = site_dir / fed_ref
+        site.finish()
+
+    dt = root.table("data")
+    modalities = dicom_dir = csv = id_col = None
+    if dt is not None:
+        modalities = dt.str_list("modalities")
+        if modalities is not None:
+            unknown = [m for m in modalities if m not in MODALITIES]
+            if unknown:
+                dt.problem("modalities", f"unknown modality {unknown[0]!r} (known: {', '.join(MODALITIES)})")
+                modalities = None
+        dicom_ref = dt.str("dicom_dir", required=bool(modalities and "image" in modalities))
+        if dicom_ref is not None:
+            dicom_dir = site_dir / dicom_ref
+        csv_ref = dt.str("clinical_csv")
+        if csv_ref is not None:
+            csv = site_dir / csv_ref
+        id_col = dt.str("patient_id_column", required=False, default="patient_id")
+        dt.finish()
+
+    tasks: dict[str, str] = {}
+    tt = root.table("tasks")
+    if tt is not None:
+        for task in list(tt.data):
+            column = tt.str(task)
+            if column is None:
+                continue
+            if federation is not None and federation.layout is not None and task not in federation.layout.tasks:
+                tt.problem(task, f"not a task of federation {federation.id!r} "
+                                 f"(its tasks: {', '.join(sorted(federation.layout.tasks))})")
+                continue
+            if not is_valid_task_name(task):
+                tt.problem(task, "task names are lower-case identifiers")
+                continue
+            tasks[task] = column
+        if not tt.data:
+            problems.append(Problem(str(path), "tasks", "declare at least one task"))
+        tt.finish()
+
+    synth = _parse_synth(root.table("synth", required=False))
+    root.finish()
+
+    if policy is not None and federation is not None and policy.federation != federation.id:
+        problems.append(Problem(str(policy.path), "policy.federation",
+                                f"allows federation {policy.federation!r}, not {federation.id!r}"))
+    if problems:
+        raise PolicyError(problems)
+    blocks: tuple[str, ...] = ()
+    if federation is not None:
+        blocks = federation.layout.blocks_for(tuple(modalities), tuple(tasks))
+    return SiteConfig(root=site_dir, id=sid, name=name, policy=policy, modalities=tuple(modalities),
+                      dicom_dir=dicom_dir, clinical_csv=csv, patient_id_column=id_col, tasks=tasks,
+                      synth=synth, federation_file=federation_file, blocks=blocks)
+
+
+def _parse_synth(table: Table | None) -> SynthConfig | None:
+    if table is None:
+        return None
+    values = dict(
+        seed=table.int("seed", minimum=0),
+        patients=table.int("patients", minimum=2, maximum=100_000),
+        image_fraction=table.float("image_fraction", required=False, default=1.0, minimum=0.0, maximum=1.0),
+        tabular_fraction=table.float("tabular_fraction", required=False, default=1.0, minimum=0.0, maximum=1.0),
+        shift=table.float("shift", required=False, default=0.0, minimum=-10.0, maximum=10.0),
+        compression=table.choice("compression", COMPRESSIONS, required=False, default="none"),
+    )
+    table.finish()
+    if None in values.values():
+        return None
+    if values["compression"] == "none":
+        values["compression"] = None
+    return SynthConfig(**values)
+
+
+def site_dirs(sites_root: Path) -> list[Path]:
+    """The site folders (those holding a ``site.toml``) under ``sites_root``, sorted."""
+    return sorted(p.parent for p in Path(sites_root).glob("*/site.toml"))

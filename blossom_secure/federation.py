@@ -1,0 +1,290 @@
+"""The embedded federation: a coordinator and the example sites in one process.
+
+This is the README's main command (``blossom simulate``). Sites and coordinator exchange
+only bytes through the aggregator (plaintext, or secure aggregation by default), exactly as
+they would across a network, and every site keeps its own key, ledger, audit log and
+private blocks in its own folder.
+
+Modes (BLOSSOM, arXiv 2603.27552):
+
+* ``blockwise`` (default): each block shared by a site's policy is averaged over the sites
+  that hold and share it; heads and unshared blocks stay private.
+* ``full-model``: every block, heads included, averaged over the sites that hold it: the
+  paper's baseline. It ignores the hospitals' policies, so it exists only here, only for
+  sites whose data are synthetic, and only when explicitly requested; nothing is sent
+  (the average is taken in memory) and no egress is recorded.
+* ``local``: no federation; every site trains alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from blossom_secure._fs import atomic_write
+from blossom_secure.aggregation import Aggregator, BlockOutcome, PlaintextAggregator
+from blossom_secure.blocks import is_head
+from blossom_secure.config import FederationConfig, load_federation, site_dirs
+from blossom_secure.errors import PolicyError, Problem
+from blossom_secure.model import BlockModel
+from blossom_secure.site_agent import RoundOffer, SiteAgent
+
+__all__ = ["Coordinator", "RoundReport", "SimulationResult", "initial_global_blocks", "make_aggregator", "simulate"]
+
+logger = logging.getLogger(__name__)
+
+MODES = ("blockwise", "full-model", "local")
+
+
+def initial_global_blocks(federation: FederationConfig, *, include_heads: bool, seed: int) -> dict[str, np.ndarray]:
+    """Initial values of every block of the federation layout, from ``seed``."""
+    layout = federation.layout
+    torch.manual_seed(seed)
+    full = BlockModel(layout, ("image", "tabular"), tuple(layout.tasks))
+    return {b: v for b, v in full.get_blocks().items() if include_heads or not is_head(b)}
+
+
+def make_aggregator(federation: FederationConfig, *, secure: bool) -> Aggregator:
+    """The aggregator for a run: secure aggregation unless plaintext is asked for."""
+    if secure:
+        from blossom_secure.secure_aggregator import SecureAggregator
+
+        return SecureAggregator.from_federation(federation)
+    return PlaintextAggregator(min_contributors=federation.aggregation.min_contributors)
+
+
+@dataclass
+class RoundReport:
+    round_id: int
+    sites: dict[str, dict]  # site -> {"task", "metric", "value", "epsilon", "declined", ...}
+    blocks: dict[str, dict]  # block -> {"contributors", "failure"}
+
+
+@dataclass
+class SimulationResult:
+    rounds: list[RoundReport]
+    out_dir: Path
+    metrics_path: Path
+
+
+class Coordinator:
+    """Holds the global shared blocks and runs rounds over in-process sites."""
+
+    def __init__(self, federation: FederationConfig, agents: list[SiteAgent], *, mode: str,
+                 aggregator: Aggregator | None, seed: int) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}")
+        self.federation = federation
+        self.agents = agents
+        self.mode = mode
+        self.aggregator = aggregator
+        self.global_blocks = initial_global_blocks(federation, include_heads=mode == "full-model", seed=seed)
+        self._init_site_blocks()
+
+    def _init_site_blocks(self) -> None:
+        """Every site starts its shared (or, in full-model, all) blocks from the same values."""
+        for agent in self.agents:
+            names = agent.model.blocks() if self.mode == "full-model" else agent.shared_blocks
+            agent.model.set_blocks({b: self.global_blocks[b] for b in names if b in self.global_blocks})
+
+    def run_round(self, round_id: int) -> RoundReport:
+        if self.mode == "full-model":
+            return self._full_model_round(round_id)
+        secure = bool(self.aggregator is not None and self.aggregator.secure)
+        offers: dict[str, RoundOffer] = {}
+        for agent in self.agents:
+            if self.mode == "local":
+                offers[agent.id] = agent.offer(round_id=round_id, global_blocks={}, secure=True)
+            else:
+                offers[agent.id] = agent.offer(round_id=round_id, global_blocks=self.global_blocks, secure=secure)
+        outcomes: dict[str, BlockOutcome] = {}
+        if self.mode == "blockwise":
+            contributions = {s: o.contribution for s, o in offers.items() if o.contribution is not None}
+            by_id = {a.id: a for a in self.agents}
+            outcomes = self.aggregator.aggregate(
+                federation_id=self.federation.id, round_id=round_id, contributions=contributions,
+                block_sizes={b: v.size for b, v in self.global_blocks.items()},
+                on_egress=lambda site, kind, blocks, payload: by_id[site].record_egress(round_id, kind, blocks, payload))
+            for block, outcome in outcomes.items():
+                if outcome.failure is None:
+                    self.global_blocks[block] = (self.global_blocks[block] + outcome.mean_update).astype(np.float32)
+        return self._finish(round_id, offers, outcomes)
+
+    def _full_model_round(self, round_id: int) -> RoundReport:
+        offers: dict[str, RoundOffer] = {}
+        trained: dict[str, dict[str, np.ndarray]] = {}
+        for agent in self.agents:
+            agent.model.set_blocks({b: self.global_blocks[b] for b in agent.model.blocks() if b in self.global_blocks})
+            offers[agent.id] = agent.offer(round_id=round_id, global_blocks=self.global_blocks, secure=True)
+            if offers[agent.id].declined is None:
+                trained[agent.id] = agent.model.get_blocks()
+        outcomes: dict[str, BlockOutcome] = {}
+        for block in self.global_blocks:
+            holders = [a for a in self.agents if a.id in trained and block in trained[a.id]]
+            if not holders:
+                continue
+            weights = np.array([a.n_train for a in holders], dtype=np.float64)
+            mean = sum(w * trained[a.id][block].astype(np.float64) for w, a in zip(weights, holders)) / weights.sum()
+            self.global_blocks[block] = mean.astype(np.float32)
+            outcomes[block] = BlockOutcome(block=block, contributors=tuple(a.id for a in holders),
+                                           mean_update=None, weight_sum=int(weights.sum()))
+        for agent in self.agents:
+            agent.model.set_blocks({b: self.global_blocks[b] for b in agent.model.blocks() if b in outcomes})
+        return self._finish(round_id, offers, outcomes, take_globals=False)
+
+    def _finish(self, round_id: int, offers: Mapping[str, RoundOffer], outcomes: Mapping[str, BlockOutcome],
+                take_globals: bool = True) -> RoundReport:
+        sites = {}
+        for agent in self.agents:
+            offer = offers[agent.id]
+            if take_globals:
+                metrics = agent.finish_round(round_id=round_id, outcomes=outcomes, global_blocks=self.global_blocks)
+            else:
+                agent.save_blocks()
+                metrics = agent.evaluate()
+            sites[agent.id] = {
+                "tasks": metrics,
+                "epsilon": offer.epsilon_total,
+                "declined": offer.declined,
+                "train_loss": offer.train_loss,
+            }
+        blocks = {b: {"contributors": list(o.contributors), "failure": o.failure} for b, o in outcomes.items()}
+        return RoundReport(round_id=round_id, sites=sites, blocks=blocks)
+
+
+def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str = "blockwise", secure: bool = True,
+             seed: int = 0, fresh: bool = False, allow_full_model: bool = False,
+             on_round: Callable[[RoundReport, list[SiteAgent]], None] | None = None,
+             on_setup: Callable[[str], None] | None = None) -> SimulationResult:
+    """Run the embedded federation over the sites under ``sites_root``.
+
+    Args:
+        sites_root: Folder holding ``federation.toml`` and one folder per site.
+        rounds: Rounds to run (``None``: the federation file's number).
+        out_dir: Where ``metrics.json`` and the final global blocks are written.
+        mode: ``blockwise``, ``full-model`` or ``local``.
+        secure: Secure aggregation (default) or plaintext.
+        seed: Seed for initial values, batch sampling and DP noise (simulation only).
+        fresh: Delete the example sites' previous state (ledger, audit log, private blocks)
+            first; refused for a site without ``[synth]`` (real data).
+        allow_full_model: Required for ``mode="full-model"``.
+        on_round: Called after every round (progress display).
+        on_setup: Called with a line of text as each site is loaded.
+
+    Raises:
+        PolicyError, DataError, ...: a site cannot take part (nothing is run).
+        ValueError: bad arguments (mode, rounds, full-model without the flag).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}")
+    if mode == "full-model" and not allow_full_model:
+        raise ValueError("full-model aggregation ignores the sites' policies and shares task heads; "
+                         "it runs only in simulation and only with --allow-full-model")
+    sites_root = Path(sites_root)
+    federation = load_federation(sites_root / "federation.toml")
+    dirs = site_dirs(sites_root)
+    if not dirs:
+        raise PolicyError([Problem(str(sites_root), "", "no site folders (each needs a site.toml)")])
+    if fresh or mode == "full-model":
+        _check_synthetic(dirs, federation, reason="--fresh" if fresh else "full-model")
+    if fresh:
+        for d in dirs:
+            _reset_state(d)
+    agents = []
+    for d in dirs:
+        agent = SiteAgent(d, federation, seed=seed)
+        if on_setup is not None:
+            on_setup(f"{agent.id}: {len(agent.arrays.patient_ids)} patients, modalities "
+                     f"{'+'.join(agent.config.modalities)}, tasks {', '.join(agent.config.tasks)}")
+        agents.append(agent)
+    ids = [a.id for a in agents]
+    if len(set(ids)) != len(ids):
+        raise PolicyError([Problem(str(sites_root), "site.id", "two sites have the same id")])
+    rounds = federation.training.rounds if rounds is None else rounds
+    if rounds < 1:
+        raise ValueError("rounds must be at least 1")
+    aggregator = make_aggregator(federation, secure=secure) if mode == "blockwise" else None
+    coordinator = Coordinator(federation, agents, mode=mode, aggregator=aggregator, seed=seed)
+    reports = []
+    for r in range(rounds):
+        report = coordinator.run_round(r)
+        reports.append(report)
+        if on_round is not None:
+            on_round(report, agents)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = out_dir / "metrics.json"
+    atomic_write(metrics_path, json.dumps(_metrics_document(federation, agents, reports, mode=mode,
+                                                            secure=secure and mode == "blockwise", seed=seed),
+                                          indent=1).encode() + b"\n")
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **coordinator.global_blocks)
+    atomic_write(out_dir / "global_blocks.npz", buf.getvalue())
+    return SimulationResult(rounds=reports, out_dir=out_dir, metrics_path=metrics_path)
+
+
+def _metrics_document(federation: FederationConfig, agents: list[SiteAgent], reports: list[RoundReport], *,
+                      mode: str, secure: bool, seed: int) -> dict:
+    rows = []
+    for report in reports:
+        for agent in agents:
+            s = report.sites[agent.id]
+            for task, m in sorted(s["tasks"].items()):
+                rows.append({"round": report.round_id, "site": agent.id, "task": task,
+                             "metric": "accuracy", "value": m["accuracy"], "macro_f1": m["macro_f1"],
+                             "n_heldout": m["n"], "epsilon": s["epsilon"], "declined": s["declined"]})
+    return {
+        "federation": federation.id,
+        "mode": mode,
+        "secure_aggregation": secure,
+        "seed": seed,
+        "rounds": len(reports),
+        "sites": {a.id: {"modalities": list(a.config.modalities), "tasks": sorted(a.config.tasks),
+                         "n_train": a.n_train, "n_heldout": int(a.test_idx.size),
+                         "shared_blocks": list(a.shared_blocks),
+                         "epsilon_budget": a.policy.privacy.epsilon_budget,
+                         "chance_accuracy": {t: _chance(a, t) for t in sorted(a.config.tasks)}}
+                  for a in agents},
+        "blocks": {str(r.round_id): r.blocks for r in reports},
+        "metrics": rows,
+    }
+
+
+def _chance(agent: SiteAgent, task: str) -> float:
+    """Accuracy of always predicting the most common training label, on the held-out split."""
+    y_train = agent.arrays.labels[task][agent.train_idx]
+    y_test = agent.arrays.labels[task][agent.test_idx]
+    y_train, y_test = y_train[y_train >= 0], y_test[y_test >= 0]
+    if y_train.size == 0 or y_test.size == 0:
+        return float("nan")
+    majority = np.bincount(y_train).argmax()
+    return float((y_test == majority).mean())
+
+
+def _check_synthetic(dirs: list[Path], federation: FederationConfig, *, reason: str) -> None:
+    from blossom_secure.config import load_site
+
+    problems = []
+    for d in dirs:
+        site = load_site(d, federation=federation)
+        if site.synth is None:
+            problems.append(Problem(str(d / "site.toml"), "synth",
+                                    f"{reason} is only for example sites with synthetic data ([synth] section)"))
+    if problems:
+        raise PolicyError(problems)
+
+
+def _reset_state(site_dir: Path) -> None:
+    state = site_dir / "state"
+    if state.is_dir():
+        for child in sorted(state.iterdir()):
+            if child.is_file():
+                child.unlink()

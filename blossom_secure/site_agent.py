@@ -1,0 +1,269 @@
+"""The site agent: one hospital's side of a federation round.
+
+It holds the data, the private blocks, the identity key, the policy, the privacy ledger
+and the audit log, and it only ever answers the coordinator's round announcements. A
+round at a site:
+
+1. check the round against the policy (federation, secure aggregation required) and the
+   privacy ledger; decline with a logged reason if either says no;
+2. reserve the round's privacy spend in the ledger (durable) **before** training;
+3. load the global values of the blocks it shares, train every block under DP-SGD;
+4. hand the egress guard its updates; only what the policy allows can be sent, and every
+   message is written to the audit log before it leaves;
+5. take the aggregated blocks back, keep its private blocks, evaluate on its held-out split.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from blossom_secure import audit
+from blossom_secure.aggregation import BlockOutcome, Contribution
+from blossom_secure.blocks import is_head
+from blossom_secure.config import FederationConfig, SiteConfig, load_site
+from blossom_secure.crypto import IdentityKey, identity_public_key, key_fingerprint
+from blossom_secure.data import SiteArrays, load_site_arrays, split_holdout
+from blossom_secure.egress import select_egress
+from blossom_secure.errors import PrivacyBudgetExceededError
+from blossom_secure.keys import load_or_create_identity_key
+from blossom_secure.model import BlockModel
+from blossom_secure.privacy import PrivacyLedger
+from blossom_secure.training import SiteTensors, evaluate, plan_round, train_dp
+
+__all__ = ["RoundOffer", "SiteAgent", "ensure_site_data"]
+
+logger = logging.getLogger(__name__)
+
+BLOCKS_FILE = "blocks.npz"
+LEDGER_FILE = "ledger.json"
+AUDIT_FILE = "audit.jsonl"
+
+
+def ensure_site_data(site: SiteConfig, federation: FederationConfig) -> bool:
+    """Generate an example site's synthetic data on first use. Returns whether it did.
+
+    Only sites whose file has a ``[synth]`` section are generated; a real site's missing
+    data is an error reported by the data loader.
+    """
+    if site.synth is None:
+        return False
+    have_csv = site.clinical_csv.exists()
+    have_dicom = site.dicom_dir is None or site.dicom_dir.exists()
+    if have_csv and have_dicom:
+        return False
+    from blossom_secure.synth import generate_site_data
+
+    layout = federation.layout
+    generate_site_data(
+        site.root,
+        federation_seed=federation.synth_seed,
+        site_seed=site.synth.seed,
+        patients=site.synth.patients,
+        modalities=site.modalities,
+        image_fraction=site.synth.image_fraction if "image" in site.modalities else 0.0,
+        tabular_fraction=site.synth.tabular_fraction if "tabular" in site.modalities else 0.0,
+        tabular_features=layout.tabular.features,
+        tasks=site.tasks,
+        num_classes={t: layout.tasks[t] for t in site.tasks},
+        image_spatial_dims=layout.image.spatial_dims,
+        image_size=layout.image.size,
+        shift=site.synth.shift,
+        compression=site.synth.compression,
+        patient_prefix=site.id,
+    )
+    return True
+
+
+def load_arrays(site: SiteConfig, federation: FederationConfig) -> SiteArrays:
+    """The site's data as arrays, as its manifest and the federation layout declare."""
+    layout = federation.layout
+    return load_site_arrays(
+        dicom_dir=site.dicom_dir if "image" in site.modalities else None,
+        clinical_csv=site.clinical_csv,
+        patient_id_column=site.patient_id_column,
+        modalities=site.modalities,
+        tabular_features=layout.tabular.features,
+        tasks=site.tasks,
+        num_classes={t: layout.tasks[t] for t in site.tasks},
+        image_spatial_dims=layout.image.spatial_dims,
+        image_size=layout.image.size,
+        image_window=layout.image.window,
+    )
+
+
+@dataclass
+class RoundOffer:
+    """A site's answer to a round announcement: a contribution, or a reason to decline."""
+
+    site_id: str
+    contribution: Contribution | None
+    declined: str | None = None
+    epsilon_total: float = 0.0
+    train_loss: float | None = None
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+
+
+class SiteAgent:
+    """One hospital's agent.
+
+    Args:
+        site_dir: The site folder (``site.toml``, its data, ``keys/``, ``state/``).
+        federation: The federation file's contents.
+        seed: Base seed for this site's training randomness in simulations; ``None`` in a
+            deployment (noise and sampling seeded from the OS CSPRNG each round).
+
+    Raises:
+        PolicyError: the site file or policy is invalid.
+        DataError: the data cannot be used as declared.
+        KeyFileError, LedgerError, AuditIntegrityError: the site's state is unusable.
+    """
+
+    def __init__(self, site_dir: Path, federation: FederationConfig, *, seed: int | None = None) -> None:
+        self.federation = federation
+        self.config: SiteConfig = load_site(site_dir, federation=federation)
+        self.id = self.config.id
+        self.policy = self.config.policy
+        self.seed = seed
+        ensure_site_data(self.config, federation)
+        self.arrays = load_arrays(self.config, federation)
+        self.train_idx, self.test_idx = split_holdout(self.arrays.patient_ids,
+                                                      fraction=federation.training.holdout_fraction,
+                                                      seed=federation.training.split_seed)
+        self.tensors = SiteTensors.from_arrays(self.arrays, self.train_idx)
+        self.identity_key: IdentityKey
+        self.identity_key, created = load_or_create_identity_key(self.config.keys_dir)
+        self.public_key = identity_public_key(self.identity_key)
+        state = self.config.state_dir
+        self.ledger = PrivacyLedger(state / LEDGER_FILE, site_id=self.id, terms=self.policy.privacy)
+        self.audit = audit.AuditLog.open(state / AUDIT_FILE, site_id=self.id, signing_key=self.identity_key)
+        if created or self.audit.last_seq is None:
+            self._record(audit.SITE_INITIALISED, None, {"key_fingerprint": key_fingerprint(self.public_key)})
+        self._record(audit.POLICY_LOADED, None, {
+            "policy_sha256": self.policy.sha256, "policy_file": self.policy.path.name,
+            "shareable": sorted(b for b in self.config.blocks if self.policy.is_shareable(b)),
+        })
+        self.model = BlockModel(federation.layout, self.config.modalities, tuple(self.config.tasks))
+        self._init_private_blocks()
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _init_private_blocks(self) -> None:
+        """Private initial values from the site's own seed, or the saved blocks."""
+        torch.manual_seed(_derive_seed(self.seed, self.id, -1))
+        self.model = BlockModel(self.federation.layout, self.config.modalities, tuple(self.config.tasks))
+        saved = self.config.state_dir / BLOCKS_FILE
+        if saved.exists():
+            with np.load(saved, allow_pickle=False) as data:
+                blocks = {k: data[k] for k in data.files if k in self.model.blocks()}
+            self.model.set_blocks(blocks)
+
+    def save_blocks(self) -> Path:
+        """Write every block of the site's model (private ones included) to its state folder."""
+        from blossom_secure._fs import atomic_write
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, **self.model.get_blocks())
+        path = self.config.state_dir / BLOCKS_FILE
+        atomic_write(path, buf.getvalue())
+        return path
+
+    @property
+    def shared_blocks(self) -> tuple[str, ...]:
+        """The blocks this site's policy lets leave (never a head)."""
+        return tuple(b for b in self.config.blocks if self.policy.is_shareable(b) and not is_head(b))
+
+    @property
+    def n_train(self) -> int:
+        return int(self.train_idx.size)
+
+    # -- the round -----------------------------------------------------------------------------
+
+    def offer(self, *, round_id: int, global_blocks: Mapping[str, np.ndarray], secure: bool) -> RoundOffer:
+        """Answer round ``round_id``: train and offer the shareable updates, or decline."""
+        reason = None
+        if self.policy.federation != self.federation.id:
+            reason = f"policy allows federation {self.policy.federation!r} only"
+        elif self.federation.coordinator not in self.policy.coordinators:
+            reason = f"coordinator {self.federation.coordinator!r} is not allowed by the policy"
+        elif self.policy.secure_aggregation_required and not secure:
+            reason = "policy requires secure aggregation; this round would aggregate in plaintext"
+        plan = plan_round(self.n_train, batch_size=self.federation.training.batch_size,
+                          epochs=self.federation.training.local_epochs, terms=self.policy.privacy)
+        if reason is None:
+            try:
+                entry = self.ledger.reserve(round_id=round_id, noise_multiplier=plan.noise_multiplier,
+                                            sample_rate=plan.sample_rate, steps=plan.steps)
+            except PrivacyBudgetExceededError as exc:
+                reason = str(exc)
+        if reason is not None:
+            logger.info("site %s declines round %d: %s", self.id, round_id, reason)
+            self._record(audit.ROUND_DECLINED, round_id, {"reason": reason})
+            return RoundOffer(site_id=self.id, contribution=None, declined=reason,
+                              epsilon_total=self.ledger.epsilon_spent)
+        self._record(audit.ROUND_JOINED, round_id, {"blocks_offered": list(self.shared_blocks)})
+
+        start = {b: np.asarray(global_blocks[b], dtype=np.float32) for b in self.shared_blocks if b in global_blocks}
+        self.model.set_blocks(start)
+        result = train_dp(self.model, self.tensors.subset(self.train_idx), plan,
+                          max_grad_norm=self.policy.privacy.max_grad_norm,
+                          learning_rate=self.federation.training.learning_rate,
+                          seed=None if self.seed is None else _derive_seed(self.seed, self.id, round_id))
+        self._record(audit.TRAINING_FINISHED, round_id, {
+            "steps": result.steps, "epsilon_round": _round_epsilon(self.ledger), "epsilon_total": entry.epsilon_total,
+            "delta": self.policy.privacy.delta, "noise_multiplier": plan.noise_multiplier,
+            "sample_rate": plan.sample_rate,
+        })
+        updates = {b: self.model.get_block(b) - start[b] for b in start}
+        egress = select_egress(self.policy, updates)
+        contribution = Contribution(egress=egress, weight=self.n_train, min_contributors=self.policy.min_contributors)
+        return RoundOffer(site_id=self.id, contribution=contribution, epsilon_total=entry.epsilon_total,
+                          train_loss=result.mean_loss, shapes=egress.shapes())
+
+    def record_egress(self, round_id: int, message_type: str, blocks: tuple[str, ...], payload: bytes) -> None:
+        """Write the audit record of one outbound message. Raises if it cannot be made
+        durable; the caller then must not send."""
+        import hashlib
+
+        self._record(audit.EGRESS, round_id, {
+            "message_type": message_type, "blocks": list(blocks),
+            "shapes": {b: [self.model.block_sizes()[b]] for b in blocks if b in self.model.block_sizes()},
+            "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest(),
+        })
+
+    def finish_round(self, *, round_id: int, outcomes: Mapping[str, BlockOutcome],
+                     global_blocks: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
+        """Take the new global values of the shared blocks that were aggregated with this
+        site's update; keep local values otherwise; save; evaluate on the held-out split."""
+        new = {b: global_blocks[b] for b in self.shared_blocks
+               if b in outcomes and outcomes[b].failure is None and self.id in outcomes[b].contributors}
+        self.model.set_blocks(new)
+        self.save_blocks()
+        return self.evaluate()
+
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        return evaluate(self.model, self.tensors.subset(self.test_idx))
+
+    def _record(self, event: str, round_id: int | None, details: dict) -> None:
+        self.audit.append(event, round_id=round_id, details=details, policy_sha256=self.policy.sha256)
+
+
+def _round_epsilon(ledger: PrivacyLedger) -> float:
+    """Epsilon of the last ledger entry on its own (for the record; totals compose)."""
+    from blossom_secure.privacy import compute_epsilon
+
+    last = ledger.history[-1:]
+    return compute_epsilon(last, accountant=ledger.terms.accountant, delta=ledger.terms.delta)
+
+
+def _derive_seed(base: int | None, site_id: str, round_id: int) -> int:
+    import hashlib
+
+    material = f"{base}|{site_id}|{round_id}".encode()
+    return int.from_bytes(hashlib.sha256(material).digest()[:8], "little") >> 1

@@ -1,0 +1,246 @@
+"""Local training under differential privacy (Opacus DP-SGD) and local evaluation.
+
+Every trained block (encoders, fusion, heads) is trained with DP-SGD: per-sample gradients
+clipped to the policy's ``max_grad_norm``, Gaussian noise of ``noise_multiplier`` times
+that norm, Poisson sampling of batches. A head never leaves the site, but it is still
+released to the hospital's own users, so it is trained privately too.
+
+The round's DP parameters are planned *before* training (:func:`plan_round`) so that the
+ledger can record the spend durably before any computation starts; after training the plan
+is checked against the history Opacus's own accountant kept, and a mismatch is an error.
+
+Notes:
+    Opacus's ``secure_mode`` needs ``torchcsprng``, which cannot be installed for current
+    torch. Without it the DP noise comes from torch's Mersenne-Twister generator. Outside
+    simulations the generator is seeded from the operating system's CSPRNG for every
+    round (:func:`train_dp` with ``seed=None``), so the noise is not predictable from a
+    fixed or public seed; floating-point attacks on the Gaussian sampler (Mironov 2012 style)
+    are not mitigated. Simulations pass explicit seeds for reproducibility.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from blossom_secure.model import BlockModel
+from blossom_secure.policy import PrivacyTerms
+from blossom_secure.privacy import noise_for_target
+
+__all__ = ["RoundPlan", "SiteTensors", "TrainResult", "evaluate", "plan_round", "train_dp"]
+
+
+@dataclass(frozen=True)
+class SiteTensors:
+    """A site's data as tensors, tabular features standardised with training statistics.
+
+    Attributes:
+        image, tabular: inputs (``None`` for a modality the site lacks).
+        image_present, tabular_present: float (N,) presence masks.
+        labels: task -> int64 (N,), -1 where missing.
+    """
+
+    image: torch.Tensor | None
+    image_present: torch.Tensor
+    tabular: torch.Tensor | None
+    tabular_present: torch.Tensor
+    labels: Mapping[str, torch.Tensor]
+
+    @classmethod
+    def from_arrays(cls, arrays, train_idx: np.ndarray) -> SiteTensors:
+        """Build from :class:`blossom_secure.data.SiteArrays`; standardise the tabular
+        features with the mean and standard deviation of the *training* patients that have
+        them (held-out patients never inform the scaling)."""
+        tab = None
+        if arrays.tabular is not None:
+            tab = arrays.tabular.astype(np.float32).copy()
+            rows = train_idx[arrays.tabular_present[train_idx]]
+            if rows.size:
+                mean = tab[rows].mean(axis=0)
+                std = tab[rows].std(axis=0)
+                std[std < 1e-6] = 1.0
+                tab = (tab - mean) / std
+            tab[~arrays.tabular_present] = 0.0
+            tab = torch.from_numpy(tab)
+        img = torch.from_numpy(arrays.image.astype(np.float32)) if arrays.image is not None else None
+        return cls(
+            image=img,
+            image_present=torch.from_numpy(arrays.image_present.astype(np.float32)),
+            tabular=tab,
+            tabular_present=torch.from_numpy(arrays.tabular_present.astype(np.float32)),
+            labels={t: torch.from_numpy(np.asarray(v, dtype=np.int64)) for t, v in arrays.labels.items()},
+        )
+
+    def __len__(self) -> int:
+        return int(self.image_present.shape[0])
+
+    def subset(self, idx: np.ndarray) -> SiteTensors:
+        i = torch.from_numpy(np.asarray(idx, dtype=np.int64))
+        return SiteTensors(
+            image=None if self.image is None else self.image[i],
+            image_present=self.image_present[i],
+            tabular=None if self.tabular is None else self.tabular[i],
+            tabular_present=self.tabular_present[i],
+            labels={t: v[i] for t, v in self.labels.items()},
+        )
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """A round's DP-SGD parameters, fixed before training."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    batch_size: int
+    epochs: int
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    mean_loss: float
+    history: tuple[tuple[float, float, int], ...]
+
+
+def plan_round(n_train: int, *, batch_size: int, epochs: int, terms: PrivacyTerms) -> RoundPlan:
+    """Plan a round the way Opacus's Poisson data loader will run it.
+
+    Opacus samples each example with rate ``1 / ceil(n / batch_size)`` and takes
+    ``ceil(n / batch_size)`` steps per epoch; the plan uses exactly those numbers.
+
+    Raises:
+        ValueError: no training examples.
+    """
+    if n_train < 1:
+        raise ValueError("no training examples")
+    batches = math.ceil(n_train / batch_size)
+    sample_rate = 1.0 / batches
+    steps = batches * epochs
+    noise = terms.noise_multiplier
+    if noise is None:
+        noise = noise_for_target(target_epsilon=terms.target_epsilon_per_round, delta=terms.delta,
+                                 sample_rate=sample_rate, steps=steps, accountant=terms.accountant)
+    return RoundPlan(noise_multiplier=noise, sample_rate=sample_rate, steps=steps,
+                     batch_size=batch_size, epochs=epochs)
+
+
+def _loss(logits: Mapping[str, torch.Tensor], labels: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    total = None
+    for task, out in logits.items():
+        y = labels[task]
+        # Per-sample losses, summed over tasks; missing labels (-1) contribute zero.
+        per = nn.functional.cross_entropy(out, y.clamp(min=0), reduction="none") * (y >= 0).to(out.dtype)
+        total = per if total is None else total + per
+    return total.mean()
+
+
+def train_dp(model: BlockModel, data: SiteTensors, plan: RoundPlan, *, max_grad_norm: float,
+             learning_rate: float, seed: int | None) -> TrainResult:
+    """Train every block of ``model`` in place with DP-SGD for ``plan``.
+
+    Args:
+        model: The site's model (modified in place).
+        data: The training split.
+        plan: The DP parameters recorded in the ledger beforehand.
+        max_grad_norm: Per-sample clipping norm.
+        learning_rate: SGD step size.
+        seed: Seed for batch sampling and noise; ``None`` draws one from the OS CSPRNG.
+
+    Returns:
+        Steps taken, mean loss, and the (noise, rate, steps) history Opacus accounted.
+
+    Raises:
+        RuntimeError: Opacus ran a different number of steps or sample rate than planned
+            (the ledger would then be wrong; the update must not be released).
+    """
+    with warnings.catch_warnings():
+        # Documented in the module notes (secure_mode), and harmless (hooks on inputs).
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return _train_dp(model, data, plan, max_grad_norm=max_grad_norm, learning_rate=learning_rate, seed=seed)
+
+
+def _train_dp(model: BlockModel, data: SiteTensors, plan: RoundPlan, *, max_grad_norm: float,
+              learning_rate: float, seed: int | None) -> TrainResult:
+    from opacus import PrivacyEngine
+
+    torch.manual_seed(secrets.randbits(63) if seed is None else seed)
+    tensors = [data.image_present, data.tabular_present]
+    names = []
+    if data.image is not None:
+        tensors.append(data.image)
+        names.append("image")
+    if data.tabular is not None:
+        tensors.append(data.tabular)
+        names.append("tabular")
+    tasks = list(model.tasks)
+    tensors.extend(data.labels[t] for t in tasks)
+    dataset = torch.utils.data.TensorDataset(*tensors)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=plan.batch_size)
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate)
+    engine = PrivacyEngine(accountant="rdp")
+    dp_model, dp_opt, dp_loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=max_grad_norm, poisson_sampling=True)
+    dp_model.train()
+    losses = []
+    steps = 0
+    for _ in range(plan.epochs):
+        for batch in dp_loader:
+            img_p, tab_p, *rest = batch
+            inputs = dict(zip(names, rest[: len(names)]))
+            labels = dict(zip(tasks, rest[len(names):]))
+            dp_opt.zero_grad(set_to_none=True)
+            if img_p.shape[0] > 0:
+                logits = dp_model(inputs.get("image"), img_p, inputs.get("tabular"), tab_p)
+                loss = _loss(logits, labels)
+                loss.backward()
+                losses.append(float(loss.detach()))
+            else:
+                # An empty Poisson batch: no per-sample gradients, but the step (noise only)
+                # is still taken and accounted, exactly as DP-SGD prescribes.
+                for p in dp_model.parameters():
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+            dp_opt.step()
+            steps += 1
+    history = tuple((float(s), float(q), int(n)) for s, q, n in engine.accountant.history)
+    accounted = sum(n for _, _, n in history)
+    if accounted != plan.steps or any(abs(q - plan.sample_rate) > 1e-12 or s != plan.noise_multiplier
+                                      for s, q, _ in history):
+        raise RuntimeError(f"Opacus accounted {history}, but the ledger recorded "
+                           f"({plan.noise_multiplier}, {plan.sample_rate}, {plan.steps})")
+    dp_model._close()
+    return TrainResult(steps=steps, mean_loss=float(np.mean(losses)) if losses else float("nan"), history=history)
+
+
+@torch.no_grad()
+def evaluate(model: BlockModel, data: SiteTensors) -> dict[str, dict[str, float]]:
+    """Accuracy and macro-F1 per task on ``data`` (patients with a label for the task)."""
+    from sklearn.metrics import f1_score
+
+    model.eval()
+    logits = model(data.image, data.image_present, data.tabular, data.tabular_present)
+    out = {}
+    for task, lg in logits.items():
+        y = data.labels[task].numpy()
+        keep = y >= 0
+        pred = lg.argmax(dim=1).numpy()[keep]
+        y = y[keep]
+        if y.size == 0:
+            continue
+        out[task] = {
+            "accuracy": float((pred == y).mean()),
+            "macro_f1": float(f1_score(y, pred, average="macro", labels=np.arange(lg.shape[1]), zero_division=0)),
+            "n": int(y.size),
+        }
+    model.train()
+    return out

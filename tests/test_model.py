@@ -1,0 +1,142 @@
+"""Blocks, fusion with missing modalities, and DP training on every block."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from blossom_secure.config import ImageConfig, ModelLayout, TabularConfig
+from blossom_secure.model import BlockModel, Fusion
+from blossom_secure.policy import PrivacyTerms
+from blossom_secure.training import SiteTensors, evaluate, plan_round, train_dp
+
+
+def layout(spatial_dims: int = 2, arch: str = "cnn", norm: str = "group") -> ModelLayout:
+    size = (16,) * spatial_dims
+    return ModelLayout(embedding_dim=8,
+                       image=ImageConfig(spatial_dims=spatial_dims, size=size, window=None, architecture=arch,
+                                         channels=(4, 8), norm=norm),
+                       tabular=TabularConfig(features=("a", "b", "c"), hidden=(8,)),
+                       tasks={"malignancy": 2, "severity": 3})
+
+
+def test_site_builds_only_its_blocks():
+    m = BlockModel(layout(), ("tabular",), ("severity",))
+    assert list(m.blocks()) == ["encoder.tabular", "fusion", "head.severity"]
+    m = BlockModel(layout(), ("image", "tabular"), ("severity", "malignancy"))
+    assert list(m.blocks()) == ["encoder.image", "encoder.tabular", "fusion", "head.malignancy", "head.severity"]
+
+
+def test_same_block_same_shape_at_every_site():
+    a = BlockModel(layout(), ("image", "tabular"), ("malignancy",)).block_sizes()
+    b = BlockModel(layout(), ("image",), ("severity",)).block_sizes()
+    assert a["encoder.image"] == b["encoder.image"] and a["fusion"] == b["fusion"]
+
+
+def test_block_vector_round_trip_and_size_check():
+    m = BlockModel(layout(), ("image", "tabular"), ("malignancy",))
+    v = m.get_block("fusion")
+    m.set_block("fusion", v + 1)
+    assert np.allclose(m.get_block("fusion"), v + 1)
+    with pytest.raises(ValueError):
+        m.set_block("fusion", np.zeros(v.size + 1, np.float32))
+    with pytest.raises(ValueError):
+        m.set_blocks({"head.severity": np.zeros(3)})
+
+
+def test_fusion_ignores_absent_modality_values():
+    torch.manual_seed(0)
+    fusion = Fusion(4)
+    img = torch.randn(3, 4)
+    tab = torch.randn(3, 4)
+    img_present = torch.tensor([1.0, 1.0, 0.0])
+    tab_present = torch.tensor([1.0, 0.0, 1.0])
+    out = fusion([img, tab], [img_present, tab_present])
+    # Changing the embedding of a modality a patient does not have changes nothing for them.
+    out2 = fusion([img.clone().index_fill_(0, torch.tensor([2]), 99.0),
+                   tab.clone().index_fill_(0, torch.tensor([1]), -99.0)], [img_present, tab_present])
+    assert torch.allclose(out, out2)
+    # A patient with one modality gets exactly that modality's embedding as the mean.
+    only_img = fusion([img[1:2], tab[1:2]], [torch.ones(1), torch.zeros(1)])
+    alone = fusion([img[1:2]], [torch.ones(1)])
+    assert torch.allclose(only_img, alone)
+
+
+def test_missing_modality_patient_is_still_used():
+    torch.manual_seed(0)
+    m = BlockModel(layout(), ("image", "tabular"), ("malignancy",))
+    img = torch.randn(2, 1, 16, 16)
+    tab = torch.randn(2, 3)
+    logits = m(img, torch.tensor([0.0, 1.0]), tab, torch.tensor([1.0, 0.0]))["malignancy"]
+    assert logits.shape == (2, 2) and torch.isfinite(logits).all()
+    logits.sum().backward()
+    assert m.encoders["tabular"].parameters().__next__().grad is not None
+
+
+@pytest.mark.parametrize(("dims", "arch", "norm"), [(2, "cnn", "group"), (3, "cnn", "instance"), (2, "densenet121", "group")])
+def test_dp_training_runs_on_every_block(dims, arch, norm):
+    torch.manual_seed(0)
+    lay = layout(dims, arch, norm)
+    if arch == "densenet121":
+        lay = ModelLayout(embedding_dim=8, image=ImageConfig(spatial_dims=2, size=(32, 32), window=None,
+                                                             architecture=arch, channels=(8,), norm=norm),
+                          tabular=lay.tabular, tasks=lay.tasks)
+    rng = np.random.default_rng(0)
+    n = 24
+    arrays = SimpleNamespace(
+        image=rng.random((n, 1, *lay.image.size)).astype(np.float32),
+        image_present=rng.random(n) < 0.7,
+        tabular=rng.normal(size=(n, 3)).astype(np.float32),
+        tabular_present=rng.random(n) < 0.7,
+        labels={"malignancy": rng.integers(0, 2, n), "severity": np.where(rng.random(n) < 0.3, -1, rng.integers(0, 3, n))},
+    )
+    data = SiteTensors.from_arrays(arrays, np.arange(n))
+    m = BlockModel(lay, ("image", "tabular"), ("malignancy", "severity"))
+    before = m.get_blocks()
+    terms = PrivacyTerms(accountant="rdp", delta=1e-5, max_grad_norm=1.0, epsilon_budget=10.0,
+                         noise_multiplier=1.0, target_epsilon_per_round=None)
+    plan = plan_round(n, batch_size=8, epochs=1, terms=terms)
+    result = train_dp(m, data, plan, max_grad_norm=1.0, learning_rate=0.1, seed=1)
+    assert result.steps == plan.steps == 3
+    assert sum(s for _, _, s in result.history) == 3
+    after = m.get_blocks()
+    for name in before:  # every block was trained (noise reaches even zero-gradient blocks)
+        assert not np.allclose(before[name], after[name]), name
+    metrics = evaluate(m, data)
+    assert set(metrics) == {"malignancy", "severity"}
+    assert 0.0 <= metrics["malignancy"]["accuracy"] <= 1.0
+    # the same seed gives the same result (simulations are reproducible)
+    m2 = BlockModel(lay, ("image", "tabular"), ("malignancy", "severity"))
+    m2.set_blocks(before)
+    train_dp(m2, data, plan, max_grad_norm=1.0, learning_rate=0.1, seed=1)
+    assert all(np.allclose(after[k], v) for k, v in m2.get_blocks().items())
+
+
+def test_tabular_scaling_uses_training_rows_only():
+    arrays = SimpleNamespace(image=None, image_present=np.zeros(4, bool),
+                             tabular=np.array([[0.0], [2.0], [100.0], [0.0]], np.float32),
+                             tabular_present=np.array([True, True, True, False]), labels={"t": np.zeros(4, int)})
+    data = SiteTensors.from_arrays(arrays, np.array([0, 1]))
+    assert data.tabular[:2, 0].tolist() == [-1.0, 1.0]
+    assert data.tabular[3, 0].item() == 0.0  # absent rows stay zero
+
+
+def test_empty_poisson_batches_are_stepped_and_accounted():
+    # With 3 patients and batch size 1 each step samples each patient with rate 1/3:
+    # about a third of the steps see an empty batch; they still count and add noise.
+    torch.manual_seed(0)
+    lay = layout()
+    arrays = SimpleNamespace(image=None, image_present=np.zeros(3, bool),
+                             tabular=np.ones((3, 3), np.float32), tabular_present=np.ones(3, bool),
+                             labels={"severity": np.array([0, 1, 2])})
+    data = SiteTensors.from_arrays(arrays, np.arange(3))
+    m = BlockModel(lay, ("tabular",), ("severity",))
+    terms = PrivacyTerms(accountant="rdp", delta=1e-5, max_grad_norm=1.0, epsilon_budget=10.0,
+                         noise_multiplier=1.0, target_epsilon_per_round=None)
+    plan = plan_round(3, batch_size=1, epochs=10, terms=terms)
+    result = train_dp(m, data, plan, max_grad_norm=1.0, learning_rate=0.1, seed=3)
+    assert result.steps == 30 and sum(s for _, _, s in result.history) == 30
+    assert all(np.isfinite(v).all() for v in m.get_blocks().values())
