@@ -107,12 +107,12 @@ string of 1 to 2000 characters.
 ``site_initialised``         ``key_fingerprint`` (str, :func:`crypto.key_fingerprint` of the
                              signing key; checked against it).
 ``policy_loaded``            ``policy_sha256`` (hex64, equal to the record's
-                             ``policy_sha256``), ``shareable`` (list of str: the policy's
-                             shareable block names and patterns). Optional:
-                             ``policy_file`` (text).
+                             ``policy_sha256``), ``shareable`` (list of at most 256 strings
+                             of 1 to 64 characters: the policy's shareable block names and
+                             patterns). Optional: ``policy_file`` (text).
 ``round_joined``             (none). Optional: ``model_version`` (id or int >= 0),
-                             ``blocks`` (list of block names the site will train).
-                             Needs a ``round_id``.
+                             ``blocks_offered`` (list of distinct block names the site
+                             offers to share this round). Needs a ``round_id``.
 ``round_declined``           ``reason`` (text). Needs a ``round_id``.
 ``training_finished``        ``steps`` (int >= 0), ``epsilon_round`` (number >= 0),
                              ``epsilon_total`` (number >= 0), ``delta`` (number in (0, 1)),
@@ -132,11 +132,25 @@ string of 1 to 2000 characters.
 ``error``                    ``message`` (text). Optional: ``error_type`` (id).
 ===========================  ================================================================
 
+``egress`` may name a ``head.*`` block: the log records what was sent, truthfully; keeping
+heads on the site is the egress guard's job, and a review flags any head that left.
+
+Limitations
+===========
+
+* Times are the site's clock, recorded as given; they are not required to increase.
+* A line cut short by a crash during the write (no final newline) makes verification fail;
+  the operator must inspect and repair it (nothing after it was acted on, because the write
+  had not returned). A missing checkpoint beside a non-empty log likewise needs a person.
+* Verification reads the whole log (streaming, constant memory); a very long log takes
+  correspondingly long to open.
+* The single-writer lock uses ``fcntl.flock`` (POSIX); elsewhere there is none.
+
 Example:
     >>> key = crypto.generate_identity_key()                          # doctest: +SKIP
     >>> with AuditLog.open(Path("state/audit.jsonl"), site_id="st-mary",
     ...                    signing_key=key) as log:                    # doctest: +SKIP
-    ...     log.append(EVENT_ROUND_DECLINED, round_id=3,
+    ...     log.append(ROUND_DECLINED, round_id=3,
     ...                details={"reason": "privacy budget exhausted"},
     ...                policy_sha256=policy.sha256)
     >>> verify_log(Path("state/audit.jsonl"),
@@ -152,20 +166,20 @@ import math
 import numbers
 import os
 import re
-import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import suppress
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import MappingProxyType
+from typing import Any, BinaryIO
 
 from blossom_secure import crypto
 from blossom_secure.blocks import is_valid_block_name
+from blossom_secure._fs import atomic_write, fsync_dir
+from blossom_secure.crypto import IdentityKey
 from blossom_secure.errors import AuditIntegrityError, AuthenticationError
-
-if TYPE_CHECKING:
-    from blossom_secure.crypto import Ed25519PrivateKey
 
 try:
     import fcntl
@@ -175,21 +189,21 @@ except ImportError:  # pragma: no cover - not POSIX: no advisory lock
 __all__ = [
     "AUDIT_FORMAT",
     "CHECKPOINT_SIGNING_CONTEXT",
+    "EGRESS",
+    "ERROR",
     "EVENTS",
-    "EVENT_EGRESS",
-    "EVENT_ERROR",
-    "EVENT_POLICY_LOADED",
     "EVENT_REQUIRED_DETAILS",
-    "EVENT_ROUND_DECLINED",
-    "EVENT_ROUND_JOINED",
-    "EVENT_SECAGG_ABORTED",
-    "EVENT_SECAGG_STAGE_COMPLETED",
-    "EVENT_SITE_INITIALISED",
-    "EVENT_TRAINING_FINISHED",
     "GENESIS_SHA256",
     "MAX_RECORD_BYTES",
+    "POLICY_LOADED",
     "RECORD_FIELDS",
     "RECORD_SIGNING_CONTEXT",
+    "ROUND_DECLINED",
+    "ROUND_JOINED",
+    "SECAGG_ABORTED",
+    "SECAGG_STAGE_COMPLETED",
+    "SITE_INITIALISED",
+    "TRAINING_FINISHED",
     "AuditLog",
     "VerifyReport",
     "build_record",
@@ -231,29 +245,29 @@ RECORD_FIELDS: tuple[str, ...] = (
 )
 _CHECKPOINT_FIELDS = frozenset({"format", "site_id", "last_seq", "last_record_sha256", "signature"})
 
-EVENT_SITE_INITIALISED = "site_initialised"
-EVENT_POLICY_LOADED = "policy_loaded"
-EVENT_ROUND_JOINED = "round_joined"
-EVENT_ROUND_DECLINED = "round_declined"
-EVENT_TRAINING_FINISHED = "training_finished"
-EVENT_EGRESS = "egress"
-EVENT_SECAGG_STAGE_COMPLETED = "secagg_stage_completed"
-EVENT_SECAGG_ABORTED = "secagg_aborted"
-EVENT_ERROR = "error"
+SITE_INITIALISED = "site_initialised"
+POLICY_LOADED = "policy_loaded"
+ROUND_JOINED = "round_joined"
+ROUND_DECLINED = "round_declined"
+TRAINING_FINISHED = "training_finished"
+EGRESS = "egress"
+SECAGG_STAGE_COMPLETED = "secagg_stage_completed"
+SECAGG_ABORTED = "secagg_aborted"
+ERROR = "error"
 
 _MAX_SAFE_INT = 2**53 - 1
 _MAX_DEPTH = 32
 _MAX_TEXT_CHARS = 2000
 _MAX_LIST_ITEMS = 256
 _MAX_DIMS = 16
-_HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
-_SIGNATURE_RE = re.compile(r"^[0-9a-f]{128}$")
-_SITE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # as in blossom_secure.config
-_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
-_FINGERPRINT_RE = re.compile(r"^[0-9a-f]{4}(:[0-9a-f]{4}){7}$")
+_HEX64_RE = re.compile(r"[0-9a-f]{64}")
+_SIGNATURE_RE = re.compile(r"[0-9a-f]{128}")
+_SITE_ID_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # as in blossom_secure.config
+_ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
+_FINGERPRINT_RE = re.compile(r"[0-9a-f]{4}(:[0-9a-f]{4}){7}")
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_TIME_RE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,6}))?Z$")
+_TIME_RE = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,6}))?Z")
 
 
 # --------------------------------------------------------------------------------------
@@ -406,13 +420,13 @@ def _text(value: Any) -> str | None:
 
 
 def _ident(value: Any) -> str | None:
-    if not isinstance(value, str) or not _ID_RE.match(value):
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
         return "must be an identifier ([A-Za-z][A-Za-z0-9_.-], at most 64 characters)"
     return None
 
 
 def _hex64(value: Any) -> str | None:
-    if not isinstance(value, str) or not _HEX64_RE.match(value):
+    if not isinstance(value, str) or not _HEX64_RE.fullmatch(value):
         return "must be 64 lower-case hex digits (a SHA-256)"
     return None
 
@@ -458,7 +472,8 @@ def _list_of(item: _Check, *, unique: bool = False) -> _Check:
 
 
 def _block_name(value: Any) -> str | None:
-    if not isinstance(value, str) or not is_valid_block_name(value):
+    # isprintable(): the block-name pattern ends in "$", which also accepts a final newline.
+    if not isinstance(value, str) or not value.isprintable() or not is_valid_block_name(value):
         return "must be a block name (encoder.<x>, fusion or head.<x>)"
     return None
 
@@ -470,7 +485,7 @@ def _short_text(value: Any) -> str | None:
 
 
 def _fingerprint(value: Any) -> str | None:
-    if not isinstance(value, str) or not _FINGERPRINT_RE.match(value):
+    if not isinstance(value, str) or not _FINGERPRINT_RE.fullmatch(value):
         return "must be a key fingerprint (eight colon-separated groups of four hex digits)"
     return None
 
@@ -515,15 +530,15 @@ class _EventSpec:
 
 
 _EVENT_SPECS: dict[str, _EventSpec] = {
-    EVENT_SITE_INITIALISED: _EventSpec({"key_fingerprint": _fingerprint}, {}, False, True),
-    EVENT_POLICY_LOADED: _EventSpec(
+    SITE_INITIALISED: _EventSpec({"key_fingerprint": _fingerprint}, {}, False, True),
+    POLICY_LOADED: _EventSpec(
         {"policy_sha256": _hex64, "shareable": _list_of(_short_text)}, {"policy_file": _text}, False, False
     ),
-    EVENT_ROUND_JOINED: _EventSpec(
-        {}, {"model_version": _model_version, "blocks": _list_of(_block_name, unique=True)}, True, False
+    ROUND_JOINED: _EventSpec(
+        {}, {"model_version": _model_version, "blocks_offered": _list_of(_block_name, unique=True)}, True, False
     ),
-    EVENT_ROUND_DECLINED: _EventSpec({"reason": _text}, {}, True, False),
-    EVENT_TRAINING_FINISHED: _EventSpec(
+    ROUND_DECLINED: _EventSpec({"reason": _text}, {}, True, False),
+    TRAINING_FINISHED: _EventSpec(
         {
             "steps": _nonneg_int,
             "epsilon_round": _number(low=0.0),
@@ -540,7 +555,7 @@ _EVENT_SPECS: dict[str, _EventSpec] = {
         True,
         False,
     ),
-    EVENT_EGRESS: _EventSpec(
+    EGRESS: _EventSpec(
         {
             "message_type": _ident,
             "blocks": _list_of(_block_name, unique=True),
@@ -552,17 +567,17 @@ _EVENT_SPECS: dict[str, _EventSpec] = {
         False,
         False,
     ),
-    EVENT_SECAGG_STAGE_COMPLETED: _EventSpec({"stage": _ident}, {}, True, False),
-    EVENT_SECAGG_ABORTED: _EventSpec({"stage": _ident, "reason": _text}, {}, True, False),
-    EVENT_ERROR: _EventSpec({"message": _text}, {"error_type": _ident}, False, True),
+    SECAGG_STAGE_COMPLETED: _EventSpec({"stage": _ident}, {}, True, False),
+    SECAGG_ABORTED: _EventSpec({"stage": _ident, "reason": _text}, {}, True, False),
+    ERROR: _EventSpec({"message": _text}, {"error_type": _ident}, False, True),
 }
 
 #: Every event a record may carry.
 EVENTS: tuple[str, ...] = tuple(_EVENT_SPECS)
 #: The details keys each event requires (see the module documentation for their types).
-EVENT_REQUIRED_DETAILS: Mapping[str, tuple[str, ...]] = {
-    event: tuple(spec.required) for event, spec in _EVENT_SPECS.items()
-}
+EVENT_REQUIRED_DETAILS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {event: tuple(spec.required) for event, spec in _EVENT_SPECS.items()}
+)
 
 
 def _details_problems(
@@ -600,12 +615,12 @@ def _details_problems(
     if problems:
         return problems
     # Cross-field rules, once every field has the right type.
-    if event == EVENT_SITE_INITIALISED and key_fingerprint is not None:
+    if event == SITE_INITIALISED and key_fingerprint is not None:
         if details["key_fingerprint"] != key_fingerprint:
             problems.append("details['key_fingerprint'] is not the fingerprint of the signing key")
-    elif event == EVENT_POLICY_LOADED and details["policy_sha256"] != policy_sha256:
+    elif event == POLICY_LOADED and details["policy_sha256"] != policy_sha256:
         problems.append("details['policy_sha256'] differs from the record's policy_sha256")
-    elif event == EVENT_EGRESS:
+    elif event == EGRESS:
         blocks = set(details["blocks"])
         for key in ("shapes", "block_bytes"):
             stray = sorted(set(details.get(key, {})) - blocks)
@@ -614,6 +629,13 @@ def _details_problems(
         if sum(details.get("block_bytes", {}).values()) > details["payload_bytes"]:
             problems.append("details['block_bytes'] sum to more than payload_bytes")
     return problems
+
+
+def _plain_int(value: Any) -> Any:
+    """``numpy.int64(3)`` -> ``3``; anything else (``None`` and wrong types included) as is."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return value
 
 
 def _to_json_value(value: Any, depth: int = 0) -> Any:
@@ -647,7 +669,7 @@ def _to_json_value(value: Any, depth: int = 0) -> Any:
 def _parse_time(value: Any) -> datetime | None:
     if not isinstance(value, str):
         return None
-    match = _TIME_RE.match(value)
+    match = _TIME_RE.fullmatch(value)
     if not match:
         return None
     year, month, day, hour, minute, second, fraction = match.groups()
@@ -660,7 +682,7 @@ def _parse_time(value: Any) -> datetime | None:
             int(minute),
             int(second),
             int((fraction or "0").ljust(6, "0")),
-            tzinfo=timezone.utc,
+            tzinfo=UTC,
         )
     except ValueError:
         return None
@@ -684,7 +706,7 @@ def _envelope_problems(record: Mapping[str, Any], *, signed: bool) -> list[str]:
         problems.append("field 'seq' must be an integer >= 0")
     if _parse_time(record["time_utc"]) is None:
         problems.append("field 'time_utc' must be an ISO 8601 UTC time YYYY-MM-DDTHH:MM:SS[.ffffff]Z")
-    if not isinstance(record["site_id"], str) or not _SITE_ID_RE.match(record["site_id"]):
+    if not isinstance(record["site_id"], str) or not _SITE_ID_RE.fullmatch(record["site_id"]):
         problems.append("field 'site_id' must be a site id ([a-z0-9][a-z0-9_-], at most 63 characters)")
     round_id = record["round_id"]
     if round_id is not None and (not _is_int(round_id) or not 0 <= round_id <= _MAX_SAFE_INT):
@@ -697,7 +719,7 @@ def _envelope_problems(record: Mapping[str, Any], *, signed: bool) -> list[str]:
         problems.append("field 'policy_sha256' must be 64 lower-case hex digits or null")
     if _hex64(record["prev_sha256"]):
         problems.append("field 'prev_sha256' must be 64 lower-case hex digits")
-    if signed and (not isinstance(record["signature"], str) or not _SIGNATURE_RE.match(record["signature"])):
+    if signed and (not isinstance(record["signature"], str) or not _SIGNATURE_RE.fullmatch(record["signature"])):
         problems.append("field 'signature' must be 128 lower-case hex digits")
     return problems
 
@@ -728,7 +750,7 @@ def build_record(
     details: Mapping[str, Any],
     policy_sha256: str | None,
     prev_hash: str,
-    signing_key: Ed25519PrivateKey,
+    signing_key: IdentityKey,
 ) -> dict[str, Any]:
     """Build and sign one audit record. Pure: no I/O, no clock.
 
@@ -740,7 +762,7 @@ def build_record(
         event: One of :data:`EVENTS`.
         details: The event's details (see the module documentation); copied, never kept.
             Integral numbers (``numpy.int64`` included) become ``int``, other real numbers
-            ``float``, tuples lists.
+            ``float``, tuples lists (``seq`` and ``round_id`` are normalised the same way).
         policy_sha256: Hex SHA-256 of the policy in force; ``None`` only for
             ``site_initialised`` and ``error``.
         prev_hash: SHA-256 hex of the previous line, or :data:`GENESIS_SHA256` for ``seq`` 0.
@@ -773,10 +795,10 @@ def build_record(
         raise TypeError("signing_key must be an Ed25519 private key") from None
     unsigned = {
         "format": AUDIT_FORMAT,
-        "seq": seq,
+        "seq": _plain_int(seq),
         "time_utc": time_utc,
         "site_id": site_id,
-        "round_id": round_id,
+        "round_id": _plain_int(round_id),
         "event": event,
         "details": _to_json_value(details),
         "policy_sha256": policy_sha256,
@@ -784,7 +806,7 @@ def build_record(
     }
     problems = _record_problems(unsigned, signed=False, key_fingerprint=fingerprint)
     if seq == 0 and not problems and prev_hash != GENESIS_SHA256:
-        problems.append("the record with seq 0 must have prev_hash GENESIS_SHA256")
+        problems.append("the record with seq 0 must have prev_hash equal to the genesis value (GENESIS_SHA256)")
     if problems:
         raise ValueError("invalid audit record: " + "; ".join(problems))
     signature = crypto.sign(signing_key, RECORD_SIGNING_CONTEXT + canonical_bytes(unsigned))
@@ -831,36 +853,6 @@ def write_record(path: Path, record: Mapping[str, Any]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _fsync_dir(directory: Path) -> None:
-    if not hasattr(os, "O_DIRECTORY"):  # pragma: no cover - not POSIX
-        return
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: temporary file in the same folder, fsync, rename,
-    fsync the folder. Readers see the old or the new content, never a mix."""
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
 
 
 # --------------------------------------------------------------------------------------
@@ -996,16 +988,17 @@ class VerifyReport:
 
 
 def checkpoint_path(log_path: Path) -> Path:
-    """The signed checkpoint beside ``log_path``: ``audit.jsonl`` -> ``audit.head.json``.
+    """The signed checkpoint beside ``log_path``: ``audit.jsonl`` -> ``audit.head.json``
+    (the log's name without its last suffix, then ``.head.json``).
 
     Raises:
-        ValueError: the log's own name would be its checkpoint's name.
+        ValueError: ``log_path`` itself ends in ``.head.json`` (it could be another log's
+            checkpoint).
     """
     log_path = Path(log_path)
-    head = log_path.with_name(f"{log_path.stem}.head.json")
-    if head == log_path:
+    if log_path.name.endswith(".head.json"):
         raise ValueError(f"{log_path.name!r} cannot be an audit log name (it is a checkpoint name)")
-    return head
+    return log_path.with_name(f"{log_path.stem}.head.json")
 
 
 def _check_public_key(public_key: Any) -> bytes:
@@ -1059,9 +1052,9 @@ class _Chain:
                 raise fail("previous-hash of the first record is not the genesis value")
         else:
             if seq > self.last_seq + 1:
-                raise fail(f"sequence number {seq} follows {self.last_seq} (record missing)")
+                raise fail(f"sequence number {seq} follows {self.last_seq} (record missing or out of order)")
             if seq <= self.last_seq:
-                raise fail(f"sequence number {seq} follows {self.last_seq} (records reordered or repeated)")
+                raise fail(f"sequence number {seq} follows {self.last_seq} (record out of order or repeated)")
             if record["prev_sha256"] != self.last_hash:
                 raise fail(f"previous-hash does not match line {line_no - 1}")
         if self.site_id is not None and record["site_id"] != self.site_id:
@@ -1115,16 +1108,14 @@ class _Chain:
             or (last_seq is not None and (not _is_int(last_seq) or not 0 <= last_seq <= _MAX_SAFE_INT))
             or _hex64(head["last_record_sha256"])
             or not isinstance(head["signature"], str)
-            or not _SIGNATURE_RE.match(head["signature"])
+            or not _SIGNATURE_RE.fullmatch(head["signature"])
             or not isinstance(head["site_id"], str)
         ):
             raise fail(f"checkpoint {name} is corrupt (malformed field)")
         if canonical_bytes(head) != raw[:-1]:
             raise fail(f"checkpoint {name} is not in canonical form (its bytes were changed)")
         try:
-            crypto.verify_signature(
-                self.public_key, _checkpoint_signing_bytes(head), bytes.fromhex(head["signature"])
-            )
+            crypto.verify_signature(self.public_key, _checkpoint_signing_bytes(head), bytes.fromhex(head["signature"]))
         except AuthenticationError:
             raise fail(f"checkpoint {name}: signature does not verify (changed, forged, or another key)") from None
         if self.site_id is not None and head["site_id"] != self.site_id:
@@ -1202,8 +1193,9 @@ def verify_log(path: Path, *, public_key: bytes) -> VerifyReport:
         AuditIntegrityError: the first problem found, naming its line and, where readable,
             its seq: a corrupt, over-long or incomplete line; missing or unknown fields;
             a malformed field; a line not in canonical form; a signature that does not
-            verify (edited, forged, or signed with another key); a sequence gap
-            ("record missing") or step back ("reordered"); a previous-hash mismatch; a site
+            verify (edited, forged, or signed with another key); a sequence gap ("record
+            missing or out of order") or step back ("out of order or repeated"); a
+            previous-hash mismatch; a site
             id change; invalid details; a missing, corrupt or forged checkpoint; a log
             shorter than its checkpoint ("truncated"); a log deleted beside its checkpoint.
         FileNotFoundError: neither the log nor its checkpoint exists.
@@ -1251,15 +1243,15 @@ def read_verified_records(path: Path, *, public_key: bytes) -> tuple[VerifyRepor
 
 
 def _utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _write_checkpoint(
-    path: Path, *, site_id: str, last_seq: int | None, last_hash: str, signing_key: Ed25519PrivateKey
+    path: Path, *, site_id: str, last_seq: int | None, last_hash: str, signing_key: IdentityKey
 ) -> None:
     body = {"format": AUDIT_FORMAT, "site_id": site_id, "last_seq": last_seq, "last_record_sha256": last_hash}
     signature = crypto.sign(signing_key, CHECKPOINT_SIGNING_CONTEXT + canonical_bytes(body))
-    _atomic_write(path, canonical_bytes({**body, "signature": signature.hex()}) + b"\n")
+    atomic_write(path, canonical_bytes({**body, "signature": signature.hex()}) + b"\n")
 
 
 def _lock(fd: int, path: Path) -> None:
@@ -1280,6 +1272,12 @@ class AuditLog:
     Make one with :meth:`AuditLog.open`; close it (or use it as a context manager) to
     release its lock. Appends from several threads are serialised; a second process (or a
     second ``AuditLog`` on the same file) is refused while this one is open.
+
+    Notes:
+        One writer per log keeps the chain linear: two writers would both chain onto the
+        same last record and the log would fork. The lock is an advisory ``flock`` on the
+        log file (POSIX; without ``fcntl`` there is no lock). The signing key is held only
+        to sign; it is never written, logged or put in ``repr``.
     """
 
     def __init__(
@@ -1288,8 +1286,8 @@ class AuditLog:
         _token: object,
         path: Path,
         site_id: str,
-        signing_key: Ed25519PrivateKey,
-        lock_fd: int,
+        signing_key: IdentityKey,
+        lock_file: BinaryIO,
         last_seq: int | None,
         last_hash: str,
     ) -> None:
@@ -1299,14 +1297,14 @@ class AuditLog:
         self._head_path = checkpoint_path(path)
         self._site_id = site_id
         self._signing_key = signing_key
-        self._lock_fd: int | None = lock_fd
+        self._lock_file: BinaryIO | None = lock_file
         self._last_seq = last_seq
         self._last_hash = last_hash
         self._mutex = threading.Lock()
         self._failed = False
 
     @classmethod
-    def open(cls, path: Path, *, site_id: str, signing_key: Ed25519PrivateKey) -> AuditLog:
+    def open(cls, path: Path, *, site_id: str, signing_key: IdentityKey) -> AuditLog:
         """Open a site's audit log, creating it if absent, verifying it if present.
 
         Args:
@@ -1335,7 +1333,7 @@ class AuditLog:
             to date here (the record is validly signed, so nothing was forged).
         """
         path = Path(path)
-        if not isinstance(site_id, str) or not _SITE_ID_RE.match(site_id):
+        if not isinstance(site_id, str) or not _SITE_ID_RE.fullmatch(site_id):
             raise ValueError("site_id must be a site id ([a-z0-9][a-z0-9_-], at most 63 characters)")
         try:
             public_key = crypto.identity_public_key(signing_key)
@@ -1352,12 +1350,18 @@ class AuditLog:
             created = True
         except FileExistsError:
             fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+        # A file object, so that the lock is released if the log is dropped unclosed.
+        lock_file = os.fdopen(fd, "ab" if created else "rb", buffering=0)
+        locked = False
         try:
             _lock(fd, path)
+            locked = True
             if created:
                 os.fsync(fd)
-                _fsync_dir(path.parent)
-                _write_checkpoint(head_path, site_id=site_id, last_seq=None, last_hash=GENESIS_SHA256, signing_key=signing_key)
+                fsync_dir(path.parent)
+                _write_checkpoint(
+                    head_path, site_id=site_id, last_seq=None, last_hash=GENESIS_SHA256, signing_key=signing_key
+                )
                 last_seq, last_hash = None, GENESIS_SHA256
                 logger.info("created audit log %s for site %s", path, site_id)
             else:
@@ -1373,24 +1377,24 @@ class AuditLog:
                         signing_key=signing_key,
                     )
                     if report.records:
-                        logger.warning("audit log %s: brought the checkpoint up to date after an interrupted append", path)
+                        logger.warning(
+                            "audit log %s: brought the checkpoint up to date after an interrupted append", path
+                        )
                 last_seq, last_hash = report.last_seq, report.last_hash
                 logger.info("opened audit log %s: %d verified records", path, report.records)
         except BaseException:
-            os.close(fd)
-            if created:
+            lock_file.close()
+            if created and locked:
                 for leftover in (path, head_path):
-                    try:
+                    with suppress(FileNotFoundError):
                         os.unlink(leftover)
-                    except FileNotFoundError:
-                        pass
             raise
         return cls(
             _token=_OPEN_TOKEN,
             path=path,
             site_id=site_id,
             signing_key=signing_key,
-            lock_fd=fd,
+            lock_file=lock_file,
             last_seq=last_seq,
             last_hash=last_hash,
         )
@@ -1457,7 +1461,7 @@ class AuditLog:
     ) -> dict[str, Any]:
         """:meth:`append` with the time given (a seam for tests and vectors)."""
         with self._mutex:
-            if self._lock_fd is None:
+            if self._lock_file is None:
                 raise RuntimeError("audit log is closed")
             if self._failed:
                 raise RuntimeError("an earlier append failed part-way; reopen the audit log to verify it")
@@ -1491,9 +1495,9 @@ class AuditLog:
     def close(self) -> None:
         """Release the log's lock. Appending afterwards raises ``RuntimeError``."""
         with self._mutex:
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)
-                self._lock_fd = None
+            if self._lock_file is not None:
+                self._lock_file.close()
+                self._lock_file = None
 
     def __enter__(self) -> AuditLog:
         return self

@@ -25,18 +25,18 @@ MODALITIES: tuple[str, ...] = ("image", "tabular")
 FUSION = "fusion"
 
 _IDENT = r"[a-z][a-z0-9_]{0,47}"
-_BLOCK_RE = re.compile(rf"^(encoder\.{_IDENT}|fusion|head\.{_IDENT})$")
-_TASK_RE = re.compile(rf"^{_IDENT}$")
+_BLOCK_RE = re.compile(rf"encoder\.{_IDENT}|fusion|head\.{_IDENT}")
+_TASK_RE = re.compile(_IDENT)
 
 
 def is_valid_block_name(name: str) -> bool:
     """Whether ``name`` is a well-formed block name (``encoder.x``, ``fusion``, ``head.x``)."""
-    return isinstance(name, str) and _BLOCK_RE.match(name) is not None
+    return isinstance(name, str) and _BLOCK_RE.fullmatch(name) is not None
 
 
 def is_valid_task_name(name: str) -> bool:
     """Whether ``name`` can name a task (lower-case identifier, at most 48 characters)."""
-    return isinstance(name, str) and _TASK_RE.match(name) is not None
+    return isinstance(name, str) and _TASK_RE.fullmatch(name) is not None
 
 
 def is_head(name: str) -> bool:

@@ -14,6 +14,7 @@ Both are data only; every problem is reported at once as a
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ __all__ = [
     "site_dirs",
 ]
 
-_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_ID_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 AGGREGATION_MODES = ("blockwise", "full-model", "local")
 IMAGE_ARCHITECTURES = ("cnn", "densenet121")
 COMPRESSIONS = ("none", "rle", "jpeg2000")
@@ -94,6 +95,7 @@ class AggregationConfig:
     min_contributors: int
     clip: float
     ring_bits: int
+    max_weight: int
 
 
 @dataclass(frozen=True)
@@ -184,7 +186,8 @@ def load_federation(path: Path) -> FederationConfig:
             training = TrainingConfig(**values)
 
     ag = root.table("aggregation", required=False)
-    aggregation = AggregationConfig(mode="blockwise", secure=True, min_contributors=2, clip=1.0, ring_bits=32)
+    aggregation = AggregationConfig(mode="blockwise", secure=True, min_contributors=2, clip=1.0, ring_bits=32,
+                                    max_weight=10_000)
     if ag is not None:
         values = dict(
             mode=ag.choice("mode", AGGREGATION_MODES, required=False, default="blockwise"),
@@ -192,6 +195,7 @@ def load_federation(path: Path) -> FederationConfig:
             min_contributors=ag.int("min_contributors", required=False, default=2, minimum=2),
             clip=ag.float("clip", required=False, default=1.0, exclusive_minimum=0.0, maximum=1e6),
             ring_bits=ag.int("ring_bits", required=False, default=32),
+            max_weight=ag.int("max_weight", required=False, default=10_000, minimum=1, maximum=1 << 30),
         )
         if values["ring_bits"] not in (32, 64):
             ag.problem("ring_bits", "must be 32 or 64")
@@ -214,7 +218,7 @@ def load_federation(path: Path) -> FederationConfig:
 
 def _ident(table: Table, name: str) -> str | None:
     value = table.str(name)
-    if value is not None and not _ID_RE.match(value):
+    if value is not None and not _ID_RE.fullmatch(value):
         table.problem(name, "must be lower-case letters, digits, '-' or '_' (at most 63), starting with a letter or digit")
         return None
     return value
@@ -298,12 +302,12 @@ def load_site(site_dir: Path, *, federation: FederationConfig | None = None) -> 
         policy_ref = site.str("policy")
         if policy_ref is not None:
             try:
-                policy = load_policy(site_dir / policy_ref)
+                policy = load_policy(Path(os.path.normpath(site_dir / policy_ref)))
             except PolicyError as exc:
                 problems.extend(exc.problems)
         fed_ref = site.str("federation", required=False)
         if fed_ref is not None:
-            federation_file = site_dir / fed_ref
+            federation_file = Path(os.path.normpath(site_dir / fed_ref))
         site.finish()
 
     dt = root.table("data")

@@ -11,7 +11,6 @@ halves.
 from __future__ import annotations
 
 import hashlib
-
 from collections.abc import Callable
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -33,6 +32,7 @@ __all__ = [
     "ED25519_PUBLIC_KEY_BYTES",
     "ED25519_SIGNATURE_BYTES",
     "X25519_KEY_BYTES",
+    "Ed25519PrivateKey",
     "aead_decrypt",
     "aead_encrypt",
     "aes256_ctr_keystream_writer",
@@ -143,7 +143,8 @@ def generate_x25519_key_pair() -> tuple[bytes, bytes]:
     private_raw = private_key.private_bytes(
         serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
     )
-    return private_raw, private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    public_raw = private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return private_raw, public_raw
 
 
 def x25519_public_key(private_key: bytes) -> bytes:

@@ -50,13 +50,22 @@ def initial_global_blocks(federation: FederationConfig, *, include_heads: bool, 
     return {b: v for b, v in full.get_blocks().items() if include_heads or not is_head(b)}
 
 
-def make_aggregator(federation: FederationConfig, *, secure: bool) -> Aggregator:
-    """The aggregator for a run: secure aggregation unless plaintext is asked for."""
-    if secure:
-        from blossom_secure.secure_aggregator import SecureAggregator
+def make_aggregator(federation: FederationConfig, agents: list[SiteAgent], *, secure: bool) -> Aggregator:
+    """The aggregator for a run: secure aggregation unless plaintext is asked for.
 
-        return SecureAggregator.from_federation(federation)
-    return PlaintextAggregator(min_contributors=federation.aggregation.min_contributors)
+    Raises:
+        PolicyError: the federation's aggregation parameters could let a secure sum wrap.
+    """
+    if not secure:
+        return PlaintextAggregator(min_contributors=federation.aggregation.min_contributors)
+    from blossom_secure.secure_aggregator import SecureAggregator, secagg_params
+
+    try:
+        params = secagg_params(federation, max_group_size=len(agents))
+    except ValueError as exc:
+        raise PolicyError([Problem(str(federation.path), "aggregation", str(exc))]) from None
+    return SecureAggregator(params=params, roster={a.id: a.public_key for a in agents},
+                            identity_keys={a.id: a.identity_key for a in agents})
 
 
 @dataclass
@@ -158,7 +167,7 @@ class Coordinator:
         return RoundReport(round_id=round_id, sites=sites, blocks=blocks)
 
 
-def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str = "blockwise", secure: bool = True,
+def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str | None = None, secure: bool | None = None,
              seed: int = 0, fresh: bool = False, allow_full_model: bool = False,
              on_round: Callable[[RoundReport, list[SiteAgent]], None] | None = None,
              on_setup: Callable[[str], None] | None = None) -> SimulationResult:
@@ -168,8 +177,8 @@ def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str =
         sites_root: Folder holding ``federation.toml`` and one folder per site.
         rounds: Rounds to run (``None``: the federation file's number).
         out_dir: Where ``metrics.json`` and the final global blocks are written.
-        mode: ``blockwise``, ``full-model`` or ``local``.
-        secure: Secure aggregation (default) or plaintext.
+        mode: ``blockwise``, ``full-model`` or ``local`` (``None``: the federation file's).
+        secure: Secure aggregation or plaintext (``None``: the federation file's, secure by default).
         seed: Seed for initial values, batch sampling and DP noise (simulation only).
         fresh: Delete the example sites' previous state (ledger, audit log, private blocks)
             first; refused for a site without ``[synth]`` (real data).
@@ -181,13 +190,18 @@ def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str =
         PolicyError, DataError, ...: a site cannot take part (nothing is run).
         ValueError: bad arguments (mode, rounds, full-model without the flag).
     """
+    sites_root = Path(sites_root)
+    federation = load_federation(sites_root / "federation.toml")
+    if mode is None and federation.aggregation.mode == "full-model" and not allow_full_model:
+        raise PolicyError([Problem(str(federation.path), "aggregation.mode",
+                                   "full-model shares task heads and ignores policies; it needs --allow-full-model")])
+    mode = federation.aggregation.mode if mode is None else mode
+    secure = federation.aggregation.secure if secure is None else secure
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}")
     if mode == "full-model" and not allow_full_model:
         raise ValueError("full-model aggregation ignores the sites' policies and shares task heads; "
                          "it runs only in simulation and only with --allow-full-model")
-    sites_root = Path(sites_root)
-    federation = load_federation(sites_root / "federation.toml")
     dirs = site_dirs(sites_root)
     if not dirs:
         raise PolicyError([Problem(str(sites_root), "", "no site folders (each needs a site.toml)")])
@@ -209,7 +223,7 @@ def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str =
     rounds = federation.training.rounds if rounds is None else rounds
     if rounds < 1:
         raise ValueError("rounds must be at least 1")
-    aggregator = make_aggregator(federation, secure=secure) if mode == "blockwise" else None
+    aggregator = make_aggregator(federation, agents, secure=secure) if mode == "blockwise" else None
     coordinator = Coordinator(federation, agents, mode=mode, aggregator=aggregator, seed=seed)
     reports = []
     for r in range(rounds):

@@ -131,8 +131,6 @@ class PrivacyLedger:
         """
         if not (noise_multiplier > 0 and 0 < sample_rate <= 1 and steps >= 1):
             raise ValueError("noise_multiplier > 0, 0 < sample_rate <= 1 and steps >= 1 are required")
-        if any(e.round_id == round_id for e in self.entries):
-            raise ValueError(f"round {round_id} is already in the ledger")
         spent = self.epsilon_spent
         total = self.projected_epsilon(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
         if not math.isfinite(total) or total > self.terms.epsilon_budget:

@@ -15,6 +15,8 @@ round at a site:
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from blossom_secure import audit
+from blossom_secure._fs import atomic_write
 from blossom_secure.aggregation import BlockOutcome, Contribution
 from blossom_secure.blocks import is_head
 from blossom_secure.config import FederationConfig, SiteConfig, load_site
@@ -140,6 +143,7 @@ class SiteAgent:
         self.identity_key, created = load_or_create_identity_key(self.config.keys_dir)
         self.public_key = identity_public_key(self.identity_key)
         state = self.config.state_dir
+        state.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.ledger = PrivacyLedger(state / LEDGER_FILE, site_id=self.id, terms=self.policy.privacy)
         self.audit = audit.AuditLog.open(state / AUDIT_FILE, site_id=self.id, signing_key=self.identity_key)
         if created or self.audit.last_seq is None:
@@ -148,8 +152,8 @@ class SiteAgent:
             "policy_sha256": self.policy.sha256, "policy_file": self.policy.path.name,
             "shareable": sorted(b for b in self.config.blocks if self.policy.is_shareable(b)),
         })
-        self.model = BlockModel(federation.layout, self.config.modalities, tuple(self.config.tasks))
         self._init_private_blocks()
+        self._block_sizes = self.model.block_sizes()
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -165,9 +169,6 @@ class SiteAgent:
 
     def save_blocks(self) -> Path:
         """Write every block of the site's model (private ones included) to its state folder."""
-        from blossom_secure._fs import atomic_write
-        import io
-
         buf = io.BytesIO()
         np.savez(buf, **self.model.get_blocks())
         path = self.config.state_dir / BLOCKS_FILE
@@ -229,12 +230,10 @@ class SiteAgent:
     def record_egress(self, round_id: int, message_type: str, blocks: tuple[str, ...], payload: bytes) -> None:
         """Write the audit record of one outbound message. Raises if it cannot be made
         durable; the caller then must not send."""
-        import hashlib
-
         self._record(audit.EGRESS, round_id, {
             "message_type": message_type, "blocks": list(blocks),
-            "shapes": {b: [self.model.block_sizes()[b]] for b in blocks if b in self.model.block_sizes()},
-            "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest(),
+            "shapes": {b: [self._block_sizes[b]] for b in blocks},
+            "payload_bytes": len(payload), "payload_sha256": hashlib.sha256(payload).hexdigest(),
         })
 
     def finish_round(self, *, round_id: int, outcomes: Mapping[str, BlockOutcome],
@@ -263,7 +262,5 @@ def _round_epsilon(ledger: PrivacyLedger) -> float:
 
 
 def _derive_seed(base: int | None, site_id: str, round_id: int) -> int:
-    import hashlib
-
     material = f"{base}|{site_id}|{round_id}".encode()
     return int.from_bytes(hashlib.sha256(material).digest()[:8], "little") >> 1

@@ -96,13 +96,20 @@ def test_budget_exhaustion_refuses_and_changes_nothing(tmp_path):
     assert len(ledger.entries) == 1
 
 
-def test_same_round_twice_is_misuse(tmp_path):
+def test_nonsense_parameters_are_misuse(tmp_path):
     ledger = PrivacyLedger(tmp_path / "l.json", site_id="a", terms=terms())
-    ledger.reserve(round_id=0, noise_multiplier=1.0, sample_rate=0.1, steps=10)
     with pytest.raises(ValueError):
-        ledger.reserve(round_id=0, noise_multiplier=1.0, sample_rate=0.1, steps=10)
+        ledger.reserve(round_id=1, noise_multiplier=1.0, sample_rate=0.0, steps=10)
     with pytest.raises(ValueError):
         ledger.reserve(round_id=1, noise_multiplier=0.0, sample_rate=0.1, steps=10)
+
+
+def test_every_training_counts_even_a_repeated_round_id(tmp_path):
+    # A later run of the federation starts its round numbers again; the spend still adds up.
+    ledger = PrivacyLedger(tmp_path / "l.json", site_id="a", terms=terms())
+    ledger.reserve(round_id=0, noise_multiplier=1.0, sample_rate=0.1, steps=10)
+    ledger.reserve(round_id=0, noise_multiplier=1.0, sample_rate=0.1, steps=10)
+    assert ledger.epsilon_spent == pytest.approx(compute_epsilon([(1.0, 0.1, 10)] * 2, accountant="rdp", delta=1e-5))
 
 
 def test_ledger_of_another_site_refused(tmp_path):

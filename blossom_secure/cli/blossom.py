@@ -27,7 +27,8 @@ def _parser() -> ArgumentParser:
     sim.add_argument("--rounds", type=int, default=None, help="rounds (default: the federation file's)")
     sim.add_argument("--out", type=Path, required=True, help="folder for metrics.json and the global blocks")
     sim.add_argument("--quick", action="store_true", help=f"a short run ({QUICK_ROUNDS} rounds) for demos and tests")
-    sim.add_argument("--mode", choices=("blockwise", "full-model", "local"), default="blockwise")
+    sim.add_argument("--mode", choices=("blockwise", "full-model", "local"), default=None,
+                     help="aggregation mode (default: the federation file's, normally blockwise)")
     sim.add_argument("--plaintext", action="store_true",
                      help="aggregate in the clear (sites whose policy requires secure aggregation decline)")
     sim.add_argument("--seed", type=int, default=0, help="seed for initial values, sampling and DP noise")
@@ -81,7 +82,7 @@ def _simulate(args) -> int:
 
             rounds_total[0] = load_federation(args.sites / "federation.toml").training.rounds
         result = simulate(sites_root=args.sites, rounds=rounds, out_dir=args.out, mode=args.mode,
-                          secure=not args.plaintext, seed=args.seed, fresh=args.fresh,
+                          secure=False if args.plaintext else None, seed=args.seed, fresh=args.fresh,
                           allow_full_model=args.allow_full_model, on_round=on_round, on_setup=on_setup)
     console.print(f"metrics: {result.metrics_path}")
     console.print(f"global shared blocks: {result.out_dir / 'global_blocks.npz'}")

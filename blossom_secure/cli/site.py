@@ -16,7 +16,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from blossom_secure.cli import EXIT_OK, ArgumentParser, UsageError, console, run
+from blossom_secure.cli import EXIT_AUDIT_FAILED, EXIT_OK, ArgumentParser, UsageError, console, err_console, run
 
 
 def _parser() -> ArgumentParser:
@@ -35,8 +35,11 @@ def _parser() -> ArgumentParser:
     site_cmd("budget", "privacy budget: epsilon spent per round and remaining")
     audit = sub.add_parser("audit", help="the site's audit log")
     asub = audit.add_subparsers(dest="audit_command", required=True, parser_class=ArgumentParser)
-    site_cmd("verify", "recompute the hash chain and signatures; exit 1 if the log was altered", asub)
+    verify = site_cmd("verify", "recompute the hash chain and signatures; exit 1 if the log was altered", asub)
     review = site_cmd("review", "what left the site, per round and block, and the privacy spent", asub)
+    for cmd in (verify, review):
+        cmd.add_argument("--fingerprint", default=None,
+                         help="the key fingerprint recorded out of band; refuse if the site's key differs")
     review.add_argument("--round", type=int, default=None, dest="round_id", help="only this round")
     review.add_argument("--html", type=Path, default=None, help="also write a self-contained HTML report")
     return p
@@ -146,16 +149,93 @@ def _budget(args) -> int:
     return EXIT_OK
 
 
+def _open_key(site):
+    from blossom_secure.keys import load_identity_key
+
+    return load_identity_key(site.keys_dir)
+
+
 def _init(args) -> int:
-    raise UsageError("init is not available yet")
+    from blossom_secure import audit
+    from blossom_secure.crypto import identity_public_key, key_fingerprint
+    from blossom_secure.keys import load_or_create_identity_key
+    from blossom_secure.site_agent import AUDIT_FILE
+
+    _, site = _load(args)
+    key, created = load_or_create_identity_key(site.keys_dir)
+    fingerprint = key_fingerprint(identity_public_key(key))
+    site.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with audit.AuditLog.open(site.state_dir / AUDIT_FILE, site_id=site.id, signing_key=key) as log:
+        if log.last_seq is None:
+            log.append(audit.SITE_INITIALISED, round_id=None, details={"key_fingerprint": fingerprint},
+                       policy_sha256=None)
+            log.append(audit.POLICY_LOADED, round_id=None, policy_sha256=site.policy.sha256, details={
+                "policy_sha256": site.policy.sha256, "policy_file": site.policy.path.name,
+                "shareable": sorted(b for b in site.blocks if site.policy.is_shareable(b))})
+    if created:
+        console.print(f"created identity key {site.keys_dir / 'identity.pem'} (mode 0600)")
+    else:
+        console.print(f"identity key {site.keys_dir / 'identity.pem'} already exists; it is never overwritten")
+    console.print(f"fingerprint: {fingerprint}")
+    console.print("give this fingerprint to the federation (out of band); reviewers compare it with "
+                  "`blossom-site audit verify --fingerprint`")
+    console.print(f"audit log: {site.state_dir / AUDIT_FILE}")
+    return EXIT_OK
+
+
+def _verified_records(args, site):
+    from blossom_secure import audit
+    from blossom_secure.crypto import identity_public_key, key_fingerprint
+    from blossom_secure.errors import DataError, Problem
+    from blossom_secure.site_agent import AUDIT_FILE
+
+    public = identity_public_key(_open_key(site))
+    fingerprint = key_fingerprint(public)
+    expected = getattr(args, "fingerprint", None)
+    if expected is not None and expected.strip().lower() != fingerprint:
+        err_console.print(f"error: the site's key has fingerprint {fingerprint}, not the expected {expected}: "
+                          "the key was replaced, so its signatures prove nothing", markup=False)
+        return None
+    path = site.state_dir / AUDIT_FILE
+    if not path.exists():
+        raise DataError([Problem(str(path), "", "no audit log (run `blossom-site init`)")])
+    report, records = audit.read_verified_records(path, public_key=public)
+    return fingerprint, report, records
 
 
 def _audit_verify(args) -> int:
-    raise UsageError("audit verify is not available yet")
+    _, site = _load(args)
+    verified = _verified_records(args, site)
+    if verified is None:
+        return EXIT_AUDIT_FAILED
+    fingerprint, report, _ = verified
+    console.print(f"audit log intact: {report.records} records, seq 0..{report.last_seq}, "
+                  f"{report.first_time} to {report.last_time}")
+    console.print(f"signed by key {fingerprint}; chain head {report.last_hash[:16]}...")
+    return EXIT_OK
 
 
 def _audit_review(args) -> int:
-    raise UsageError("audit review is not available yet")
+    from blossom_secure import audit_report
+
+    _, site = _load(args)
+    verified = _verified_records(args, site)
+    if verified is None:
+        return EXIT_AUDIT_FAILED
+    fingerprint, report, records = verified
+    review = audit_report.summarise(records)
+    try:
+        tables = audit_report.review_table(review, round_id=args.round_id)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    for table in tables:
+        console.print(table)
+    if args.html is not None:
+        audit_report.write_html(review, args.html, site_id=site.id,
+                                epsilon_budget=site.policy.privacy.epsilon_budget)
+        console.print(f"report: {args.html}")
+    console.print(f"(log verified: {report.records} records, key {fingerprint})")
+    return EXIT_OK
 
 
 def entry() -> int:

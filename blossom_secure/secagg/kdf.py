@@ -92,7 +92,9 @@ def round_salt(*, federation_id: str, round_id: int) -> bytes:
     return hashlib.sha256(label).digest()
 
 
-def pairwise_mask_key(shared_secret: bytes, *, federation_id: str, round_id: int, block: str, sites: tuple[str, str]) -> bytes:
+def pairwise_mask_key(
+    shared_secret: bytes, *, federation_id: str, round_id: int, block: str, sites: tuple[str, str]
+) -> bytes:
     """The AES-256 key of the pairwise mask of two sites on one block.
 
     Notes:
@@ -103,17 +105,23 @@ def pairwise_mask_key(shared_secret: bytes, *, federation_id: str, round_id: int
     low, high = sorted(sites)
     if low == high:
         raise ValueError("a pairwise mask needs two distinct sites")
-    info = kdf_label(purpose=Purpose.PAIRWISE_MASK, federation_id=federation_id, round_id=round_id, block=block, parties=(low, high))
+    info = kdf_label(
+        purpose=Purpose.PAIRWISE_MASK, federation_id=federation_id, round_id=round_id, block=block, parties=(low, high)
+    )
     return crypto.hkdf_sha256(shared_secret, salt=round_salt(federation_id=federation_id, round_id=round_id), info=info)
 
 
 def self_mask_key(seed: bytes, *, federation_id: str, round_id: int, block: str, site: str) -> bytes:
     """The AES-256 key of a site's self mask on one block, from its 256-bit seed."""
-    info = kdf_label(purpose=Purpose.SELF_MASK, federation_id=federation_id, round_id=round_id, block=block, parties=(site,))
+    info = kdf_label(
+        purpose=Purpose.SELF_MASK, federation_id=federation_id, round_id=round_id, block=block, parties=(site,)
+    )
     return crypto.hkdf_sha256(seed, salt=round_salt(federation_id=federation_id, round_id=round_id), info=info)
 
 
-def share_encryption_key(shared_secret: bytes, *, federation_id: str, round_id: int, sender: str, recipient: str) -> bytes:
+def share_encryption_key(
+    shared_secret: bytes, *, federation_id: str, round_id: int, sender: str, recipient: str
+) -> bytes:
     """The ChaCha20-Poly1305 key for shares from ``sender`` to ``recipient``.
 
     Notes:
@@ -121,7 +129,11 @@ def share_encryption_key(shared_secret: bytes, *, federation_id: str, round_id: 
         never share a key, so a nonce is never reused under one key.
     """
     info = kdf_label(
-        purpose=Purpose.SHARE_ENCRYPTION, federation_id=federation_id, round_id=round_id, block="", parties=(sender, recipient)
+        purpose=Purpose.SHARE_ENCRYPTION,
+        federation_id=federation_id,
+        round_id=round_id,
+        block="",
+        parties=(sender, recipient),
     )
     return crypto.hkdf_sha256(shared_secret, salt=round_salt(federation_id=federation_id, round_id=round_id), info=info)
 
@@ -129,7 +141,11 @@ def share_encryption_key(shared_secret: bytes, *, federation_id: str, round_id: 
 def share_associated_data(*, federation_id: str, round_id: int, sender: str, recipient: str) -> bytes:
     """AEAD associated data binding federation, round, sender and recipient."""
     return kdf_label(
-        purpose=Purpose.SHARE_ASSOCIATED_DATA, federation_id=federation_id, round_id=round_id, block="", parties=(sender, recipient)
+        purpose=Purpose.SHARE_ASSOCIATED_DATA,
+        federation_id=federation_id,
+        round_id=round_id,
+        block="",
+        parties=(sender, recipient),
     )
 
 
@@ -141,11 +157,17 @@ def seed_commitment(seed: bytes, *, federation_id: str, round_id: int, block: st
         coordinator check a seed rebuilt from shares, turning a corrupted share into a
         failed block instead of a wrong sum.
     """
-    label = kdf_label(purpose=Purpose.SEED_COMMITMENT, federation_id=federation_id, round_id=round_id, block=block, parties=(site,))
+    label = kdf_label(
+        purpose=Purpose.SEED_COMMITMENT, federation_id=federation_id, round_id=round_id, block=block, parties=(site,)
+    )
     return hashlib.sha256(label + seed).digest()
 
 
 def signature_payload(message_prefix: bytes | memoryview) -> bytes:
     """The bytes a site signs for a message: the label of the purpose and SHA-256 of the
     encoded message up to its signature field."""
-    return PROTOCOL_LABEL + _length_prefixed(Purpose.SITE_MESSAGE_SIGNATURE.value) + hashlib.sha256(message_prefix).digest()
+    return (
+        PROTOCOL_LABEL
+        + _length_prefixed(Purpose.SITE_MESSAGE_SIGNATURE.value)
+        + hashlib.sha256(message_prefix).digest()
+    )

@@ -14,15 +14,20 @@ mask over the whole vector, while memory is crossed once instead of twice per ma
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 
 import numpy as np
 
 from blossom_secure import crypto
+from blossom_secure.secagg.params import SecAggParams
+from blossom_secure.secagg.quantize import ChunkQuantizer, check_weight
 
 __all__ = [
     "CHUNK_BYTES",
     "apply_masks",
+    "apply_masks_split",
     "expand_mask",
+    "masked_ring_vector",
 ]
 
 #: Bytes of the vector processed per pass over the masks (fits in L2 with its keystream).
@@ -57,6 +62,11 @@ def apply_masks(
 
     Raises:
         ValueError: bad vector, key, sign or ``first_element``.
+
+    Notes:
+        ``PRG(key)`` is the AES-256-CTR keystream of a single-use 256-bit key, the
+        pseudorandom generator of Bonawitz et al. 2017 (section 3): full-strength keys
+        from HKDF, never a seed folded to fewer bits or a non-cryptographic generator.
     """
     _check_vector(vector)
     itemsize = vector.dtype.itemsize
@@ -86,6 +96,51 @@ def apply_masks(
                 np.subtract(part, stream, out=part)
 
 
+def apply_masks_split(
+    vector: np.ndarray, masks: Sequence[tuple[bytes, int]], *, executor: Executor, slices: int
+) -> None:
+    """:func:`apply_masks`, with the vector cut into ``slices`` slices of which all but the
+    first are masked by ``executor`` while this process masks the first.
+
+    Use a process pool: ``cryptography`` holds the GIL while it writes a keystream, so
+    threads do not run in parallel. Each worker expands the masks over its slice (the CTR
+    counter starts at the slice's first block) into a fresh array and returns it; this
+    process adds it in. The result is identical to :func:`apply_masks`.
+
+    Raises:
+        ValueError: bad vector, masks or ``slices``.
+
+    Notes:
+        The mask keys travel to the worker processes through the executor's pipe (pickled
+        by the standard library): the workers are this process's own children, in the same
+        trust domain; nothing untrusted is ever unpickled.
+    """
+    _check_vector(vector)
+    if not isinstance(slices, int) or slices < 1:
+        raise ValueError("slices must be an int >= 1")
+    align = max(1, CHUNK_BYTES // vector.dtype.itemsize)
+    step = -(-vector.shape[0] // slices)
+    step = -(-step // align) * align
+    bounds = [(start, min(start + step, vector.shape[0])) for start in range(0, vector.shape[0], step)]
+    if len(bounds) <= 1:
+        apply_masks(vector, masks)
+        return
+    futures = [
+        executor.submit(_masked_slice, stop - start, vector.dtype.str, start, list(masks)) for start, stop in bounds[1:]
+    ]
+    apply_masks(vector[: bounds[0][1]], masks)
+    for (start, stop), future in zip(bounds[1:], futures, strict=True):
+        part = vector[start:stop]
+        np.add(part, future.result(), out=part)
+
+
+def _masked_slice(count: int, dtype: str, first_element: int, masks: list[tuple[bytes, int]]) -> np.ndarray:
+    """Worker: the masks' sum over ``count`` elements starting at ``first_element``."""
+    part = np.zeros(count, dtype=dtype)
+    apply_masks(part, masks, first_element=first_element)
+    return part
+
+
 def expand_mask(key: bytes, *, count: int, dtype: np.dtype | str) -> np.ndarray:
     """The first ``count`` ring elements of the mask of ``key`` (a fresh array).
 
@@ -99,4 +154,42 @@ def expand_mask(key: bytes, *, count: int, dtype: np.dtype | str) -> np.ndarray:
         raise ValueError("count must be >= 0")
     vector = np.zeros(count, dtype=dtype)
     apply_masks(vector, [(key, 1)])
+    return vector
+
+
+def masked_ring_vector(
+    update: np.ndarray,
+    *,
+    weight: int,
+    params: SecAggParams,
+    masks: Sequence[tuple[bytes, int]],
+) -> np.ndarray:
+    """Quantise ``update`` with its weight and add ``masks``, in one cache-friendly pass.
+
+    Args:
+        update: Finite float32 1-D update.
+        weight: Integer weight in ``1..params.max_weight``.
+        params: The round's parameters.
+        masks: ``(key, sign)`` pairs, as for :func:`apply_masks`.
+
+    Returns:
+        A fresh ring vector of ``len(update) + 1`` elements: ``w * q + masks`` and
+        ``w + masks`` last.
+
+    Raises:
+        ValueError: a bad weight, a non-finite update, or a bad mask.
+    """
+    check_weight(weight, params)
+    size = update.shape[0]
+    vector = np.empty(size + 1, dtype=params.ring_dtype)
+    quantizer = ChunkQuantizer(update, weight=weight, params=params)
+
+    def fill(start: int, chunk: np.ndarray) -> None:
+        if start + chunk.shape[0] > size:
+            chunk[-1] = weight
+            chunk = chunk[:-1]
+        if chunk.shape[0]:
+            quantizer.fill(start, chunk)
+
+    apply_masks(vector, masks, fill=fill)
     return vector

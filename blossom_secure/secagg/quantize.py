@@ -15,6 +15,7 @@ relative rounding of 2**-53.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from blossom_secure.secagg.params import SecAggParams
 
 __all__ = [
     "ChunkQuantizer",
+    "check_weight",
     "dequantize_sum",
     "quantize_into",
     "validate_update",
@@ -45,11 +47,11 @@ def validate_update(update: object, *, name: str, size: int | None = None) -> No
         raise ValueError(f"update of {name} contains NaN or infinity")
 
 
-def _largest_float32_at_most(value: float) -> np.float32:
-    """The largest float32 that is <= ``value`` (so clipping never exceeds ``value``)."""
+def _smallest_float32_at_least(value: float) -> np.float32:
+    """The smallest float32 that is >= ``value``."""
     candidate = np.float32(value)
-    if float(candidate) > value:
-        candidate = np.nextafter(candidate, np.float32(0.0))
+    if float(candidate) < value:
+        candidate = np.nextafter(candidate, np.float32(np.inf))
     return candidate
 
 
@@ -64,12 +66,15 @@ class ChunkQuantizer:
     Notes:
         Working on chunks that stay in cache lets the site quantise and mask in one pass
         over memory. For a 32-bit ring the arithmetic is done in float32, which is exact
-        here: multiplying a float32 by ``2**s`` only changes its exponent, rounding to an
-        integer is exact, and the no-wrap proof keeps ``|q| < 2**31``; the weight is
-        applied in int32 (``|w * q| < 2**31`` by the same proof).
+        here: multiplying a float32 by ``2**s`` only changes its exponent and rounding to
+        an integer is exact. ``clip`` itself may not be a float32, so values are first
+        clipped to the smallest float32 >= ``clip`` and the integers then clipped to
+        ``[-Q, Q]`` with ``Q = round(clip * 2**s)`` computed exactly: the result equals
+        ``round(clip_exact(x) * 2**s)`` for every input. The no-wrap proof keeps
+        ``|q| <= 2**30`` and ``|w * q| < 2**31``, so the int32 weight product is exact.
     """
 
-    __slots__ = ("_update", "_weight", "_low", "_high", "_scale", "_float", "_signed", "_scratch")
+    __slots__ = ("_update", "_weight", "_low", "_high", "_scale", "_float", "_signed", "_scratch", "_limit")
 
     def __init__(self, update: np.ndarray, *, weight: int, params: SecAggParams) -> None:
         self._update = update
@@ -78,13 +83,16 @@ class ChunkQuantizer:
         if params.ring_bits == 32:
             self._float = np.dtype(np.float32)
             self._signed = np.dtype(np.int32)
-            self._high = _largest_float32_at_most(params.clip)
+            self._high = _smallest_float32_at_least(params.clip)
             self._scale = np.float32(math.ldexp(1.0, scale_bits))
+            exact = Fraction(params.clip) * Fraction(2) ** scale_bits
+            self._limit: int | None = round(exact) if float(self._high) != params.clip else None
         else:
             self._float = np.dtype(np.float64)
             self._signed = np.dtype(np.int64)
             self._high = np.float64(params.clip)
             self._scale = np.float64(math.ldexp(1.0, scale_bits))
+            self._limit = None
         self._low = -self._high
         self._scratch = np.empty(0, dtype=self._float)
 
@@ -107,6 +115,8 @@ class ChunkQuantizer:
         np.rint(work, out=work)
         signed = out.view(self._signed)
         np.copyto(signed, work, casting="unsafe")
+        if self._limit is not None:
+            np.clip(signed, -self._limit, self._limit, out=signed)
         if self._weight != 1:
             np.multiply(signed, self._weight, out=signed)
 
@@ -124,14 +134,19 @@ def quantize_into(update: np.ndarray, *, weight: int, params: SecAggParams, out:
     Raises:
         ValueError: bad weight, wrong ``out`` shape or dtype, or a non-finite update.
     """
-    _check_weight(weight, params)
+    check_weight(weight, params)
     if out.dtype != params.ring_dtype or out.shape != (update.shape[0] + 1,):
         raise ValueError("out must be a ring vector of len(update) + 1 elements")
     ChunkQuantizer(update, weight=weight, params=params).fill(0, out[:-1])
     out[-1] = weight
 
 
-def _check_weight(weight: object, params: SecAggParams) -> None:
+def check_weight(weight: object, params: SecAggParams) -> None:
+    """Check that ``weight`` is an int in ``1..params.max_weight``.
+
+    Raises:
+        ValueError: it is not.
+    """
     if not isinstance(weight, int) or isinstance(weight, bool) or not 1 <= weight <= params.max_weight:
         raise ValueError(f"weight must be an int in 1..{params.max_weight}")
 

@@ -1,0 +1,978 @@
+"""Reading a hospital site's data: DICOM studies and the clinical CSV.
+
+This is the torch/MONAI glue layer for data: the only module of blossom_secure that reads
+DICOM pixel data (through MONAI's ``LoadImage`` with ``PydicomReader``). It turns a site's
+files into plain NumPy arrays (:class:`SiteArrays`) that the training code wraps in tensors.
+
+Layout of a site's data:
+
+* ``dicom_dir/<patient_id>/*.dcm``: one study per patient, a single image or a series of
+  slice files (one series; slices ordered by InstanceNumber). A single file
+  ``dicom_dir/<patient_id>.dcm`` (a single image or a multi-frame volume) is also accepted.
+  Entries whose names start with ``.`` are ignored everywhere (``.DS_Store`` and the like);
+  any other entry that is not a study is a problem.
+* a clinical CSV (UTF-8, comma-separated, header row), keyed by a patient-id column, with
+  one label column per task and, for a site that holds the tabular modality, the feature
+  columns. Other columns are ignored. The CSV is always required because labels live in
+  it; an imaging-only site's CSV may have just the id and label columns (feature names
+  passed for a site without the tabular modality are ignored).
+
+Rules:
+
+* A cell that is empty (or only whitespace) is missing. No other spelling means missing:
+  ``NA`` in a feature column is a non-numeric value and therefore a problem.
+* A patient's **tabular** modality is present iff *all* of its feature cells are
+  non-empty; a partly missing row counts as absent (its values are zeroed).
+* A patient's **image** modality is present iff a study exists for the patient.
+* A **label** is an integer in ``[0, num_classes)``; an empty label cell means that
+  patient has no label for that task (``-1`` in :attr:`SiteArrays.labels`).
+* Patients with no label for any task, or with no present modality, are dropped. That is
+  not an error: :class:`SiteArrays` reports how many were dropped. Their studies are not
+  read. A site left with no usable patient at all is an error.
+* Everything else wrong with the data is a :class:`~blossom_secure.errors.DataError`, which
+  lists *every* problem found (file, column or patient, reason): missing folder or file,
+  missing or repeated columns, duplicate or malformed patient ids, non-numeric or
+  non-finite feature values, labels that are not integers in range, a study for a patient
+  who is not in the CSV, a study whose PatientID tag disagrees with its folder name,
+  unreadable studies. Problem messages name the patient and the column but never echo a
+  cell's value.
+
+Images are returned as ``float32`` arrays of shape ``(1, *size)`` scaled to ``[0, 1]``.
+The spatial axes follow MONAI's convention for DICOM (``PydicomReader(swap_ij=True)``):
+``(columns, rows[, slices])``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import math
+import re
+import threading
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import pydicom
+import pydicom.errors
+from monai.data import PydicomReader
+from monai.transforms import LoadImage, Resize, ScaleIntensity, ScaleIntensityRange
+from monai.utils import convert_to_numpy
+from pydicom.pixels import get_decoder
+
+from blossom_secure.blocks import MODALITIES, is_valid_task_name
+from blossom_secure.errors import DataError, Problem
+
+__all__ = [
+    "SiteArrays",
+    "load_site_arrays",
+    "read_study",
+    "split_holdout",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Largest clinical CSV read, in bytes.
+MAX_CSV_BYTES = 256 * 1024 * 1024
+#: Largest study decoded, in voxels (before resizing): about 1 GiB as float32.
+MAX_STUDY_VOXELS = 256 * 1024 * 1024
+#: Largest number of slice files in one study folder.
+MAX_SLICES_PER_STUDY = 4096
+
+_DICOM_SUFFIX = ".dcm"
+# Matched by PydicomReader against each path in a study folder; only *.dcm files are slices.
+_SLICE_REGEX = r"(?is).*\.dcm\Z"
+_MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+_COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
+# ITU-R BT.601 luma weights, used to turn a colour image into one channel.
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+# Patient ids become file names: no separators, no control characters, DICOM LO length.
+_PATIENT_ID_RE = re.compile(r"^[^\x00-\x1f\x7f/\\]{1,64}$")
+_INT_RE = re.compile(r"^[+-]?[0-9]+$")
+_MAX_REASON_CHARS = 200
+
+
+@dataclass(frozen=True, eq=False)
+class SiteArrays:
+    """A site's data as arrays, one row per usable patient.
+
+    Attributes:
+        patient_ids: Sorted patient ids; only patients with a label for at least one task
+            and at least one present modality.
+        image: ``float32`` ``(N, 1, *size)`` in ``[0, 1]``, zeros where absent; ``None`` if
+            the site does not hold the image modality.
+        image_present: ``bool`` ``(N,)``.
+        tabular: ``float32`` ``(N, F)`` raw feature values (not standardised), zeros where
+            absent; ``None`` if the site does not hold the tabular modality.
+        tabular_present: ``bool`` ``(N,)``.
+        labels: Task name -> ``int64`` ``(N,)``, ``-1`` where that patient has no label.
+        num_classes: Task name -> number of classes.
+        tabular_features: The feature column names, in the order of ``tabular``'s columns
+            (empty when the site does not hold the tabular modality).
+        patients_in_csv: Rows in the clinical CSV.
+        dropped_without_label: CSV patients dropped because they have no label at all.
+        dropped_without_modality: Labelled CSV patients dropped because they have neither
+            a study nor a complete feature row.
+    """
+
+    patient_ids: tuple[str, ...]
+    image: np.ndarray | None
+    image_present: np.ndarray
+    tabular: np.ndarray | None
+    tabular_present: np.ndarray
+    labels: Mapping[str, np.ndarray]
+    num_classes: Mapping[str, int]
+    tabular_features: tuple[str, ...]
+    patients_in_csv: int
+    dropped_without_label: int
+    dropped_without_modality: int
+
+    def __post_init__(self) -> None:
+        n = len(self.patient_ids)
+        shapes_ok = (
+            self.image_present.shape == (n,)
+            and self.tabular_present.shape == (n,)
+            and (self.image is None or self.image.shape[0] == n)
+            and (self.tabular is None or self.tabular.shape == (n, len(self.tabular_features)))
+            and all(v.shape == (n,) for v in self.labels.values())
+            and set(self.labels) == set(self.num_classes)
+        )
+        if not shapes_ok:
+            raise ValueError("SiteArrays: arrays disagree on the number of patients or tasks")
+
+    @property
+    def num_patients(self) -> int:
+        """Number of usable patients (rows)."""
+        return len(self.patient_ids)
+
+    def label_counts(self, task: str) -> tuple[int, ...]:
+        """Per-class label counts for ``task`` (patients without a label are not counted).
+
+        Raises:
+            KeyError: ``task`` is not one of the site's tasks.
+        """
+        y = self.labels[task]
+        return tuple(int(c) for c in np.bincount(y[y >= 0], minlength=self.num_classes[task]))
+
+    def summary(self) -> dict[str, Any]:
+        """Counts an operator can read or log; no patient ids and no values.
+
+        Returns:
+            A flat dict: ``patients``, ``with_image``, ``with_tabular``, ``with_both``,
+            ``patients_in_csv``, ``dropped_without_label``, ``dropped_without_modality``
+            and ``labels.<task>`` (a tuple of per-class counts) for every task.
+        """
+        out: dict[str, Any] = {
+            "patients": self.num_patients,
+            "with_image": int(self.image_present.sum()),
+            "with_tabular": int(self.tabular_present.sum()),
+            "with_both": int((self.image_present & self.tabular_present).sum()),
+            "patients_in_csv": self.patients_in_csv,
+            "dropped_without_label": self.dropped_without_label,
+            "dropped_without_modality": self.dropped_without_modality,
+        }
+        for task in sorted(self.labels):
+            out[f"labels.{task}"] = self.label_counts(task)
+        return out
+
+
+# --------------------------------------------------------------------------------------
+# Argument checks (caller misuse: ValueError)
+
+
+def _check_image_args(spatial_dims: int, size: tuple[int, ...], window: tuple[float, float] | None) -> None:
+    if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
+        raise ValueError(f"spatial_dims must be 2 or 3, not {spatial_dims!r}")
+    if (
+        not isinstance(size, tuple)
+        or len(size) != spatial_dims
+        or not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= 4096 for s in size)
+    ):
+        raise ValueError(f"size must be a tuple of {spatial_dims} ints in [1, 4096], not {size!r}")
+    if window is not None and (
+        not isinstance(window, tuple)
+        or len(window) != 2
+        or not all(isinstance(w, (int, float)) and math.isfinite(w) for w in window)
+        or not window[0] < window[1]
+    ):
+        raise ValueError(f"window must be (low, high) with finite low < high, not {window!r}")
+
+
+def _short(exc: BaseException) -> str:
+    """One line naming an exception, for a Problem's reason (never a traceback)."""
+    text = " ".join(str(exc).split())
+    if len(text) > _MAX_REASON_CHARS:
+        text = text[: _MAX_REASON_CHARS - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------
+# DICOM studies
+
+
+@dataclass(frozen=True)
+class _SliceHeader:
+    path: Path
+    patient_id: str | None
+    series_uid: str | None
+    instance_number: int | None
+    rows: int
+    columns: int
+    frames: int
+    samples_per_pixel: int
+    photometric: str
+
+
+@dataclass(frozen=True)
+class _Study:
+    """A study that passed the header checks, ready for MONAI."""
+
+    path: Path
+    headers: tuple[_SliceHeader, ...]
+
+    @property
+    def patient_ids(self) -> frozenset[str | None]:
+        return frozenset(h.patient_id for h in self.headers)
+
+
+def _study_files(path: Path) -> tuple[list[Path], list[Problem]]:
+    """The slice files of a study (a file, or a folder of ``*.dcm`` files)."""
+    if path.is_file():
+        return [path], []
+    if not path.exists():
+        return [], [Problem(str(path), "", "study not found")]
+    if not path.is_dir():
+        return [], [Problem(str(path), "", "not a file or a folder")]
+    files: list[Path] = []
+    problems: list[Problem] = []
+    try:
+        entries = sorted(path.iterdir())
+    except OSError as exc:
+        return [], [Problem(str(path), "", f"cannot list the folder ({_short(exc)})")]
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        if entry.is_file() and entry.suffix.lower() == _DICOM_SUFFIX:
+            files.append(entry)
+        else:
+            problems.append(Problem(str(entry), "", "unexpected entry in a study folder (slices must be *.dcm files)"))
+    if not files and not problems:
+        problems.append(Problem(str(path), "", "study folder holds no *.dcm files"))
+    if len(files) > MAX_SLICES_PER_STUDY:
+        problems.append(Problem(str(path), "", f"more than {MAX_SLICES_PER_STUDY} slice files"))
+    return files, problems
+
+
+def _read_header(path: Path) -> tuple[_SliceHeader | None, list[Problem]]:
+    """Read one file's header (pixel data deferred) and check that it is a usable image."""
+    name = str(path)
+    try:
+        if path.stat().st_size == 0:
+            return None, [Problem(name, "", "empty file (0 bytes)")]
+        # defer_size: large values (pixel data) are located but not loaded here.
+        ds = pydicom.dcmread(path, defer_size=4096)
+    except pydicom.errors.InvalidDicomError:
+        return None, [Problem(name, "", "not a DICOM file (no DICM preamble and file meta information)")]
+    except OSError as exc:
+        return None, [Problem(name, "", f"cannot read the file ({_short(exc)})")]
+    except Exception as exc:  # pydicom raises many types on malformed input
+        return None, [Problem(name, "", f"not a readable DICOM file ({_short(exc)})")]
+
+    problems: list[Problem] = []
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if ts is None:
+        problems.append(Problem(name, "TransferSyntaxUID", "the file meta information names no transfer syntax"))
+    else:
+        try:
+            decoder_ok = get_decoder(ts).is_available
+        except NotImplementedError:
+            decoder_ok = False
+        if not decoder_ok:
+            problems.append(
+                Problem(
+                    name,
+                    "TransferSyntaxUID",
+                    f"unsupported transfer syntax {ts.name} ({ts}): no pixel data decoder is installed for it",
+                )
+            )
+    if "PixelData" not in ds:
+        modality = ds.get("Modality", "unknown")
+        problems.append(Problem(name, "PixelData", f"no pixel data (not an image; Modality {modality})"))
+        return None, problems
+    if "SegmentSequence" in ds:
+        problems.append(Problem(name, "SegmentSequence", "a segmentation object, not an image"))
+
+    def int_tag(keyword: str, default: int | None) -> int | None:
+        try:
+            value = ds.get(keyword, default)
+            return None if value is None else int(value)
+        except (TypeError, ValueError):
+            return None
+
+    rows, columns = int_tag("Rows", None), int_tag("Columns", None)
+    frames = int_tag("NumberOfFrames", 1)
+    samples = int_tag("SamplesPerPixel", 1)
+    for keyword, value in (("Rows", rows), ("Columns", columns), ("NumberOfFrames", frames)):
+        if value is None or value < 1:
+            problems.append(Problem(name, keyword, "missing or not a positive integer"))
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if (samples == 1 and photometric not in _MONOCHROME) or (samples == 3 and photometric not in _COLOUR):
+        reason = f"unsupported photometric interpretation {photometric or 'none'}"
+        problems.append(Problem(name, "PhotometricInterpretation", reason))
+    elif samples not in (1, 3):
+        problems.append(Problem(name, "SamplesPerPixel", "must be 1 (greyscale) or 3 (colour)"))
+    if problems or rows is None or columns is None or frames is None or samples is None:
+        return None, problems or [Problem(name, "", "malformed image header")]
+    if rows * columns * frames > MAX_STUDY_VOXELS:
+        return None, [Problem(name, "", f"image larger than {MAX_STUDY_VOXELS} voxels")]
+    pid = ds.get("PatientID")
+    series = ds.get("SeriesInstanceUID")
+    return (
+        _SliceHeader(
+            path=path,
+            patient_id=None if pid is None else str(pid),
+            series_uid=None if series is None else str(series),
+            instance_number=int_tag("InstanceNumber", None),
+            rows=rows,
+            columns=columns,
+            frames=frames,
+            samples_per_pixel=samples,
+            photometric=photometric,
+        ),
+        [],
+    )
+
+
+def _inspect_study(path: Path) -> tuple[_Study | None, list[Problem]]:
+    """Check a study's files and headers, before any pixel data is decoded."""
+    files, problems = _study_files(path)
+    headers: list[_SliceHeader] = []
+    for f in files:
+        header, found = _read_header(f)
+        problems.extend(found)
+        if header is not None:
+            headers.append(header)
+    if problems:
+        return None, problems
+    if len(headers) > 1:
+        folder = str(path)
+        first = headers[0]
+        if any(h.frames != 1 for h in headers):
+            problems.append(Problem(folder, "NumberOfFrames", "a series of slice files must hold one frame per file"))
+        if any(h.samples_per_pixel != 1 for h in headers):
+            problems.append(Problem(folder, "SamplesPerPixel", "a series of slice files must be greyscale"))
+        if any((h.rows, h.columns) != (first.rows, first.columns) for h in headers):
+            problems.append(Problem(folder, "Rows/Columns", "slices differ in size"))
+        if any(h.photometric != first.photometric for h in headers):
+            problems.append(Problem(folder, "PhotometricInterpretation", "slices differ"))
+        if len({h.series_uid for h in headers}) != 1:
+            problems.append(Problem(folder, "SeriesInstanceUID", "the folder holds more than one series"))
+        numbers = [h.instance_number for h in headers]
+        if any(n is None for n in numbers):
+            reason = "a slice has no InstanceNumber, so the slices cannot be ordered"
+            problems.append(Problem(folder, "InstanceNumber", reason))
+        elif len(set(numbers)) != len(numbers):
+            problems.append(Problem(folder, "InstanceNumber", "two slices share an InstanceNumber"))
+        if sum(h.rows * h.columns for h in headers) > MAX_STUDY_VOXELS:
+            problems.append(Problem(folder, "", f"series larger than {MAX_STUDY_VOXELS} voxels"))
+    elif headers and headers[0].samples_per_pixel != 1 and headers[0].frames != 1:
+        problems.append(Problem(str(headers[0].path), "NumberOfFrames", "multi-frame colour images are not supported"))
+    if problems:
+        return None, problems
+    return _Study(path=path, headers=tuple(headers)), []
+
+
+# Guards the shared loader: PydicomReader keeps per-call state between read and get_data.
+_LOADER_LOCK = threading.Lock()
+
+
+@lru_cache(maxsize=1)
+def _loader() -> tuple[LoadImage, PydicomReader]:
+    """The MONAI loader, built once per process.
+
+    Building a ``LoadImage`` instantiates every registered reader, and in MONAI 1.6 that
+    includes the nvImageCodec reader, which tries to register a GPU pydicom decoder plugin
+    and logs a warning when it cannot (no CUDA here). That warning says nothing an operator
+    can act on, so it is filtered out while the loader is built, once per process.
+    """
+    reader = PydicomReader(fname_regex=_SLICE_REGEX)
+    plugin_logger = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    quiet = _DropMessages("nvImageCodec is not available")
+    plugin_logger.addFilter(quiet)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loader = LoadImage(reader=reader, ensure_channel_first=True, image_only=True)
+    finally:
+        plugin_logger.removeFilter(quiet)
+    return loader, reader
+
+
+class _DropMessages(logging.Filter):
+    """Drops log records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def _decode_study(
+    study: _Study, *, spatial_dims: int, size: tuple[int, ...], window: tuple[float, float] | None
+) -> tuple[np.ndarray | None, list[Problem]]:
+    """Decode a checked study with MONAI and bring it to ``(1, *size)`` in ``[0, 1]``."""
+    first = study.headers[0]
+    target = study.path if study.path.is_dir() and len(study.headers) > 1 else first.path
+    loader, reader = _loader()
+    try:
+        with _LOADER_LOCK, warnings.catch_warnings():
+            # PydicomReader warns per file (missing orientation, slice spacing, ...).
+            warnings.simplefilter("ignore")
+            # Passing the reader pins it: otherwise a failing read falls back to every
+            # other registered reader (PIL, NumPy, ...).
+            image = loader(str(target), reader=reader)
+        array = convert_to_numpy(image, dtype=np.float32)
+    except Exception as exc:  # decoders raise RuntimeError, ValueError, ... on bad pixel data
+        return None, [Problem(str(target), "PixelData", f"pixel data could not be decoded ({_short(exc)})")]
+
+    # PydicomReader swaps the first two axes of the decoded array. For a series that turns
+    # (rows, cols, slices) into (cols, rows, slices); for a multi-frame file it turns
+    # (frames, rows, cols) into (rows, frames, cols), so put the frames last here to get
+    # the series layout.
+    if len(study.headers) == 1 and first.frames > 1:
+        array = array.transpose(0, 3, 1, 2)
+    if first.samples_per_pixel == 3:  # (1, cols, rows, 3) -> (1, cols, rows)
+        array = np.tensordot(array, _LUMA, axes=([-1], [0]))
+    spatial = array.ndim - 1
+    if spatial == 3 and spatial_dims == 2:
+        array = array[..., array.shape[-1] // 2]
+    elif spatial == 2 and spatial_dims == 3:
+        return None, [
+            Problem(
+                str(target),
+                "",
+                "a single 2D image, but the site's images are 3D (a slice series or a multi-frame file is needed)",
+            )
+        ]
+    elif spatial not in (2, 3):
+        return None, [Problem(str(target), "", f"decoded to {spatial} spatial dimensions; expected 2 or 3")]
+
+    if window is None:
+        scale: Any = ScaleIntensity(minv=0.0, maxv=1.0)
+    else:
+        scale = ScaleIntensityRange(a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True)
+    resize = Resize(spatial_size=size, mode="area")
+    out = convert_to_numpy(resize(scale(array)), dtype=np.float32)
+    if first.photometric == "MONOCHROME1":  # higher stored values are darker
+        out = 1.0 - out
+    out = np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
+    if out.shape != (1, *size):  # defensive: a MONAI change must not pass silently
+        raise RuntimeError(f"internal error: study resized to {out.shape}, expected {(1, *size)}")
+    return out, []
+
+
+def _load_study(
+    path: Path, *, spatial_dims: int, size: tuple[int, ...], window: tuple[float, float] | None
+) -> tuple[np.ndarray | None, _Study | None, list[Problem]]:
+    study, problems = _inspect_study(path)
+    if study is None:
+        return None, None, problems
+    array, problems = _decode_study(study, spatial_dims=spatial_dims, size=size, window=window)
+    return array, study, problems
+
+
+def read_study(
+    path: Path, *, spatial_dims: int, size: tuple[int, ...], window: tuple[float, float] | None = None
+) -> np.ndarray:
+    """Read one patient's DICOM study as a ``float32`` array ``(1, *size)`` in ``[0, 1]``.
+
+    The study is read with MONAI ``LoadImage(reader="PydicomReader")`` (RescaleSlope and
+    RescaleIntercept applied, so CT is in HU), scaled to ``[0, 1]`` (``ScaleIntensityRange``
+    over ``window``, clipped; or ``ScaleIntensity`` min-max when ``window`` is ``None``) and
+    resized to ``size`` (``Resize``, area interpolation). Uncompressed, deflated, RLE,
+    JPEG (baseline, extended, lossless), JPEG-LS and JPEG 2000 transfer syntaxes are
+    decoded (the last three through the pylibjpeg plugins). MONOCHROME1 images are
+    inverted; colour images are reduced to luma (ITU-R BT.601).
+
+    Args:
+        path: A DICOM file (one image, or a multi-frame volume) or a folder of ``*.dcm``
+            slice files forming one series (ordered by InstanceNumber).
+        spatial_dims: 2 or 3. For 2, a volume contributes its middle slice. For 3, a single
+            2D image is an error.
+        size: Output spatial size, ``spatial_dims`` ints, in MONAI's axis order
+            ``(columns, rows[, slices])``.
+        window: ``(low, high)`` in stored units after rescaling (HU for CT), mapped to
+            ``[0, 1]`` with clipping; ``None`` scales each study by its own min and max.
+
+    Returns:
+        A ``float32`` array of shape ``(1, *size)`` with values in ``[0, 1]``.
+
+    Raises:
+        DataError: The study cannot be used; every problem names the file and the reason
+            (not found, empty, not DICOM, no pixel data, unsupported transfer syntax or
+            photometric interpretation, pixel data that cannot be decoded, inconsistent
+            series, wrong dimensionality).
+        ValueError: ``spatial_dims``, ``size`` or ``window`` is invalid.
+
+    Example:
+        >>> x = read_study(Path("dicom/P001"), spatial_dims=2, size=(64, 64), window=(-1000.0, 400.0))
+        >>> x.shape
+        (1, 64, 64)
+    """
+    _check_image_args(spatial_dims, size, window)
+    array, _, problems = _load_study(Path(path), spatial_dims=spatial_dims, size=size, window=window)
+    if array is None:
+        raise DataError(problems)
+    return array
+
+
+def _find_studies(dicom_dir: Path) -> tuple[dict[str, Path], list[Problem]]:
+    """Map patient id -> study path for every study in ``dicom_dir``."""
+    name = str(dicom_dir)
+    if not dicom_dir.exists():
+        return {}, [Problem(name, "", "DICOM folder not found")]
+    if not dicom_dir.is_dir():
+        return {}, [Problem(name, "", "not a folder")]
+    studies: dict[str, Path] = {}
+    problems: list[Problem] = []
+    try:
+        entries = sorted(dicom_dir.iterdir())
+    except OSError as exc:
+        return {}, [Problem(name, "", f"cannot list the folder ({_short(exc)})")]
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            pid = entry.name
+        elif entry.is_file() and entry.suffix.lower() == _DICOM_SUFFIX:
+            pid = entry.name[: -len(_DICOM_SUFFIX)]
+        else:
+            problems.append(
+                Problem(str(entry), "", "not a study (expected a <patient_id>/ folder or a <patient_id>.dcm file)")
+            )
+            continue
+        if pid in studies:
+            problems.append(
+                Problem(str(entry), f"patient {pid}", "two studies for one patient (a folder and a .dcm file)")
+            )
+            continue
+        studies[pid] = entry
+    if not studies and not problems:
+        problems.append(
+            Problem(name, "", "no studies found (expected <patient_id>/ folders or <patient_id>.dcm files)")
+        )
+    return studies, problems
+
+
+# --------------------------------------------------------------------------------------
+# Clinical CSV
+
+
+@dataclass(frozen=True)
+class _ClinicalRow:
+    features: tuple[float, ...] | None  # None: at least one feature cell is empty
+    labels: dict[str, int]  # task -> label, tasks without a label left out
+
+
+def _read_clinical_csv(
+    path: Path,
+    *,
+    patient_id_column: str,
+    tabular_features: Sequence[str],
+    tasks: Mapping[str, str],
+    num_classes: Mapping[str, int],
+) -> tuple[dict[str, _ClinicalRow] | None, list[Problem]]:
+    name = str(path)
+    try:
+        size_bytes = path.stat().st_size
+        if not path.is_file():
+            return None, [Problem(name, "", "not a file")]
+        if size_bytes > MAX_CSV_BYTES:
+            return None, [Problem(name, "", f"larger than {MAX_CSV_BYTES} bytes")]
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None, [Problem(name, "", "clinical CSV not found")]
+    except OSError as exc:
+        return None, [Problem(name, "", f"cannot read the file ({_short(exc)})")]
+    try:
+        text = raw.decode("utf-8-sig")  # a BOM, as spreadsheet programs write, is allowed
+    except UnicodeDecodeError as exc:
+        return None, [Problem(name, "", f"not UTF-8 text (byte {exc.start})")]
+
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = next(reader, None)
+    except csv.Error as exc:
+        return None, [Problem(name, "line 1", f"malformed CSV ({exc})")]
+    if header is None:
+        return None, [Problem(name, "", "empty file: no header row")]
+    header = [h.strip() for h in header]
+
+    problems: list[Problem] = []
+    column_index: dict[str, int] = {}
+    for i, h in enumerate(header):
+        if h in column_index:
+            problems.append(Problem(name, h or f"column {i + 1}", "column name appears more than once"))
+        else:
+            column_index[h] = i
+    needed: list[tuple[str, str]] = [(patient_id_column, "the patient id column")]
+    needed += [(col, f"the label column of task {task!r}") for task, col in tasks.items()]
+    needed += [(col, "a tabular feature column") for col in tabular_features]
+    for col, role in needed:
+        if col not in column_index:
+            problems.append(Problem(name, col, f"column missing ({role})"))
+    if patient_id_column not in column_index:
+        return None, problems
+
+    id_at = column_index[patient_id_column]
+    feature_at = [column_index.get(col) for col in tabular_features]
+    label_at = {task: column_index.get(col) for task, col in tasks.items()}
+    rows: dict[str, _ClinicalRow] = {}
+    first_line: dict[str, int] = {}
+    try:
+        for record in reader:
+            line = reader.line_num
+            if not record or all(not cell.strip() for cell in record):
+                continue  # blank line
+            if len(record) != len(header):
+                problems.append(
+                    Problem(name, f"line {line}", f"{len(record)} fields, but the header has {len(header)}")
+                )
+                continue
+            pid = record[id_at].strip()
+            if not pid:
+                problems.append(Problem(name, f"{patient_id_column}, line {line}", "empty patient id"))
+                continue
+            if not _PATIENT_ID_RE.match(pid) or pid.startswith("."):
+                problems.append(
+                    Problem(
+                        name,
+                        f"{patient_id_column}, line {line}",
+                        "malformed patient id (1-64 characters, no control characters or path separators, "
+                        "not starting with '.')",
+                    )
+                )
+                continue
+            if pid in first_line:
+                problems.append(
+                    Problem(
+                        name,
+                        f"patient {pid}",
+                        f"duplicate patient id (lines {first_line[pid]} and {line})",
+                    )
+                )
+                continue
+            first_line[pid] = line
+
+            values: list[float] = []
+            complete = True
+            for col, at in zip(tabular_features, feature_at, strict=True):
+                if at is None:
+                    complete = False
+                    continue
+                cell = record[at].strip()
+                if not cell:
+                    complete = False
+                    continue
+                try:
+                    value = float(cell)
+                except ValueError:
+                    value = math.nan
+                    reason = "not a number"
+                else:
+                    reason = "not a finite number"
+                if not math.isfinite(value):
+                    problems.append(Problem(name, f"{col}, patient {pid}", reason))
+                    complete = False
+                    continue
+                values.append(value)
+
+            labels: dict[str, int] = {}
+            for task, at in label_at.items():
+                if at is None:
+                    continue
+                cell = record[at].strip()
+                if not cell:
+                    continue
+                col = tasks[task]
+                k = num_classes[task]
+                if not _INT_RE.match(cell):
+                    reason = f"label is not an integer class in [0, {k})"
+                    problems.append(Problem(name, f"{col}, patient {pid}", reason))
+                    continue
+                label = int(cell)
+                if not 0 <= label < k:
+                    problems.append(Problem(name, f"{col}, patient {pid}", f"label outside [0, {k})"))
+                    continue
+                labels[task] = label
+            rows[pid] = _ClinicalRow(features=tuple(values) if complete else None, labels=labels)
+    except csv.Error as exc:
+        problems.append(Problem(name, f"line {reader.line_num}", f"malformed CSV ({exc})"))
+    return rows, problems
+
+
+# --------------------------------------------------------------------------------------
+# A site
+
+
+def _check_site_args(
+    *,
+    dicom_dir: Path | None,
+    clinical_csv: Path | None,
+    patient_id_column: str,
+    modalities: Sequence[str],
+    tabular_features: Sequence[str],
+    tasks: Mapping[str, str],
+    num_classes: Mapping[str, int],
+) -> None:
+    mods = tuple(modalities)
+    if not mods or len(set(mods)) != len(mods) or not set(mods) <= set(MODALITIES):
+        raise ValueError(f"modalities must be a non-empty subset of {MODALITIES} without repeats, not {mods!r}")
+    if clinical_csv is None:
+        raise ValueError("clinical_csv is required: the labels live in the clinical CSV")
+    if ("image" in mods) != (dicom_dir is not None):
+        raise ValueError("dicom_dir must be given exactly when 'image' is one of the modalities")
+    feats = tuple(tabular_features) if "tabular" in mods else ()
+    if "tabular" in mods and not feats:
+        raise ValueError("the tabular modality needs at least one feature column")
+    if len(set(feats)) != len(feats) or not all(isinstance(f, str) and f for f in feats):
+        raise ValueError("tabular_features must be distinct non-empty column names")
+    if not isinstance(patient_id_column, str) or not patient_id_column:
+        raise ValueError("patient_id_column must be a non-empty column name")
+    if not tasks:
+        raise ValueError("at least one task is needed")
+    for task, col in tasks.items():
+        if not is_valid_task_name(task):
+            raise ValueError(f"invalid task name {task!r}")
+        if not isinstance(col, str) or not col:
+            raise ValueError(f"task {task!r}: the label column must be a non-empty name")
+        k = num_classes.get(task)
+        if not isinstance(k, int) or isinstance(k, bool) or k < 2:
+            raise ValueError(f"task {task!r}: num_classes must be an int >= 2, not {k!r}")
+    columns = [patient_id_column, *tasks.values(), *feats]
+    if len(set(columns)) != len(columns):
+        raise ValueError("the id, label and feature columns must all be different columns")
+
+
+def load_site_arrays(
+    *,
+    dicom_dir: Path | None,
+    clinical_csv: Path | None,
+    patient_id_column: str,
+    modalities: Sequence[str],
+    tabular_features: Sequence[str],
+    tasks: Mapping[str, str],
+    num_classes: Mapping[str, int],
+    image_spatial_dims: int,
+    image_size: tuple[int, ...],
+    image_window: tuple[float, float] | None = None,
+) -> SiteArrays:
+    """Read a site's DICOM studies and clinical CSV into arrays.
+
+    The rules (which modality counts as present, which patients are dropped) are in the
+    module docstring. Everything is checked before anything is returned, and every problem
+    found is reported at once.
+
+    Args:
+        dicom_dir: Folder of studies (``<patient_id>/*.dcm`` or ``<patient_id>.dcm``);
+            required exactly when ``"image"`` is in ``modalities``.
+        clinical_csv: The clinical CSV (always required: the labels live there).
+        patient_id_column: Name of the CSV column holding patient ids.
+        modalities: The modalities the site holds, a subset of ``("image", "tabular")``.
+        tabular_features: Feature column names, in the order wanted (the federation's
+            layout); ignored, and not required in the CSV, when the site does not hold the
+            tabular modality.
+        tasks: Task name -> label column.
+        num_classes: Task name -> number of classes (labels are in ``[0, num_classes)``).
+        image_spatial_dims: 2 or 3 (see :func:`read_study`).
+        image_size: Image size after resizing (see :func:`read_study`).
+        image_window: Intensity window (see :func:`read_study`).
+
+    Returns:
+        The site's :class:`SiteArrays`.
+
+    Raises:
+        DataError: The data cannot be used as declared. Lists every problem found, each
+            with the file, the column or patient, and the reason.
+        ValueError: The arguments contradict each other or are invalid (unknown modality,
+            the tabular modality without features, a DICOM folder without the image
+            modality, a task without ``num_classes``, ...).
+    """
+    _check_site_args(
+        dicom_dir=dicom_dir,
+        clinical_csv=clinical_csv,
+        patient_id_column=patient_id_column,
+        modalities=modalities,
+        tabular_features=tabular_features,
+        tasks=tasks,
+        num_classes=num_classes,
+    )
+    if clinical_csv is None:  # also checked above; repeated so the type is narrowed
+        raise ValueError("clinical_csv is required: the labels live in the clinical CSV")
+    has_image = "image" in modalities
+    has_tabular = "tabular" in modalities
+    if has_image:
+        _check_image_args(image_spatial_dims, image_size, image_window)
+    features = tuple(tabular_features) if has_tabular else ()
+    tasks = dict(tasks)
+    num_classes = {task: int(num_classes[task]) for task in tasks}
+
+    rows, problems = _read_clinical_csv(
+        Path(clinical_csv),
+        patient_id_column=patient_id_column,
+        tabular_features=features,
+        tasks=tasks,
+        num_classes=num_classes,
+    )
+
+    studies: dict[str, Path] = {}
+    if has_image and dicom_dir is not None:
+        studies, found = _find_studies(Path(dicom_dir))
+        problems.extend(found)
+
+    def is_labelled(pid: str) -> bool:
+        return rows is not None and pid in rows and bool(rows[pid].labels)
+
+    images: dict[str, np.ndarray] = {}
+    for pid, study_path in studies.items():
+        if rows is not None and pid not in rows:
+            problems.append(
+                Problem(str(study_path), f"patient {pid}", "a study for a patient who is not in the clinical CSV")
+            )
+            continue
+        if rows is not None and not is_labelled(pid):
+            continue  # dropped for want of a label: not read
+        array, study, found = _load_study(
+            study_path, spatial_dims=image_spatial_dims, size=image_size, window=image_window
+        )
+        problems.extend(found)
+        if study is not None:
+            wrong = [h for h in study.headers if h.patient_id != pid]
+            if wrong:
+                tag = "missing" if wrong[0].patient_id is None else repr(wrong[0].patient_id)
+                problems.append(
+                    Problem(
+                        str(wrong[0].path),
+                        "PatientID",
+                        f"PatientID tag {tag} disagrees with the study's name {pid!r} "
+                        f"({len(wrong)} of {len(study.headers)} files)",
+                    )
+                )
+        if array is not None:
+            images[pid] = array
+
+    if problems or rows is None:
+        raise DataError(problems)
+
+    kept: list[str] = []
+    dropped_without_label = dropped_without_modality = 0
+    for pid in sorted(rows):
+        row = rows[pid]
+        if not row.labels:
+            dropped_without_label += 1
+        elif not ((has_image and pid in images) or (has_tabular and row.features is not None)):
+            dropped_without_modality += 1
+        else:
+            kept.append(pid)
+    if not kept:
+        raise DataError(
+            [
+                Problem(
+                    str(clinical_csv),
+                    "",
+                    f"no usable patient: {dropped_without_label} without any label, "
+                    f"{dropped_without_modality} without any modality",
+                )
+            ]
+        )
+
+    n = len(kept)
+    image_present = np.array([pid in images for pid in kept], dtype=bool)
+    image_arr: np.ndarray | None = None
+    if has_image:
+        image_arr = np.zeros((n, 1, *image_size), dtype=np.float32)
+        for i, pid in enumerate(kept):
+            if pid in images:
+                image_arr[i] = images[pid]
+    else:
+        image_present[:] = False
+    tabular_present = np.array([has_tabular and rows[pid].features is not None for pid in kept], dtype=bool)
+    tabular_arr: np.ndarray | None = None
+    if has_tabular:
+        tabular_arr = np.zeros((n, len(features)), dtype=np.float32)
+        for i, pid in enumerate(kept):
+            values = rows[pid].features
+            if values is not None:
+                tabular_arr[i] = values
+    labels = {task: np.array([rows[pid].labels.get(task, -1) for pid in kept], dtype=np.int64) for task in tasks}
+    site = SiteArrays(
+        patient_ids=tuple(kept),
+        image=image_arr,
+        image_present=image_present,
+        tabular=tabular_arr,
+        tabular_present=tabular_present,
+        labels=MappingProxyType(labels),
+        num_classes=MappingProxyType(num_classes),
+        tabular_features=features,
+        patients_in_csv=len(rows),
+        dropped_without_label=dropped_without_label,
+        dropped_without_modality=dropped_without_modality,
+    )
+    logger.info("site data loaded: %s", site.summary())
+    return site
+
+
+# --------------------------------------------------------------------------------------
+# Held-out split
+
+
+def split_holdout(patient_ids: Sequence[str], *, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split patients into a training part and a held-out part, deterministically.
+
+    Each patient id is hashed with keyed BLAKE2b (the key is derived from ``seed``); the
+    ``round(fraction * N)`` patients with the smallest hashes are held out, clamped so that
+    both parts are non-empty when ``N >= 2``. The split depends only on the set of ids
+    and the seed: not on their order, the machine or the Python process (no ``hash()``).
+
+    Args:
+        patient_ids: Distinct patient ids.
+        fraction: Share of patients to hold out, in ``(0, 1)``.
+        seed: Any non-negative int; different seeds give independent splits.
+
+    Returns:
+        ``(train_indices, holdout_indices)``: sorted ``int64`` indices into
+        ``patient_ids``, disjoint and together covering every index. With one patient it
+        goes to training; with none both are empty.
+
+    Raises:
+        ValueError: ``fraction`` is not in ``(0, 1)``, ``seed`` is not a non-negative int,
+            or the ids are not distinct strings.
+    """
+    if not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), not {fraction!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, not {seed!r}")
+    ids = list(patient_ids)
+    if not all(isinstance(p, str) for p in ids):
+        raise ValueError("patient ids must be strings")
+    if len(set(ids)) != len(ids):
+        raise ValueError("patient ids must be distinct")
+    n = len(ids)
+    if n < 2:
+        return np.arange(n, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    key = hashlib.sha256(b"blossom_secure/holdout-split/v1\x00" + str(seed).encode("ascii")).digest()
+    digests = [hashlib.blake2b(p.encode("utf-8", "surrogatepass"), key=key, digest_size=16).digest() for p in ids]
+    order = sorted(range(n), key=lambda i: (digests[i], ids[i]))
+    n_holdout = min(max(math.floor(fraction * n + 0.5), 1), n - 1)
+    holdout = np.sort(np.array(order[:n_holdout], dtype=np.int64))
+    train = np.sort(np.array(order[n_holdout:], dtype=np.int64))
+    return train, holdout

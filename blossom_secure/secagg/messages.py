@@ -1,0 +1,807 @@
+"""Typed protocol messages and their canonical, versioned, size-limited binary encoding.
+
+Wire format (all integers big-endian, except ring vectors which are little-endian)::
+
+    message  = "BSSA" version:u16 type:u8 field* [signature]
+    field    = tag:u8 value            (every field of the type, once, in tag order)
+    signature= 0xFF ed25519-signature:64 bytes  (site-to-coordinator messages only)
+
+A value is one of: ``u16``/``u64``; ``text`` (u16 length, UTF-8); ``fixed`` (raw bytes of
+a length set by the field); ``blob`` (u32 length, bytes); ``list`` (u32 count, then the
+items); ``record`` (its sub-values in order); ``ring`` (bits:u8, count:u32, the elements).
+Every message of a given content has exactly one encoding: lists are strictly sorted,
+nothing is optional, and the decoder refuses anything else (unknown tag, missing or
+repeated field, trailing bytes, wrong version, unsorted or duplicate list entries, an
+identifier outside its alphabet). The length limit is checked before any parsing.
+
+Site messages are signed with the site's Ed25519 identity key over
+:func:`blossom_secure.secagg.kdf.signature_payload` of all bytes before the signature. The
+decoder checks the sender against the roster and the signature *before* it parses the
+body or compares the federation and round, so a forged message is always the one opaque
+:class:`AuthenticationError`.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from enum import IntEnum
+from typing import Any, ClassVar
+
+import numpy as np
+
+from blossom_secure import crypto
+from blossom_secure.blocks import is_head, is_valid_block_name
+from blossom_secure.crypto import Ed25519PrivateKey
+from blossom_secure.secagg.errors import (
+    AuthenticationError,
+    MalformedMessageError,
+    MessageTooLargeError,
+    UnknownFieldError,
+    UnknownSenderError,
+    UnsupportedVersionError,
+    WrongFederationError,
+    WrongRecipientError,
+    WrongRoundError,
+)
+from blossom_secure.secagg.kdf import signature_payload
+from blossom_secure.secagg.shamir import SHARE_BYTES
+
+__all__ = [
+    "MAGIC",
+    "WIRE_VERSION",
+    "AdvertiseKeys",
+    "BlockKeys",
+    "BlockShares",
+    "EncryptedShare",
+    "EncryptedShares",
+    "KeyBundle",
+    "MaskedBlock",
+    "MaskedInput",
+    "MessageType",
+    "RevealedShare",
+    "ShareDelivery",
+    "ShareKind",
+    "SharePlaintext",
+    "UnmaskRequest",
+    "UnmaskResponse",
+    "decode_coordinator_message",
+    "decode_share_plaintext",
+    "decode_site_message",
+    "encode_coordinator_message",
+    "encode_share_plaintext",
+    "encode_site_message",
+    "is_valid_identifier",
+    "peek_message_type",
+]
+
+MAGIC = b"BSSA"
+WIRE_VERSION = 1
+_HEADER = struct.Struct(">4sHB")
+_SIGNATURE_TAG = 0xFF
+_SIGNATURE_TRAILER_BYTES = 1 + crypto.ED25519_SIGNATURE_BYTES
+_IDENTIFIER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NONCE_BYTES = crypto.AEAD_NONCE_BYTES
+_MAX_CIPHERTEXT_BYTES = 1 << 20
+
+
+def is_valid_identifier(value: object) -> bool:
+    """Whether ``value`` can be a site or federation id: 1-64 characters from
+    ``[A-Za-z0-9._-]``, starting with a letter or digit."""
+    return isinstance(value, str) and _IDENTIFIER_RE.match(value) is not None
+
+
+class MessageType(IntEnum):
+    """The message types; the stage a message belongs to follows from its type."""
+
+    ADVERTISE_KEYS = 1
+    KEY_BUNDLE = 2
+    ENCRYPTED_SHARES = 3
+    SHARE_DELIVERY = 4
+    MASKED_INPUT = 5
+    UNMASK_REQUEST = 6
+    UNMASK_RESPONSE = 7
+    SHARE_PLAINTEXT = 8
+
+
+class ShareKind(IntEnum):
+    """Which of a peer's secrets a revealed share belongs to."""
+
+    SELF_MASK_SEED = 1
+    MASK_KEY = 2
+
+
+# ---------------------------------------------------------------------------- codecs
+
+
+class _Writer:
+    __slots__ = ("parts",)
+
+    def __init__(self) -> None:
+        self.parts: list[bytes | memoryview] = []
+
+    def raw(self, data: bytes | memoryview) -> None:
+        self.parts.append(data)
+
+    def getvalue(self) -> bytes:
+        return b"".join(self.parts)
+
+
+class _Reader:
+    __slots__ = ("data", "pos", "end")
+
+    def __init__(self, data: memoryview, pos: int, end: int) -> None:
+        self.data = data
+        self.pos = pos
+        self.end = end
+
+    def take(self, count: int) -> memoryview:
+        if count < 0 or self.end - self.pos < count:
+            raise MalformedMessageError("message is truncated")
+        view = self.data[self.pos : self.pos + count]
+        self.pos += count
+        return view
+
+    def remaining(self) -> int:
+        return self.end - self.pos
+
+
+class _Codec:
+    min_bytes = 1
+
+    def write(self, writer: _Writer, value: Any) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def read(self, reader: _Reader) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class _UInt(_Codec):
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.min_bytes = size
+        self.limit = 1 << (8 * size)
+
+    def write(self, writer: _Writer, value: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < self.limit:
+            raise ValueError("integer out of range")
+        writer.raw(value.to_bytes(self.size, "big"))
+
+    def read(self, reader: _Reader) -> int:
+        return int.from_bytes(reader.take(self.size), "big")
+
+
+class _Text(_Codec):
+    min_bytes = 2
+
+    def write(self, writer: _Writer, value: str) -> None:
+        data = value.encode("utf-8")
+        if len(data) > 0xFFFF:
+            raise ValueError("text too long")
+        writer.raw(len(data).to_bytes(2, "big") + data)
+
+    def read(self, reader: _Reader) -> str:
+        size = int.from_bytes(reader.take(2), "big")
+        try:
+            return bytes(reader.take(size)).decode("utf-8", errors="strict")
+        except UnicodeDecodeError:
+            raise MalformedMessageError("text is not UTF-8") from None
+
+
+class _Fixed(_Codec):
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.min_bytes = size
+
+    def write(self, writer: _Writer, value: bytes) -> None:
+        if not isinstance(value, bytes) or len(value) != self.size:
+            raise ValueError(f"expected {self.size} bytes")
+        writer.raw(value)
+
+    def read(self, reader: _Reader) -> bytes:
+        return bytes(reader.take(self.size))
+
+
+class _Blob(_Codec):
+    min_bytes = 4
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+
+    def write(self, writer: _Writer, value: bytes) -> None:
+        if not isinstance(value, bytes) or len(value) > self.max_bytes:
+            raise ValueError("blob too long")
+        writer.raw(len(value).to_bytes(4, "big"))
+        writer.raw(value)
+
+    def read(self, reader: _Reader) -> bytes:
+        size = int.from_bytes(reader.take(4), "big")
+        if size > self.max_bytes:
+            raise MalformedMessageError("blob too long")
+        return bytes(reader.take(size))
+
+
+class _List(_Codec):
+    min_bytes = 4
+
+    def __init__(self, item: _Codec) -> None:
+        self.item = item
+
+    def write(self, writer: _Writer, value: tuple) -> None:
+        writer.raw(len(value).to_bytes(4, "big"))
+        for item in value:
+            self.item.write(writer, item)
+
+    def read(self, reader: _Reader) -> tuple:
+        count = int.from_bytes(reader.take(4), "big")
+        if count * self.item.min_bytes > reader.remaining():
+            raise MalformedMessageError("list count exceeds the message")
+        return tuple(self.item.read(reader) for _ in range(count))
+
+
+class _Record(_Codec):
+    """A dataclass whose fields are written in order, without tags."""
+
+    def __init__(self, cls: type, codecs: tuple[_Codec, ...]) -> None:
+        self.cls = cls
+        self.codecs = codecs
+        self.names = tuple(f.name for f in fields(cls))
+        self.min_bytes = sum(c.min_bytes for c in codecs)
+
+    def write(self, writer: _Writer, value: Any) -> None:
+        for name, codec in zip(self.names, self.codecs, strict=True):
+            codec.write(writer, getattr(value, name))
+
+    def read(self, reader: _Reader) -> Any:
+        values = [codec.read(reader) for codec in self.codecs]
+        return _construct(self.cls, values)
+
+
+class _RingVector(_Codec):
+    min_bytes = 5
+
+    def write(self, writer: _Writer, value: np.ndarray) -> None:
+        vector = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<"))
+        writer.raw(bytes([vector.dtype.itemsize * 8]) + vector.shape[0].to_bytes(4, "big"))
+        writer.raw(memoryview(vector.view(np.uint8)))
+
+    def read(self, reader: _Reader) -> np.ndarray:
+        bits = reader.take(1)[0]
+        if bits not in (32, 64):
+            raise MalformedMessageError("ring vector must have 32 or 64-bit elements")
+        count = int.from_bytes(reader.take(4), "big")
+        if count * (bits // 8) > reader.remaining():
+            raise MalformedMessageError("ring vector exceeds the message")
+        data = reader.take(count * (bits // 8))
+        return np.frombuffer(data, dtype="<u4" if bits == 32 else "<u8", count=count)
+
+
+def _construct(cls: type, values: list[Any]) -> Any:
+    try:
+        return cls(*values)
+    except (ValueError, TypeError) as exc:
+        raise MalformedMessageError(f"invalid {cls.__name__}: {exc}") from None
+
+
+# ----------------------------------------------------------------------- validation
+
+
+def _require(condition: bool, reason: str) -> None:
+    if not condition:
+        raise ValueError(reason)
+
+
+def _require_identifier(value: object, what: str) -> None:
+    _require(is_valid_identifier(value), f"{what} is not a valid identifier")
+
+
+def _require_block(value: object) -> None:
+    _require(is_valid_block_name(value) and not is_head(str(value)), "not a shareable block name")
+
+
+def _require_sorted_unique(keys: list, what: str) -> None:
+    _require(all(a < b for a, b in zip(keys, keys[1:])), f"{what} must be strictly sorted (canonical, no duplicates)")
+
+
+def _require_envelope(message: Any, party_field: str) -> None:
+    _require_identifier(message.federation_id, "federation_id")
+    _require(isinstance(message.round_id, int) and 0 <= message.round_id < 1 << 64, "round_id out of range")
+    _require_identifier(getattr(message, party_field), party_field)
+
+
+# ------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True)
+class BlockKeys:
+    """A site's per-block public material in its advertisement.
+
+    Attributes:
+        block: The block name.
+        mask_public_key: X25519 public key for this block's pairwise masks (32 bytes).
+        seed_commitment: SHA-256 commitment to the block's self-mask seed.
+    """
+
+    block: str
+    mask_public_key: bytes
+    seed_commitment: bytes
+
+    def __post_init__(self) -> None:
+        _require_block(self.block)
+
+
+@dataclass(frozen=True)
+class AdvertiseKeys:
+    """Stage 1, site to coordinator: fresh public keys for this round, signed.
+
+    Attributes:
+        federation_id, round_id, site_id: Where it belongs and who sends it.
+        share_public_key: X25519 public key used to encrypt shares to this site.
+        min_contributors: The site's own policy minimum for a block group.
+        blocks: One entry per contributed block, sorted by block name.
+    """
+
+    TYPE: ClassVar[MessageType] = MessageType.ADVERTISE_KEYS
+    federation_id: str
+    round_id: int
+    site_id: str
+    share_public_key: bytes
+    min_contributors: int
+    blocks: tuple[BlockKeys, ...]
+
+    def __post_init__(self) -> None:
+        _require_envelope(self, "site_id")
+        _require(self.min_contributors >= 1, "min_contributors must be >= 1")
+        _require_sorted_unique([b.block for b in self.blocks], "blocks")
+
+
+@dataclass(frozen=True)
+class KeyBundle:
+    """Stage 2 request, coordinator to site: every advertisement received, as sent.
+
+    Attributes:
+        advertisements: The signed advertisement messages, byte for byte, sorted.
+    """
+
+    TYPE: ClassVar[MessageType] = MessageType.KEY_BUNDLE
+    federation_id: str
+    round_id: int
+    recipient: str
+    advertisements: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        _require_envelope(self, "recipient")
+        _require_sorted_unique(list(self.advertisements), "advertisements")
+
+
+@dataclass(frozen=True)
+class EncryptedShare:
+    """One AEAD ciphertext of shares; ``peer`` is the recipient (in
+    :class:`EncryptedShares`) or the sender (in :class:`ShareDelivery`)."""
+
+    peer: str
+    nonce: bytes
+    ciphertext: bytes
+
+    def __post_init__(self) -> None:
+        _require_identifier(self.peer, "peer")
+
+
+@dataclass(frozen=True)
+class EncryptedShares:
+    """Stage 2, site to coordinator: one ciphertext per neighbour, sorted by recipient."""
+
+    TYPE: ClassVar[MessageType] = MessageType.ENCRYPTED_SHARES
+    federation_id: str
+    round_id: int
+    site_id: str
+    shares: tuple[EncryptedShare, ...]
+
+    def __post_init__(self) -> None:
+        _require_envelope(self, "site_id")
+        _require_sorted_unique([s.peer for s in self.shares], "shares")
+
+
+@dataclass(frozen=True)
+class ShareDelivery:
+    """Stage 3 request, coordinator to site: who completed stage 2, and the ciphertexts
+    addressed to this site (sorted by sender)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.SHARE_DELIVERY
+    federation_id: str
+    round_id: int
+    recipient: str
+    share_senders: tuple[str, ...]
+    shares: tuple[EncryptedShare, ...]
+
+    def __post_init__(self) -> None:
+        _require_envelope(self, "recipient")
+        for site in self.share_senders:
+            _require_identifier(site, "share sender")
+        _require_sorted_unique(list(self.share_senders), "share_senders")
+        _require_sorted_unique([s.peer for s in self.shares], "shares")
+
+
+@dataclass(frozen=True, eq=False)
+class MaskedBlock:
+    """A block's masked ring vector (block size + 1 elements: the weight is last)."""
+
+    block: str
+    vector: np.ndarray
+
+    def __post_init__(self) -> None:
+        _require_block(self.block)
+        _require(
+            isinstance(self.vector, np.ndarray)
+            and self.vector.ndim == 1
+            and self.vector.dtype in (np.dtype("<u4"), np.dtype("<u8")),
+            "vector must be a 1-D ring vector",
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class MaskedInput:
+    """Stage 3, site to coordinator: the masked vectors, sorted by block."""
+
+    TYPE: ClassVar[MessageType] = MessageType.MASKED_INPUT
+    federation_id: str
+    round_id: int
+    site_id: str
+    blocks: tuple[MaskedBlock, ...]
+
+    def __post_init__(self) -> None:
+        _require_envelope(self, "site_id")
+        _require_sorted_unique([b.block for b in self.blocks], "blocks")
+
+
+@dataclass(frozen=True)
+class UnmaskRequest:
+    """Stage 4 request, coordinator to site: the sites whose masked input arrived
+    (``survivors``) and those that shared keys but sent no masked input (``dropped``)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.UNMASK_REQUEST
+    federation_id: str
+    round_id: int
+    recipient: str
+    survivors: tuple[str, ...]
+    dropped: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        _require_envelope(self, "recipient")
+        for site in (*self.survivors, *self.dropped):
+            _require_identifier(site, "site")
+        _require_sorted_unique(list(self.survivors), "survivors")
+        _require_sorted_unique(list(self.dropped), "dropped")
+
+
+@dataclass(frozen=True)
+class RevealedShare:
+    """One share a survivor reveals: of ``peer``'s self-mask seed or mask key for ``block``."""
+
+    peer: str
+    block: str
+    kind: ShareKind
+    value: bytes
+
+    def __post_init__(self) -> None:
+        _require_identifier(self.peer, "peer")
+        _require_block(self.block)
+        object.__setattr__(self, "kind", ShareKind(self.kind))
+
+
+@dataclass(frozen=True)
+class UnmaskResponse:
+    """Stage 4, site to coordinator: the revealed shares, sorted by (peer, block)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.UNMASK_RESPONSE
+    federation_id: str
+    round_id: int
+    site_id: str
+    shares: tuple[RevealedShare, ...]
+
+    def __post_init__(self) -> None:
+        _require_envelope(self, "site_id")
+        _require_sorted_unique([(s.peer, s.block) for s in self.shares], "shares")
+
+
+@dataclass(frozen=True)
+class BlockShares:
+    """Inside a share ciphertext: the recipient's shares of the sender's two secrets for
+    one block."""
+
+    block: str
+    mask_key_share: bytes
+    seed_share: bytes
+
+    def __post_init__(self) -> None:
+        _require_block(self.block)
+
+
+@dataclass(frozen=True)
+class SharePlaintext:
+    """The plaintext of one share ciphertext (never sent in the clear)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.SHARE_PLAINTEXT
+    federation_id: str
+    round_id: int
+    sender: str
+    recipient: str
+    blocks: tuple[BlockShares, ...]
+
+    def __post_init__(self) -> None:
+        _require_envelope(self, "sender")
+        _require_identifier(self.recipient, "recipient")
+        _require_sorted_unique([b.block for b in self.blocks], "blocks")
+
+
+_TEXT = _Text()
+_U16 = _UInt(2)
+_U64 = _UInt(8)
+_KEY = _Fixed(crypto.X25519_KEY_BYTES)
+_DIGEST = _Fixed(32)
+_SHARE = _Fixed(SHARE_BYTES)
+_ENCRYPTED_SHARE = _Record(EncryptedShare, (_TEXT, _Fixed(_NONCE_BYTES), _Blob(_MAX_CIPHERTEXT_BYTES)))
+
+
+class _KindCodec(_Codec):
+    def write(self, writer: _Writer, value: ShareKind) -> None:
+        writer.raw(bytes([int(value)]))
+
+    def read(self, reader: _Reader) -> ShareKind:
+        try:
+            return ShareKind(reader.take(1)[0])
+        except ValueError:
+            raise MalformedMessageError("unknown share kind") from None
+
+
+#: Per type: the body fields (tag, attribute, codec), after the envelope fields 1-3.
+_BODY: dict[type, tuple[tuple[int, str, _Codec], ...]] = {
+    AdvertiseKeys: (
+        (4, "share_public_key", _KEY),
+        (5, "min_contributors", _U16),
+        (6, "blocks", _List(_Record(BlockKeys, (_TEXT, _KEY, _DIGEST)))),
+    ),
+    KeyBundle: ((4, "advertisements", _List(_Blob(1 << 16))),),
+    EncryptedShares: ((4, "shares", _List(_ENCRYPTED_SHARE)),),
+    ShareDelivery: ((4, "share_senders", _List(_TEXT)), (5, "shares", _List(_ENCRYPTED_SHARE))),
+    MaskedInput: ((4, "blocks", _List(_Record(MaskedBlock, (_TEXT, _RingVector())))),),
+    UnmaskRequest: ((4, "survivors", _List(_TEXT)), (5, "dropped", _List(_TEXT))),
+    UnmaskResponse: ((4, "shares", _List(_Record(RevealedShare, (_TEXT, _TEXT, _KindCodec(), _SHARE)))),),
+    SharePlaintext: ((4, "recipient", _TEXT), (5, "blocks", _List(_Record(BlockShares, (_TEXT, _SHARE, _SHARE))))),
+}
+_ENVELOPE_PARTY = {
+    AdvertiseKeys: "site_id",
+    EncryptedShares: "site_id",
+    MaskedInput: "site_id",
+    UnmaskResponse: "site_id",
+    KeyBundle: "recipient",
+    ShareDelivery: "recipient",
+    UnmaskRequest: "recipient",
+    SharePlaintext: "sender",
+}
+_SITE_MESSAGES = (AdvertiseKeys, EncryptedShares, MaskedInput, UnmaskResponse)
+_COORDINATOR_MESSAGES = (KeyBundle, ShareDelivery, UnmaskRequest)
+_BY_TYPE: dict[int, type] = {cls.TYPE: cls for cls in _BODY}
+
+SiteMessage = AdvertiseKeys | EncryptedShares | MaskedInput | UnmaskResponse
+CoordinatorMessage = KeyBundle | ShareDelivery | UnmaskRequest
+
+
+# --------------------------------------------------------------------- encode/decode
+
+
+def _encode_unsigned(message: Any) -> bytes:
+    cls = type(message)
+    writer = _Writer()
+    writer.raw(_HEADER.pack(MAGIC, WIRE_VERSION, int(cls.TYPE)))
+    envelope = ((1, "federation_id", _TEXT), (2, "round_id", _U64), (3, _ENVELOPE_PARTY[cls], _TEXT))
+    for tag, name, codec in (*envelope, *_BODY[cls]):
+        writer.raw(bytes([tag]))
+        codec.write(writer, getattr(message, name))
+    return writer.getvalue()
+
+
+def encode_site_message(message: SiteMessage, identity_key: Ed25519PrivateKey) -> bytes:
+    """Encode and sign a site-to-coordinator message.
+
+    Raises:
+        TypeError: not a site message.
+        ValueError: a field cannot be encoded.
+    """
+    if not isinstance(message, _SITE_MESSAGES):
+        raise TypeError("not a site message")
+    body = _encode_unsigned(message)
+    signature = crypto.sign(identity_key, signature_payload(body))
+    return body + bytes([_SIGNATURE_TAG]) + signature
+
+
+def encode_coordinator_message(message: CoordinatorMessage) -> bytes:
+    """Encode a coordinator-to-site message.
+
+    Raises:
+        TypeError: not a coordinator message.
+    """
+    if not isinstance(message, _COORDINATOR_MESSAGES):
+        raise TypeError("not a coordinator message")
+    return _encode_unsigned(message)
+
+
+def encode_share_plaintext(message: SharePlaintext) -> bytes:
+    """Encode the plaintext of a share ciphertext."""
+    if not isinstance(message, SharePlaintext):
+        raise TypeError("not a share plaintext")
+    return _encode_unsigned(message)
+
+
+def peek_message_type(untrusted_message: bytes, *, max_bytes: int) -> MessageType:
+    """The type named in a message's header (nothing else is checked or trusted).
+
+    Raises:
+        MessageTooLargeError, MalformedMessageError, UnsupportedVersionError.
+    """
+    view = _checked_view(untrusted_message, max_bytes)
+    return MessageType(_read_header(view))
+
+
+def _checked_view(untrusted_message: bytes, max_bytes: int) -> memoryview:
+    if not isinstance(untrusted_message, (bytes, bytearray, memoryview)):
+        raise MalformedMessageError("a message is bytes")
+    view = memoryview(untrusted_message).cast("B")
+    if view.nbytes > max_bytes:
+        raise MessageTooLargeError(f"message of {view.nbytes} bytes exceeds the limit of {max_bytes}")
+    return view
+
+
+def _read_header(view: memoryview) -> int:
+    if view.nbytes < _HEADER.size:
+        raise MalformedMessageError("message is truncated")
+    magic, version, type_code = _HEADER.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise MalformedMessageError("not a secure-aggregation message")
+    if version != WIRE_VERSION:
+        raise UnsupportedVersionError(f"wire version {version} is not supported")
+    if type_code not in _BY_TYPE:
+        raise MalformedMessageError("unknown message type")
+    return type_code
+
+
+def _read_field(reader: _Reader, cls: type, tag: int, codec: _Codec) -> Any:
+    known = {1, 2, 3, *(t for t, _, _ in _BODY[cls])}
+    got = reader.take(1)[0]
+    if got != tag:
+        if got not in known:
+            raise UnknownFieldError(f"unknown field tag {got} in {cls.__name__}")
+        raise MalformedMessageError(f"field {got} out of order in {cls.__name__} (expected {tag})")
+    return codec.read(reader)
+
+
+def _read_envelope(reader: _Reader, cls: type) -> tuple[str, int, str]:
+    federation_id = _read_field(reader, cls, 1, _TEXT)
+    round_id = _read_field(reader, cls, 2, _U64)
+    party = _read_field(reader, cls, 3, _TEXT)
+    return federation_id, round_id, party
+
+
+def _check_context(federation_id: str, round_id: int, *, expected_federation: str, expected_round: int) -> None:
+    if federation_id != expected_federation:
+        raise WrongFederationError("message belongs to another federation")
+    if round_id != expected_round:
+        raise WrongRoundError(f"message belongs to round {round_id}, not {expected_round}")
+
+
+def _read_body(reader: _Reader, cls: type, envelope: tuple[str, int, str]) -> Any:
+    values = list(envelope)
+    for tag, _name, codec in _BODY[cls]:
+        values.append(_read_field(reader, cls, tag, codec))
+    if reader.remaining():
+        extra = reader.take(1)[0]
+        if extra not in {1, 2, 3, *(t for t, _, _ in _BODY[cls])}:
+            raise UnknownFieldError(f"unknown field tag {extra} in {cls.__name__}")
+        raise MalformedMessageError(f"repeated field or trailing bytes after {cls.__name__}")
+    return _construct(cls, values)
+
+
+def decode_site_message(
+    untrusted_message: bytes,
+    *,
+    federation_id: str,
+    round_id: int,
+    roster: Mapping[str, bytes],
+    max_bytes: int,
+) -> SiteMessage:
+    """Check and decode a signed site-to-coordinator message.
+
+    Order of checks: length limit; header (magic, version, type); envelope (federation,
+    round, sender); sender in ``roster``; signature; federation and round; body.
+
+    Args:
+        untrusted_message: The bytes as received.
+        federation_id, round_id: The expected context.
+        roster: Site id to raw Ed25519 public key.
+        max_bytes: Length limit.
+
+    Raises:
+        MessageTooLargeError: longer than ``max_bytes``.
+        UnsupportedVersionError: another wire version.
+        MalformedMessageError: not a canonical encoding (or not a site message).
+        UnknownFieldError: a field tag this type does not define.
+        UnknownSenderError: the sender is not in the roster.
+        AuthenticationError: missing or invalid signature.
+        WrongFederationError, WrongRoundError: another federation or round.
+
+    Notes:
+        Like Fernet checking its MAC before decrypting, the signature is checked before
+        the body is parsed or the context compared, and every signature failure is the
+        same opaque error. Binding federation and round inside the signed bytes is what
+        makes a message replayed from another round or federation detectable (Bonawitz
+        et al. 2017 assume such authenticated channels between sites and server).
+    """
+    view = _checked_view(untrusted_message, max_bytes)
+    cls = _BY_TYPE[_read_header(view)]
+    if cls not in _SITE_MESSAGES:
+        raise MalformedMessageError(f"{cls.__name__} is not a site message")
+    reader = _Reader(view, _HEADER.size, view.nbytes)
+    envelope = _read_envelope(reader, cls)
+    sender = envelope[2]
+    if sender not in roster:
+        raise UnknownSenderError("sender is not in the federation roster")
+    body_end = view.nbytes - _SIGNATURE_TRAILER_BYTES
+    if body_end < reader.pos or view[body_end] != _SIGNATURE_TAG:
+        raise AuthenticationError()
+    crypto.verify_signature(roster[sender], signature_payload(view[:body_end]), bytes(view[body_end + 1 :]))
+    _check_context(envelope[0], envelope[1], expected_federation=federation_id, expected_round=round_id)
+    reader.end = body_end
+    return _read_body(reader, cls, envelope)
+
+
+def decode_coordinator_message(
+    untrusted_message: bytes,
+    *,
+    federation_id: str,
+    round_id: int,
+    recipient: str,
+    max_bytes: int,
+) -> CoordinatorMessage:
+    """Check and decode a coordinator-to-site message addressed to ``recipient``.
+
+    Raises:
+        MessageTooLargeError, UnsupportedVersionError, MalformedMessageError,
+        UnknownFieldError: as for :func:`decode_site_message`.
+        WrongFederationError, WrongRoundError: another federation or round.
+        WrongRecipientError: addressed to another site.
+    """
+    view = _checked_view(untrusted_message, max_bytes)
+    cls = _BY_TYPE[_read_header(view)]
+    if cls not in _COORDINATOR_MESSAGES:
+        raise MalformedMessageError(f"{cls.__name__} is not a coordinator message")
+    reader = _Reader(view, _HEADER.size, view.nbytes)
+    envelope = _read_envelope(reader, cls)
+    _check_context(envelope[0], envelope[1], expected_federation=federation_id, expected_round=round_id)
+    if envelope[2] != recipient:
+        raise WrongRecipientError("message is addressed to another site")
+    return _read_body(reader, cls, envelope)
+
+
+def decode_share_plaintext(
+    untrusted_plaintext: bytes, *, federation_id: str, round_id: int, sender: str, recipient: str
+) -> SharePlaintext:
+    """Decode a decrypted share plaintext and check its context.
+
+    Raises:
+        MalformedMessageError: not a canonical share plaintext, or its sender or recipient
+            differ from those the ciphertext was authenticated for.
+        WrongFederationError, WrongRoundError: another federation or round.
+    """
+    view = _checked_view(untrusted_plaintext, _MAX_CIPHERTEXT_BYTES)
+    cls = _BY_TYPE[_read_header(view)]
+    if cls is not SharePlaintext:
+        raise MalformedMessageError("not a share plaintext")
+    reader = _Reader(view, _HEADER.size, view.nbytes)
+    envelope = _read_envelope(reader, cls)
+    _check_context(envelope[0], envelope[1], expected_federation=federation_id, expected_round=round_id)
+    message = _read_body(reader, cls, envelope)
+    if message.sender != sender or message.recipient != recipient:
+        raise MalformedMessageError("share plaintext names other parties than its ciphertext")
+    return message

@@ -1,0 +1,671 @@
+"""The site's side of secure aggregation: an explicit stage machine over encoded messages.
+
+Each method takes the untrusted bytes the coordinator sent and returns the bytes to send
+back; nothing here does I/O, so the same machine runs in-process and under a deployment
+runtime. A method that raises leaves the machine exactly as it was.
+
+Stages (Bonawitz et al. 2017, section 4, extended to block groups):
+
+1. :meth:`SiteStageMachine.advertise_keys`: fresh X25519 keys (one to receive shares,
+   one per contributed block for pairwise masks) and a 256-bit self-mask seed per block,
+   committed to, all signed with the site's identity key.
+2. :meth:`SiteStageMachine.share_keys`: verify every advertisement against the roster,
+   form the block groups, Shamir-share each block's mask private key and seed among its
+   group, and encrypt each neighbour's shares to it.
+3. :meth:`SiteStageMachine.masked_input`: decrypt the shares received, then send each
+   block's quantised, weighted update plus its self mask and its pairwise masks.
+4. :meth:`SiteStageMachine.unmask`: for each peer, reveal the share of its seed (it
+   sent its input) or of its mask key (it did not), never both, and only for blocks whose
+   survivors still meet the threshold and every minimum.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum
+from types import MappingProxyType
+from typing import TypeVar
+
+import numpy as np
+
+from blossom_secure import crypto
+from blossom_secure.blocks import is_head, is_valid_block_name
+from blossom_secure.crypto import Ed25519PrivateKey
+from blossom_secure.secagg import kdf, shamir
+from blossom_secure.secagg.errors import (
+    AllZeroSharedSecretError,
+    BothSharesRequestedError,
+    DuplicatePublicKeyError,
+    InconsistentMessageError,
+    MalformedMessageError,
+    ReplayedMessageError,
+    StageOrderError,
+    UnknownSenderError,
+)
+from blossom_secure.secagg.groups import (
+    BlockPlan,
+    block_shortfall,
+    neighbours,
+    plan_blocks,
+    share_x_coordinates,
+    validate_block_sizes,
+    validate_roster,
+)
+from blossom_secure.secagg.masking import masked_ring_vector
+from blossom_secure.secagg.messages import (
+    AdvertiseKeys,
+    BlockKeys,
+    BlockShares,
+    EncryptedShare,
+    EncryptedShares,
+    KeyBundle,
+    MaskedBlock,
+    MaskedInput,
+    MessageType,
+    RevealedShare,
+    ShareDelivery,
+    ShareKind,
+    SharePlaintext,
+    UnmaskRequest,
+    UnmaskResponse,
+    decode_coordinator_message,
+    decode_share_plaintext,
+    decode_site_message,
+    encode_share_plaintext,
+    encode_site_message,
+    is_valid_identifier,
+    peek_message_type,
+)
+from blossom_secure.secagg.params import SecAggParams
+from blossom_secure.secagg.quantize import check_weight, validate_update
+
+__all__ = [
+    "STAGE_NAMES",
+    "SiteContribution",
+    "SiteStageMachine",
+    "mask_block",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The protocol's stages, in order (the names ``drop_after`` and logs use).
+STAGE_NAMES = ("advertise_keys", "share_keys", "masked_input", "unmask")
+_SEED_BYTES = 32
+
+
+@dataclass(frozen=True)
+class SiteContribution:
+    """What one site puts into a round.
+
+    Args:
+        blocks: Block name to the float32 1-D update of that block (for example new
+            parameters minus global parameters). Never a task head.
+        weight: The site's sample count, ``1..params.max_weight``.
+        min_contributors: The site's policy minimum: it withholds any block whose group
+            (known after advertising) is smaller.
+
+    Raises:
+        TypeError: an update is not a float32 numpy array.
+        ValueError: a bad block name (or a head), update shape, NaN/inf, weight or minimum.
+
+    Notes:
+        The arrays are not copied; they must not change until the round ends.
+    """
+
+    blocks: Mapping[str, np.ndarray]
+    weight: int
+    min_contributors: int = 2
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.blocks, Mapping):
+            raise TypeError("blocks must be a mapping of block name to update")
+        for block, update in self.blocks.items():
+            if not is_valid_block_name(block) or is_head(block):
+                raise ValueError(f"{block!r} is not a shareable block (task heads never leave the site)")
+            validate_update(update, name=block)
+        if not isinstance(self.weight, int) or isinstance(self.weight, bool) or self.weight < 1:
+            raise ValueError("weight must be an int >= 1")
+        if (
+            not isinstance(self.min_contributors, int)
+            or isinstance(self.min_contributors, bool)
+            or not 1 <= self.min_contributors <= 0xFFFF
+        ):
+            raise ValueError("min_contributors must be an int in 1..65535")
+        object.__setattr__(self, "blocks", MappingProxyType(dict(self.blocks)))
+
+
+class _Stage(IntEnum):
+    NEW = 0
+    ADVERTISED = 1
+    SHARED = 2
+    MASKED = 3
+    DONE = 4
+
+
+_CoordinatorMessageT = TypeVar("_CoordinatorMessageT", KeyBundle, ShareDelivery, UnmaskRequest)
+
+#: The coordinator message each stage expects, and the stage it moves to.
+_EXPECTED = {
+    MessageType.KEY_BUNDLE: _Stage.ADVERTISED,
+    MessageType.SHARE_DELIVERY: _Stage.SHARED,
+    MessageType.UNMASK_REQUEST: _Stage.MASKED,
+}
+
+
+@dataclass
+class _BlockSecrets:
+    mask_private_key: bytes
+    mask_public_key: bytes
+    seed: bytes
+    commitment: bytes
+
+
+@dataclass
+class _SharedState:
+    plan: BlockPlan
+    adverts: dict[str, AdvertiseKeys]
+    own_shares: dict[str, tuple[int, int]]  # block -> (mask key share, seed share) held for itself
+
+
+@dataclass
+class _MaskedState:
+    share_senders: frozenset[str]
+    held: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)  # (peer, block) -> shares
+    mask_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # blocks actually sent
+
+
+def mask_block(
+    update: np.ndarray,
+    *,
+    weight: int,
+    params: SecAggParams,
+    federation_id: str,
+    round_id: int,
+    block: str,
+    site_id: str,
+    seed: bytes,
+    mask_private_key: bytes,
+    peer_mask_public_keys: Mapping[str, bytes],
+) -> np.ndarray:
+    """One site's masked ring vector for one block.
+
+    Derives the self-mask key from ``seed`` and one pairwise key per peer from the X25519
+    agreement of ``mask_private_key`` with the peer's public key, then quantises and masks
+    in one pass (:func:`blossom_secure.secagg.masking.masked_ring_vector`).
+
+    Raises:
+        AllZeroSharedSecretError: a peer's key is a low-order point.
+        ValueError: a bad update or weight.
+
+    Notes:
+        The lower site id of a pair adds ``PRG(k_uv)``, the higher subtracts it, so pairwise
+        masks cancel in the group's sum; the self mask ``PRG(b_u)`` protects the input of a
+        site that is slow rather than gone (Bonawitz et al. 2017, section 4).
+    """
+    masks = [(kdf.self_mask_key(seed, federation_id=federation_id, round_id=round_id, block=block, site=site_id), 1)]
+    for peer in sorted(peer_mask_public_keys):
+        secret = _agree(mask_private_key, peer_mask_public_keys[peer])
+        key = kdf.pairwise_mask_key(
+            secret, federation_id=federation_id, round_id=round_id, block=block, sites=(site_id, peer)
+        )
+        masks.append((key, 1 if site_id < peer else -1))
+    return masked_ring_vector(update, weight=weight, params=params, masks=masks)
+
+
+def _agree(private_key: bytes, peer_public_key: bytes) -> bytes:
+    try:
+        return crypto.x25519_shared_secret(private_key, peer_public_key)
+    except ValueError:
+        raise AllZeroSharedSecretError("X25519 agreement with a peer's key is all zero") from None
+
+
+class SiteStageMachine:
+    """One site's participation in one secure-aggregation round.
+
+    Args:
+        site_id: This site's id (in ``roster``).
+        federation_id: The federation's id.
+        round_id: The round.
+        roster: Site id to raw Ed25519 public key, distributed out of band.
+        identity_key: This site's long-term Ed25519 private key (matches the roster).
+        block_sizes: The federation's layout: block name to number of float32 values.
+        params: The round's protocol parameters.
+        contribution: This site's updates, weight and policy minimum.
+
+    Raises:
+        ValueError: inconsistent arguments (unknown site, key not matching the roster,
+            update sizes not matching the layout, weight above ``params.max_weight``).
+
+    Notes:
+        A site never trusts the coordinator with a secret: shares travel encrypted to
+        their recipients, and the only secrets it reveals are the shares the protocol
+        needs, one kind per peer (Bonawitz et al. 2017, section 4).
+    """
+
+    def __init__(
+        self,
+        *,
+        site_id: str,
+        federation_id: str,
+        round_id: int,
+        roster: Mapping[str, bytes],
+        identity_key: Ed25519PrivateKey,
+        block_sizes: Mapping[str, int],
+        params: SecAggParams,
+        contribution: SiteContribution,
+    ) -> None:
+        validate_roster(roster)
+        validate_block_sizes(block_sizes)
+        if not is_valid_identifier(federation_id):
+            raise ValueError("federation_id is not a valid identifier")
+        if not isinstance(round_id, int) or isinstance(round_id, bool) or not 0 <= round_id < 1 << 64:
+            raise ValueError("round_id must be an int in 0..2**64-1")
+        if site_id not in roster:
+            raise ValueError(f"site {site_id!r} is not in the roster")
+        if crypto.identity_public_key(identity_key) != roster[site_id]:
+            raise ValueError(f"identity key of {site_id} does not match the roster")
+        for block, update in contribution.blocks.items():
+            if block not in block_sizes:
+                raise ValueError(f"block {block} is not in the federation layout")
+            validate_update(update, name=block, size=block_sizes[block])
+        check_weight(contribution.weight, params)
+        self._site_id = site_id
+        self._federation_id = federation_id
+        self._round_id = round_id
+        self._roster = dict(roster)
+        self._identity_key = identity_key
+        self._block_sizes = dict(block_sizes)
+        self._params = params
+        self._contribution = contribution
+        self._x = share_x_coordinates(self._roster)
+        self._stage = _Stage.NEW
+        self._advertisement = b""
+        self._share_private_key = b""
+        self._secrets: dict[str, _BlockSecrets] = {}
+        self._shared: _SharedState | None = None
+        self._masked: _MaskedState | None = None
+        self._last_blocks: tuple[str, ...] = ()
+
+    @property
+    def site_id(self) -> str:
+        """This site's id."""
+        return self._site_id
+
+    @property
+    def last_message_blocks(self) -> tuple[str, ...]:
+        """The blocks the last message this machine produced is about (for the audit log):
+        the blocks advertised, then those shared, masked, and unmasked."""
+        return self._last_blocks
+
+    @property
+    def stage(self) -> str:
+        """The last stage completed (``"new"``, then a name from :data:`STAGE_NAMES`)."""
+        return "new" if self._stage is _Stage.NEW else STAGE_NAMES[self._stage - 1]
+
+    # ----------------------------------------------------------------- stage 1
+
+    def advertise_keys(self) -> bytes:
+        """Stage 1: make this round's keys and seeds and return the signed advertisement.
+
+        Raises:
+            ReplayedMessageError: keys were already advertised this round.
+        """
+        self._require_stage(_Stage.NEW, "advertise_keys")
+        share_private_key, share_public_key = crypto.generate_x25519_key_pair()
+        secrets_by_block: dict[str, _BlockSecrets] = {}
+        for block in sorted(self._contribution.blocks):
+            private_key, public_key = crypto.generate_x25519_key_pair()
+            seed = os.urandom(_SEED_BYTES)
+            commitment = kdf.seed_commitment(
+                seed, federation_id=self._federation_id, round_id=self._round_id, block=block, site=self._site_id
+            )
+            secrets_by_block[block] = _BlockSecrets(private_key, public_key, seed, commitment)
+        message = AdvertiseKeys(
+            federation_id=self._federation_id,
+            round_id=self._round_id,
+            site_id=self._site_id,
+            share_public_key=share_public_key,
+            min_contributors=self._contribution.min_contributors,
+            blocks=tuple(BlockKeys(b, s.mask_public_key, s.commitment) for b, s in secrets_by_block.items()),
+        )
+        encoded = encode_site_message(message, self._identity_key)
+        self._share_private_key = share_private_key
+        self._secrets = secrets_by_block
+        self._advertisement = encoded
+        self._last_blocks = tuple(secrets_by_block)
+        self._stage = _Stage.ADVERTISED
+        logger.info(
+            "site %s advertised keys for round %d (%d blocks)", self._site_id, self._round_id, len(secrets_by_block)
+        )
+        return encoded
+
+    # ----------------------------------------------------------------- stage 2
+
+    def share_keys(self, untrusted_key_bundle: bytes) -> bytes:
+        """Stage 2: verify the advertisements, form the block groups, and return the
+        encrypted shares for every neighbour.
+
+        Raises:
+            StageOrderError: not the message this stage expects, or keys not advertised.
+            ReplayedMessageError: a bundle was already processed, or it holds two
+                advertisements from one site.
+            MalformedMessageError: (and subclasses) a malformed bundle or advertisement.
+            WrongFederationError, WrongRoundError, WrongRecipientError: wrong context.
+            UnknownSenderError: an advertisement from a site outside the roster.
+            AuthenticationError: an advertisement's signature does not verify.
+            InconsistentMessageError: this site's own advertisement is missing or
+                altered, or a block outside the layout is advertised.
+            DuplicatePublicKeyError: two advertised public keys are equal.
+            AllZeroSharedSecretError: a neighbour's share key is a low-order point.
+        """
+        bundle = self._decode(untrusted_key_bundle, KeyBundle)
+        adverts = self._verify_advertisements(bundle)
+        plan = plan_blocks(
+            {s: [b.block for b in a.blocks] for s, a in adverts.items()},
+            {s: a.min_contributors for s, a in adverts.items()},
+            self._params,
+        )
+        own_shares, ciphertexts = self._make_shares(plan, adverts)
+        message = EncryptedShares(
+            federation_id=self._federation_id, round_id=self._round_id, site_id=self._site_id, shares=tuple(ciphertexts)
+        )
+        encoded = encode_site_message(message, self._identity_key)
+        self._shared = _SharedState(plan, adverts, own_shares)
+        self._last_blocks = plan.blocks_of(self._site_id)
+        self._stage = _Stage.SHARED
+        logger.info(
+            "site %s shared keys with %d neighbours in round %d (aggregating %s)",
+            self._site_id,
+            len(ciphertexts),
+            self._round_id,
+            ", ".join(plan.blocks_of(self._site_id)) or "nothing",
+        )
+        return encoded
+
+    def _verify_advertisements(self, bundle: KeyBundle) -> dict[str, AdvertiseKeys]:
+        adverts: dict[str, AdvertiseKeys] = {}
+        own_seen = False
+        for untrusted_advert in bundle.advertisements:
+            advert = decode_site_message(
+                untrusted_advert,
+                federation_id=self._federation_id,
+                round_id=self._round_id,
+                roster=self._roster,
+                max_bytes=self._params.max_message_bytes,
+            )
+            if not isinstance(advert, AdvertiseKeys):
+                raise MalformedMessageError("key bundle holds a message that is not an advertisement")
+            if advert.site_id in adverts:
+                raise ReplayedMessageError(f"key bundle holds two advertisements from {advert.site_id}")
+            for entry in advert.blocks:
+                if entry.block not in self._block_sizes:
+                    raise InconsistentMessageError(
+                        f"{advert.site_id} advertised block {entry.block} outside the layout"
+                    )
+            if advert.site_id == self._site_id:
+                if untrusted_advert != self._advertisement:
+                    raise InconsistentMessageError("key bundle alters this site's advertisement")
+                own_seen = True
+            adverts[advert.site_id] = advert
+        if not own_seen:
+            raise InconsistentMessageError("key bundle lacks this site's advertisement")
+        _check_distinct_keys(adverts.values())
+        return adverts
+
+    def _make_shares(
+        self, plan: BlockPlan, adverts: Mapping[str, AdvertiseKeys]
+    ) -> tuple[dict[str, tuple[int, int]], list[EncryptedShare]]:
+        per_holder: dict[str, list[BlockShares]] = {}
+        own_shares: dict[str, tuple[int, int]] = {}
+        for block in plan.blocks_of(self._site_id):
+            holders = plan.groups[block]
+            xs = [self._x[h] for h in holders]
+            secret = self._secrets[block]
+            key_shares = shamir.split(secret.mask_private_key, threshold=plan.thresholds[block], xs=xs)
+            seed_shares = shamir.split(secret.seed, threshold=plan.thresholds[block], xs=xs)
+            for holder, key_share, seed_share in zip(holders, key_shares, seed_shares, strict=True):
+                if holder == self._site_id:
+                    own_shares[block] = (key_share, seed_share)
+                else:
+                    entry = BlockShares(block, shamir.share_to_bytes(key_share), shamir.share_to_bytes(seed_share))
+                    per_holder.setdefault(holder, []).append(entry)
+        ciphertexts = []
+        for peer in neighbours(self._site_id, plan):
+            plaintext = SharePlaintext(
+                federation_id=self._federation_id,
+                round_id=self._round_id,
+                sender=self._site_id,
+                recipient=peer,
+                blocks=tuple(per_holder[peer]),
+            )
+            key = self._share_key(adverts[peer].share_public_key, sender=self._site_id, recipient=peer)
+            nonce = os.urandom(crypto.AEAD_NONCE_BYTES)
+            associated = kdf.share_associated_data(
+                federation_id=self._federation_id, round_id=self._round_id, sender=self._site_id, recipient=peer
+            )
+            ciphertexts.append(
+                EncryptedShare(
+                    peer, nonce, crypto.aead_encrypt(key, nonce, encode_share_plaintext(plaintext), associated)
+                )
+            )
+        return own_shares, ciphertexts
+
+    def _share_key(self, peer_share_public_key: bytes, *, sender: str, recipient: str) -> bytes:
+        secret = _agree(self._share_private_key, peer_share_public_key)
+        return kdf.share_encryption_key(
+            secret, federation_id=self._federation_id, round_id=self._round_id, sender=sender, recipient=recipient
+        )
+
+    # ----------------------------------------------------------------- stage 3
+
+    def masked_input(self, untrusted_share_delivery: bytes) -> bytes:
+        """Stage 3: decrypt the shares addressed to this site and return the masked
+        input of every block whose group still meets the threshold and minimums.
+
+        Raises:
+            StageOrderError: not the message this stage expects, or keys not shared.
+            ReplayedMessageError: a share delivery was already processed.
+            MalformedMessageError: (and subclasses) a malformed delivery or plaintext.
+            WrongFederationError, WrongRoundError, WrongRecipientError: wrong context.
+            UnknownSenderError: a share sender that did not advertise.
+            InconsistentMessageError: this site missing from the senders, or a share
+                missing, unexpected, or covering the wrong blocks.
+            AuthenticationError: a share ciphertext does not decrypt.
+            AllZeroSharedSecretError: a neighbour's mask key is a low-order point.
+        """
+        delivery = self._decode(untrusted_share_delivery, ShareDelivery)
+        shared = self._shared_state()
+        state = _MaskedState(share_senders=frozenset(delivery.share_senders))
+        self._check_share_senders(shared, state.share_senders)
+        self._receive_shares(shared, delivery, state)
+        blocks = []
+        plan = shared.plan
+        for block in plan.blocks_of(self._site_id):
+            group = tuple(s for s in plan.groups[block] if s in state.share_senders)
+            if block_shortfall(group, plan=plan, block=block, params=self._params, stage="shared keys") is not None:
+                continue
+            blocks.append(MaskedBlock(block, self._mask_block(shared, block, group)))
+            state.mask_groups[block] = group
+        message = MaskedInput(
+            federation_id=self._federation_id, round_id=self._round_id, site_id=self._site_id, blocks=tuple(blocks)
+        )
+        encoded = encode_site_message(message, self._identity_key)
+        self._masked = state
+        self._last_blocks = tuple(block.block for block in blocks)
+        self._stage = _Stage.MASKED
+        logger.info("site %s sent masked input for %d block(s) in round %d", self._site_id, len(blocks), self._round_id)
+        return encoded
+
+    def _check_share_senders(self, shared: _SharedState, senders: frozenset[str]) -> None:
+        unknown = senders - shared.adverts.keys()
+        if unknown:
+            raise UnknownSenderError("share senders include sites that did not advertise")
+        if self._site_id not in senders:
+            raise InconsistentMessageError("share senders omit this site")
+
+    def _receive_shares(self, shared: _SharedState, delivery: ShareDelivery, state: _MaskedState) -> None:
+        plan = shared.plan
+        expected = [peer for peer in neighbours(self._site_id, plan) if peer in state.share_senders]
+        received = [share.peer for share in delivery.shares]
+        if received != expected:
+            raise InconsistentMessageError(
+                "share delivery does not hold exactly one ciphertext per neighbour that shared keys"
+            )
+        for share in delivery.shares:
+            key = self._share_key(
+                shared.adverts[share.peer].share_public_key, sender=share.peer, recipient=self._site_id
+            )
+            associated = kdf.share_associated_data(
+                federation_id=self._federation_id, round_id=self._round_id, sender=share.peer, recipient=self._site_id
+            )
+            plaintext = decode_share_plaintext(
+                crypto.aead_decrypt(key, share.nonce, share.ciphertext, associated),
+                federation_id=self._federation_id,
+                round_id=self._round_id,
+                sender=share.peer,
+                recipient=self._site_id,
+            )
+            if tuple(entry.block for entry in plaintext.blocks) != plan.common_blocks(self._site_id, share.peer):
+                raise InconsistentMessageError(f"shares from {share.peer} cover the wrong blocks")
+            for entry in plaintext.blocks:
+                try:
+                    values = (shamir.share_from_bytes(entry.mask_key_share), shamir.share_from_bytes(entry.seed_share))
+                except ValueError:
+                    raise MalformedMessageError(f"share from {share.peer} is not a field element") from None
+                state.held[(share.peer, entry.block)] = values
+        for block, values in shared.own_shares.items():
+            state.held[(self._site_id, block)] = values
+
+    def _mask_block(self, shared: _SharedState, block: str, group: tuple[str, ...]) -> np.ndarray:
+        adverts = shared.adverts
+        peers = {
+            peer: next(e.mask_public_key for e in adverts[peer].blocks if e.block == block)
+            for peer in group
+            if peer != self._site_id
+        }
+        secret = self._secrets[block]
+        return mask_block(
+            self._contribution.blocks[block],
+            weight=self._contribution.weight,
+            params=self._params,
+            federation_id=self._federation_id,
+            round_id=self._round_id,
+            block=block,
+            site_id=self._site_id,
+            seed=secret.seed,
+            mask_private_key=secret.mask_private_key,
+            peer_mask_public_keys=peers,
+        )
+
+    # ----------------------------------------------------------------- stage 4
+
+    def unmask(self, untrusted_unmask_request: bytes) -> bytes:
+        """Stage 4: reveal, for each peer of each block sent, the share of its self-mask
+        seed (it survived) or of its mask key (it dropped), never both; answered once.
+
+        Raises:
+            StageOrderError: not the message this stage expects, or no masked input sent.
+            ReplayedMessageError: an unmask request was already answered.
+            MalformedMessageError: (and subclasses) a malformed request.
+            WrongFederationError, WrongRoundError, WrongRecipientError: wrong context.
+            BothSharesRequestedError: a site is named both survivor and dropped.
+            InconsistentMessageError: the survivors and dropped sites are not exactly the
+                sites that shared keys, or this site is not among the survivors.
+
+        Notes:
+            Revealing both shares of one peer would let the coordinator strip every mask
+            from that peer's input. The partition check, the single answer per round and
+            the threshold ``t > n/2`` over each group together prevent it (Bonawitz et
+            al. 2017, section 4). Seeds of a block are revealed only when its survivors
+            meet every minimum, so a sum over fewer sites is never unmasked.
+        """
+        request = self._decode(untrusted_unmask_request, UnmaskRequest)
+        shared, masked = self._shared_state(), self._masked_state()
+        survivors, dropped = set(request.survivors), set(request.dropped)
+        if survivors & dropped:
+            raise BothSharesRequestedError("unmask request names a site both survivor and dropped")
+        if survivors | dropped != masked.share_senders:
+            raise InconsistentMessageError("survivors and dropped sites must be exactly the sites that shared keys")
+        if self._site_id not in survivors:
+            raise InconsistentMessageError("unmask request does not count this site as a survivor")
+        revealed = []
+        for block, group in sorted(masked.mask_groups.items()):
+            contributors = tuple(s for s in group if s in survivors)
+            if block_shortfall(
+                contributors, plan=shared.plan, block=block, params=self._params, stage="sent masked input"
+            ):
+                continue
+            for peer in group:
+                key_share, seed_share = masked.held[(peer, block)]
+                kind, value = (
+                    (ShareKind.SELF_MASK_SEED, seed_share) if peer in survivors else (ShareKind.MASK_KEY, key_share)
+                )
+                revealed.append(RevealedShare(peer, block, kind, shamir.share_to_bytes(value)))
+        revealed.sort(key=lambda s: (s.peer, s.block))
+        message = UnmaskResponse(
+            federation_id=self._federation_id, round_id=self._round_id, site_id=self._site_id, shares=tuple(revealed)
+        )
+        encoded = encode_site_message(message, self._identity_key)
+        self._stage = _Stage.DONE
+        self._last_blocks = tuple(sorted({share.block for share in revealed}))
+        self._forget_secrets()
+        logger.info("site %s revealed %d share(s) in round %d", self._site_id, len(revealed), self._round_id)
+        return encoded
+
+    # ----------------------------------------------------------------- helpers
+
+    def _forget_secrets(self) -> None:
+        """Drop every reference to this round's secrets (Python cannot wipe memory)."""
+        self._secrets = {}
+        self._share_private_key = b""
+        self._shared = None
+        self._masked = None
+
+    def _require_stage(self, stage: _Stage, what: str) -> None:
+        if self._stage is stage:
+            return
+        if self._stage > stage:
+            raise ReplayedMessageError(f"{what}: that stage is already done")
+        raise StageOrderError(f"{what}: an earlier stage is not done")
+
+    def _shared_state(self) -> _SharedState:
+        if self._shared is None:
+            raise StageOrderError("keys have not been shared")
+        return self._shared
+
+    def _masked_state(self) -> _MaskedState:
+        if self._masked is None:
+            raise StageOrderError("no masked input has been sent")
+        return self._masked
+
+    def _decode(self, untrusted_message: bytes, expected: type[_CoordinatorMessageT]) -> _CoordinatorMessageT:
+        got = peek_message_type(untrusted_message, max_bytes=self._params.max_message_bytes)
+        if got not in _EXPECTED:
+            raise MalformedMessageError(f"{got.name} is not a coordinator message")
+        if got != expected.TYPE:
+            if _EXPECTED[got] < self._stage:
+                raise ReplayedMessageError(f"{got.name} belongs to a stage already done")
+            raise StageOrderError(f"expected {expected.TYPE.name}, got {got.name}")
+        self._require_stage(_EXPECTED[got], got.name)
+        message = decode_coordinator_message(
+            untrusted_message,
+            federation_id=self._federation_id,
+            round_id=self._round_id,
+            recipient=self._site_id,
+            max_bytes=self._params.max_message_bytes,
+        )
+        if not isinstance(message, expected):
+            raise MalformedMessageError(f"expected {expected.__name__}")
+        return message
+
+
+def _check_distinct_keys(adverts: Iterable[AdvertiseKeys]) -> None:
+    seen: set[bytes] = set()
+    for advert in adverts:
+        for key in (advert.share_public_key, *(entry.mask_public_key for entry in advert.blocks)):
+            if key in seen:
+                raise DuplicatePublicKeyError("two advertised public keys are equal")
+            seen.add(key)

@@ -1,0 +1,277 @@
+"""Audit review: per-round and per-block summaries, rich tables that never obey markup from
+the log, and a self-contained HTML page whose plots are valid inline PNGs and whose log
+strings are escaped."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import stat
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from blossom_secure import crypto
+from blossom_secure.audit import AuditLog, read_verified_records
+from blossom_secure.audit_report import PROTOCOL_BYTES, review_table, summarise, write_html
+from blossom_secure.errors import AuditIntegrityError
+
+KEY = crypto.generate_identity_key()
+PUBLIC_KEY = crypto.identity_public_key(KEY)
+SITE = "st-mary"
+POLICY = "ab" * 32
+NEW_POLICY = "ef" * 32
+MALICIOUS = '<script>alert("x")</script> [bold red]styled[/] \x1b[2J\u202egnp.exe'
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def training(epsilon_round: float, epsilon_total: float) -> dict:
+    return {
+        "steps": 100,
+        "epsilon_round": epsilon_round,
+        "epsilon_total": epsilon_total,
+        "delta": 1e-5,
+        "noise_multiplier": 1.2,
+        "sample_rate": 0.01,
+    }
+
+
+def egress(message_type: str, shapes: dict, payload_bytes: int, digest: str, **extra) -> dict:
+    return {
+        "message_type": message_type,
+        "blocks": list(shapes),
+        "shapes": shapes,
+        "payload_bytes": payload_bytes,
+        "payload_sha256": digest,
+        **extra,
+    }
+
+
+EVENTS = [
+    ("site_initialised", None, {"key_fingerprint": crypto.key_fingerprint(PUBLIC_KEY)}, None),
+    ("policy_loaded", None, {"policy_sha256": POLICY, "shareable": ["encoder.*", "fusion"]}, POLICY),
+    ("round_joined", 1, {}, POLICY),
+    ("training_finished", 1, training(0.5, 0.5), POLICY),
+    ("egress", 1, egress("advertise_keys", {}, 300, "01" * 32), POLICY),
+    ("egress", 1, egress("masked_input", {"encoder.image": [10, 3], "fusion": [10]}, 4000, "02" * 32), POLICY),
+    ("secagg_stage_completed", 1, {"stage": "unmask"}, POLICY),
+    ("round_declined", 2, {"reason": MALICIOUS}, POLICY),
+    ("policy_loaded", None, {"policy_sha256": NEW_POLICY, "shareable": ["fusion"]}, NEW_POLICY),
+    ("round_joined", 3, {}, NEW_POLICY),
+    ("training_finished", 3, training(0.75, 1.25), NEW_POLICY),
+    (
+        "egress",
+        3,
+        egress("masked_input", {"fusion": [10], "encoder.tabular": [5]}, 1000, "03" * 32, block_bytes={"fusion": 700}),
+        NEW_POLICY,
+    ),
+    ("egress", 3, egress("masked_input", {"fusion": [10]}, 500, "04" * 32), NEW_POLICY),
+    ("secagg_aborted", 3, {"stage": "unmask", "reason": "too few survivors"}, NEW_POLICY),
+    ("error", None, {"message": MALICIOUS, "error_type": "ProtocolError"}, NEW_POLICY),
+    ("egress", None, egress("hello", {}, 64, "05" * 32), NEW_POLICY),
+]
+
+
+def make_records(tmp_path: Path, events=EVENTS) -> list[dict]:
+    path = tmp_path / "audit.jsonl"
+    with AuditLog.open(path, site_id=SITE, signing_key=KEY) as log:
+        for i, (event, round_id, details, policy) in enumerate(events):
+            log._append_at_time(
+                f"2026-03-01T12:00:{i:02d}.000000Z", event, round_id=round_id, details=details, policy_sha256=policy
+            )
+    _, records = read_verified_records(path, public_key=PUBLIC_KEY)
+    return records
+
+
+@pytest.fixture
+def review(tmp_path):
+    return summarise(make_records(tmp_path))
+
+
+def test_summarise_per_round(review):
+    assert review.site_id == SITE
+    assert review.records == len(EVENTS)
+    assert review.key_fingerprints == (crypto.key_fingerprint(PUBLIC_KEY),)
+    assert [p.policy_sha256 for p in review.policies] == [POLICY, NEW_POLICY]
+    assert [r.round_id for r in review.rounds] == [1, 2, 3]
+    one, two, three = review.rounds
+    assert (one.status, two.status, three.status) == ("joined", "declined", "joined, aborted")
+    assert two.decline_reasons == (MALICIOUS,)
+    assert one.training.epsilon_round == 0.5 and three.training.epsilon_total == 1.25
+    assert three.training.delta == 1e-5
+    assert review.epsilon_total == 1.25
+    assert [m.payload_sha256 for m in one.egress] == ["01" * 32, "02" * 32]
+    assert one.egress[1].shapes == {"encoder.image": (10, 3), "fusion": (10,)}
+    assert one.stages_completed == ("unmask",)
+    assert [i.kind for i in three.incidents] == ["secagg_aborted"]
+    assert [i.kind for i in review.incidents] == ["secagg_aborted", "error"]
+    assert one.policy_sha256s == (POLICY,) and three.policy_sha256s == (NEW_POLICY,)
+    assert [m.message_type for m in review.unrounded_egress] == ["hello"]
+
+
+def test_bytes_per_block_add_up(review):
+    one, _, three = review.rounds
+    advertise, masked = one.egress
+    assert advertise.block_bytes == {PROTOCOL_BYTES: 300} and not advertise.estimated
+    # Split 4000 bytes by element count 30 : 10.
+    assert masked.estimated and masked.block_bytes == {"encoder.image": 3000, "fusion": 1000}
+    recorded, single = three.egress
+    assert not recorded.estimated
+    assert recorded.block_bytes == {"fusion": 700, "encoder.tabular": 0, PROTOCOL_BYTES: 300}
+    assert single.block_bytes == {"fusion": 500}
+    assert one.payload_bytes == 4300 and three.payload_bytes == 1500
+    totals = {t.block: t for t in review.block_totals}
+    assert totals["fusion"].payload_bytes == 1000 + 700 + 500
+    assert totals["fusion"].rounds == (1, 3) and totals["fusion"].messages == 3
+    assert totals["encoder.image"].estimated and not totals[PROTOCOL_BYTES].estimated
+    assert totals[PROTOCOL_BYTES].payload_bytes == 300 + 300 + 64
+    assert review.payload_bytes == 4300 + 1500 + 64
+    assert review.block_totals[-1].block == PROTOCOL_BYTES
+
+
+def test_uneven_split_is_exact(tmp_path):
+    events = [
+        ("egress", 1, egress("m", {"fusion": [1], "encoder.image": [1], "encoder.tabular": [1]}, 10, "00" * 32), POLICY)
+    ]
+    message = summarise(make_records(tmp_path, events)).rounds[0].egress[0]
+    assert sum(message.block_bytes.values()) == 10
+    assert sorted(message.block_bytes.values()) == [3, 3, 4]
+
+
+def test_heads_that_left_the_site_are_flagged(tmp_path):
+    events = [("egress", 1, egress("masked_input", {"head.malignancy": [2, 8]}, 64, "00" * 32), POLICY)]
+    review = summarise(make_records(tmp_path, events))
+    assert [m.seq for m in review.heads_sent] == [0]
+    assert "seq 0: head.malignancy" in html_page(review, tmp_path)
+
+
+def test_summarise_empty_log():
+    review = summarise([])
+    assert review.rounds == () and review.records == 0 and review.epsilon_total is None
+
+
+def test_summarise_rejects_malformed_records(tmp_path):
+    records = make_records(tmp_path)
+    bad = dict(records[4])
+    bad["details"] = {**bad["details"], "payload_bytes": "lots"}
+    with pytest.raises(AuditIntegrityError) as info:
+        summarise(records[:4] + [bad])
+    assert (info.value.line, info.value.seq) == (5, 4)
+    other_site = dict(records[1], site_id="st-john")
+    with pytest.raises(AuditIntegrityError, match="differs"):
+        summarise(records[:1] + [other_site])
+    with pytest.raises(AuditIntegrityError):
+        summarise(["not a record"])
+
+
+def render(table) -> str:
+    console = Console(record=True, width=400, force_terminal=True, color_system="truecolor")
+    console.print(table)
+    return console.export_text(styles=False)
+
+
+def test_review_table_all_rounds(review):
+    rounds, messages, blocks = review_table(review)
+    assert (rounds.row_count, messages.row_count, blocks.row_count) == (3, 5, 4)
+    text = render(rounds)
+    assert "declined" in text and "too few survivors" in text
+    assert "1.25" in render(rounds)
+    assert "02" * 32 in render(messages)
+    assert "~" in render(blocks)
+
+
+def test_review_table_one_round(review):
+    rounds, messages, blocks = review_table(review, round_id=3)
+    assert (rounds.row_count, messages.row_count) == (1, 2)
+    assert {row.strip() for row in render(blocks).splitlines() if "fusion" in row}
+    with pytest.raises(ValueError, match="round 99"):
+        review_table(review, round_id=99)
+
+
+def test_review_table_does_not_obey_markup_or_escapes_from_the_log(review):
+    console = Console(record=True, width=400, force_terminal=True, color_system="truecolor")
+    for table in review_table(review):
+        console.print(table)
+    plain = console.export_text(styles=False)
+    assert "[bold red]styled[/]" in plain  # shown literally, not applied
+    assert "\x1b[2J" not in console.export_text(styles=True)
+    assert "\\u001b[2J" in plain and "\\u202e" in plain
+    assert "\u202e" not in plain
+
+
+def html_page(review, tmp_path: Path, **kwargs) -> str:
+    path = tmp_path / "report.html"
+    write_html(review, path, site_id=SITE, epsilon_budget=kwargs.get("epsilon_budget", 2.0))
+    return path.read_text(encoding="utf-8")
+
+
+def test_html_report_has_three_valid_png_plots(review, tmp_path):
+    from matplotlib import image
+
+    page = html_page(review, tmp_path)
+    images = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == 3
+    for data in images:
+        png = base64.b64decode(data, validate=True)
+        assert png.startswith(PNG_SIGNATURE)
+        pixels = image.imread(io.BytesIO(png), format="png")
+        assert pixels.shape[0] > 100 and pixels.shape[1] > 100
+    for title in ("Privacy spent over rounds", "Bytes out per block per round", "Rounds joined and declined"):
+        assert title in page
+
+
+def test_html_report_is_self_contained(review, tmp_path):
+    page = html_page(review, tmp_path)
+    lowered = page.lower()
+    assert "<script" not in lowered
+    assert "<link" not in lowered and "href=" not in lowered
+    sources = re.findall(r'src="([^"]*)"', page)
+    assert len(sources) == 3
+    assert all(s.startswith("data:image/png;base64,") for s in sources)
+    assert "<style>" in page
+    assert "default-src 'none'" in page
+
+
+def test_html_report_escapes_log_strings(review, tmp_path):
+    page = html_page(review, tmp_path)
+    assert '<script>alert("x")</script>' not in page
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
+    assert "\x1b" not in page and "\u202e" not in page
+    assert "\\u202egnp.exe" in page
+
+
+def test_html_report_contains_the_tables(review, tmp_path):
+    page = html_page(review, tmp_path)
+    for digest in ("01" * 32, "02" * 32, "03" * 32, "04" * 32, "05" * 32):
+        assert digest in page
+    assert POLICY in page and NEW_POLICY in page
+    assert "encoder.image [10, 3], fusion [10]" in page
+    assert "too few survivors" in page
+
+
+def test_html_report_for_an_empty_log_still_has_three_plots(tmp_path):
+    page = html_page(summarise([]), tmp_path, epsilon_budget=None)
+    assert page.count("data:image/png;base64,") == 3
+
+
+def test_write_html_is_atomic_and_private(review, tmp_path):
+    path = tmp_path / "report.html"
+    path.write_text("old")
+    write_html(review, path, site_id=SITE, epsilon_budget=None)
+    assert path.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.head.json", "audit.jsonl", "report.html"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_write_html_rejects_misuse(review, tmp_path):
+    with pytest.raises(ValueError, match="st-john"):
+        write_html(review, tmp_path / "r.html", site_id="st-john", epsilon_budget=1.0)
+    for budget in (0.0, -1.0, float("nan"), float("inf"), True, "8"):
+        with pytest.raises(ValueError):
+            write_html(review, tmp_path / "r.html", site_id=SITE, epsilon_budget=budget)
+    assert not (tmp_path / "r.html").exists()
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(OSError):
+        write_html(review, tmp_path / "a-file" / "r.html", site_id=SITE, epsilon_budget=None)

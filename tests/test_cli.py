@@ -1,0 +1,89 @@
+"""The real commands, run in subprocesses: exit codes, one clear line per problem, no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    name, *rest = args
+    env = {k: v for k, v in os.environ.items() if k != "BLOSSOM_DEBUG"}
+    env["COLUMNS"] = "200"
+    return subprocess.run([str(BIN / name), *rest], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+def assert_clean_failure(proc: subprocess.CompletedProcess, code: int) -> None:
+    assert proc.returncode == code, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert proc.stderr.startswith("error:")
+
+
+def test_check_valid_site(copy_sites):
+    sites = copy_sites()
+    proc = cli("blossom-site", "check", str(sites / "lakeside"))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "valid" in out
+    assert "head.malignancy" in out and "task heads never leave" in out
+    assert "fusion" in out and "not shareable by policy" in out
+    assert "with imaging study" in out and "with clinical features" in out
+
+
+def test_check_broken_policy_lists_every_problem(copy_sites):
+    sites = copy_sites()
+    policy = sites.parent / "policies" / "standard.toml"
+    policy.write_text(policy.read_text().replace('"fusion"', '"head.malignancy"')
+                      .replace("delta = 1e-5", "delta = 5.0") + "\nbogus = 1\n")
+    proc = cli("blossom-site", "check", str(sites / "st-mary"))
+    assert_clean_failure(proc, 2)
+    lines = [line.strip() for line in proc.stderr.splitlines()]
+    assert any("standard.toml: sharing.shareable:" in l and "task heads never leave" in l for l in lines)
+    assert any("standard.toml: privacy.delta: must be less than 0.01" in l for l in lines)
+    assert any("standard.toml: secure_aggregation.bogus: unknown key" in l for l in lines)
+    assert "3 problems" in lines[0]
+
+
+def test_check_broken_site_file(copy_sites):
+    sites = copy_sites()
+    site = sites / "riverside" / "site.toml"
+    site.write_text(site.read_text().replace('modalities = ["tabular"]', 'modalities = "tabular"'))
+    proc = cli("blossom-site", "check", str(sites / "riverside"))
+    assert_clean_failure(proc, 2)
+    assert "site.toml: data.modalities: must be a list, not a string" in proc.stderr
+
+
+def test_check_bad_data(copy_sites):
+    sites = copy_sites()
+    csv = sites / "riverside" / "data" / "clinical.csv"
+    lines = csv.read_text().splitlines()
+    lines[1] = lines[1].replace(lines[1].split(",")[1], "not-a-number", 1)
+    csv.write_text("\n".join(lines) + "\n")
+    proc = cli("blossom-site", "check", str(sites / "riverside"))
+    assert_clean_failure(proc, 2)
+    assert "clinical.csv" in proc.stderr
+
+
+def test_check_missing_folder_and_bad_arguments(tmp_path):
+    assert_clean_failure(cli("blossom-site", "check", str(tmp_path / "nowhere")), 2)
+    assert_clean_failure(cli("blossom-site", "frobnicate"), 2)
+    assert_clean_failure(cli("blossom", "simulate", "--rounds", "two", "--out", str(tmp_path)), 2)
+    assert_clean_failure(cli("blossom", "simulate", "--out", str(tmp_path), "--mode", "full-model"), 2)
+
+
+@pytest.mark.slow
+def test_simulate_quick_writes_metrics(copy_sites, tmp_path):
+    sites = copy_sites()
+    proc = cli("blossom", "simulate", "--sites", str(sites), "--out", str(tmp_path / "run"), "--quick", "--rounds", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "round 1" in proc.stdout and "st-mary" in proc.stdout
+    doc = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert doc["rounds"] == 1 and doc["secure_aggregation"] is True
+    assert {r["site"] for r in doc["metrics"]} == {"st-mary", "northgate", "riverside", "lakeside"}

@@ -1,0 +1,125 @@
+"""End to end: a 2-round federation of the (tiny) example sites, with DP, block-wise."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from blossom_secure.federation import simulate
+from blossom_secure.privacy import PrivacyLedger
+from blossom_secure.config import load_federation, load_site
+
+pytestmark = pytest.mark.slow
+
+
+def run(sites, tmp_path, **kwargs):
+    args = dict(sites_root=sites, rounds=2, out_dir=tmp_path / "out", seed=0) | kwargs
+    return simulate(**args)
+
+
+def test_two_round_blockwise_federation(copy_sites, tmp_path):
+    sites = copy_sites()
+    result = run(sites, tmp_path, secure=False, mode="blockwise")
+    doc = json.loads(result.metrics_path.read_text())
+    # plaintext: every example policy requires secure aggregation, so every site declines
+    assert all(row["declined"] for row in doc["metrics"])
+
+
+def test_plaintext_round_when_policies_allow_it(copy_sites, tmp_path):
+    sites = copy_sites()
+    for policy in (sites.parent / "policies").glob("*.toml"):
+        policy.write_text(policy.read_text().replace("required = true", "required = false"))
+    result = run(sites, tmp_path, secure=False, mode="blockwise")
+    doc = json.loads(result.metrics_path.read_text())
+    rows = doc["metrics"]
+    assert {r["round"] for r in rows} == {0, 1}
+    assert {r["site"] for r in rows} == {"st-mary", "northgate", "riverside", "lakeside"}
+    assert not any(r["declined"] for r in rows)
+    for r in rows:
+        assert r["metric"] == "accuracy" and 0 <= r["value"] <= 1 and r["epsilon"] > 0
+    # groups: encoders and fusion are aggregated over the sites that hold and share them
+    blocks = doc["blocks"]["1"]
+    assert sorted(blocks["encoder.image"]["contributors"]) == ["lakeside", "northgate", "st-mary"]
+    assert sorted(blocks["encoder.tabular"]["contributors"]) == ["lakeside", "riverside", "st-mary"]
+    assert sorted(blocks["fusion"]["contributors"]) == ["northgate", "riverside", "st-mary"]  # lakeside keeps fusion
+    assert not any(b.startswith("head.") for b in blocks)
+    # final global blocks written; heads never among them
+    with np.load(result.out_dir / "global_blocks.npz") as g:
+        assert set(g.files) == {"encoder.image", "encoder.tabular", "fusion"}
+        glob = {k: g[k] for k in g.files}
+    # sites that contributed a block hold exactly the global value of it after the round
+    with np.load(sites / "st-mary" / "state" / "blocks.npz") as s:
+        assert np.array_equal(s["fusion"], glob["fusion"])
+        assert "head.malignancy" in s.files
+    with np.load(sites / "lakeside" / "state" / "blocks.npz") as s:
+        assert not np.array_equal(s["fusion"], glob["fusion"])  # private fusion
+
+
+def test_budget_exhaustion_declines_and_federation_goes_on(copy_sites, tmp_path):
+    sites = copy_sites()
+    for policy in (sites.parent / "policies").glob("*.toml"):
+        policy.write_text(policy.read_text().replace("required = true", "required = false"))
+    conservative = sites.parent / "policies" / "conservative.toml"
+    # lakeside's budget allows one round only
+    fed = load_federation(sites / "federation.toml")
+    lake = load_site(sites / "lakeside", federation=fed)
+    one_round = None
+    text = conservative.read_text()
+    from blossom_secure.training import plan_round
+    from blossom_secure.privacy import compute_epsilon
+    import re
+
+    run(sites, tmp_path, secure=False, rounds=1)
+    ledger = PrivacyLedger(sites / "lakeside" / "state" / "ledger.json", site_id="lakeside", terms=lake.policy.privacy)
+    one_round = ledger.epsilon_spent
+    conservative.write_text(re.sub(r"epsilon_budget = [0-9.]+", f"epsilon_budget = {one_round * 1.2:.4f}", text))
+    result = simulate(sites_root=sites, rounds=2, out_dir=tmp_path / "again", seed=1, secure=False)
+    doc = json.loads(result.metrics_path.read_text())
+    lake_rows = [r for r in doc["metrics"] if r["site"] == "lakeside"]
+    assert all(r["declined"] and "privacy budget exceeded" in r["declined"] for r in lake_rows)
+    others = [r for r in doc["metrics"] if r["site"] != "lakeside"]
+    assert others and not any(r["declined"] for r in others)
+    ledger = PrivacyLedger(sites / "lakeside" / "state" / "ledger.json", site_id="lakeside",
+                           terms=load_site(sites / "lakeside", federation=fed).policy.privacy)
+    assert len(ledger.entries) == 1  # nothing spent by the declined rounds
+
+
+def test_crash_between_training_and_sending_never_under_counts(copy_sites, tmp_path, monkeypatch):
+    sites = copy_sites()
+    for policy in (sites.parent / "policies").glob("*.toml"):
+        policy.write_text(policy.read_text().replace("required = true", "required = false"))
+    import blossom_secure.site_agent as site_agent
+
+    class Crash(Exception):
+        pass
+
+    def crash(*args, **kwargs):
+        raise Crash("power cut after training, before anything is sent")
+
+    monkeypatch.setattr(site_agent, "select_egress", crash)
+    with pytest.raises(Crash):
+        run(sites, tmp_path, secure=False, rounds=1)
+    fed = load_federation(sites / "federation.toml")
+    site = load_site(sites / "st-mary", federation=fed)
+    ledger = PrivacyLedger(site.state_dir / "ledger.json", site_id=site.id, terms=site.policy.privacy)
+    assert len(ledger.entries) == 1 and ledger.epsilon_spent > 0
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_local_mode_shares_nothing(copy_sites, tmp_path):
+    sites = copy_sites()
+    result = run(sites, tmp_path, mode="local", rounds=1)
+    doc = json.loads(result.metrics_path.read_text())
+    assert doc["blocks"]["0"] == {}
+    assert not any(r["declined"] for r in doc["metrics"])
+
+
+def test_full_model_needs_explicit_flag(copy_sites, tmp_path):
+    sites = copy_sites()
+    with pytest.raises(ValueError, match="allow-full-model"):
+        run(sites, tmp_path, mode="full-model")
+    result = run(sites, tmp_path, mode="full-model", allow_full_model=True, rounds=1)
+    doc = json.loads(result.metrics_path.read_text())
+    assert sorted(doc["blocks"]["0"]["head.malignancy"]["contributors"]) == ["lakeside", "northgate", "st-mary"]
