@@ -84,6 +84,7 @@ class TrainingConfig:
     local_epochs: int
     batch_size: int
     learning_rate: float
+    momentum: float
     holdout_fraction: float
     split_seed: int
 
@@ -177,6 +178,7 @@ def load_federation(path: Path) -> FederationConfig:
             local_epochs=tr.int("local_epochs", required=False, default=1, minimum=1, maximum=100),
             batch_size=tr.int("batch_size", minimum=1, maximum=4096),
             learning_rate=tr.float("learning_rate", exclusive_minimum=0.0, maximum=10.0),
+            momentum=tr.float("momentum", required=False, default=0.0, minimum=0.0, exclusive_maximum=1.0),
             holdout_fraction=tr.float("holdout_fraction", required=False, default=0.25,
                                       exclusive_minimum=0.0, exclusive_maximum=1.0),
             split_seed=tr.int("split_seed", required=False, default=0, minimum=0),

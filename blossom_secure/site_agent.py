@@ -215,6 +215,7 @@ class SiteAgent:
         result = train_dp(self.model, self.tensors.subset(self.train_idx), plan,
                           max_grad_norm=self.policy.privacy.max_grad_norm,
                           learning_rate=self.federation.training.learning_rate,
+                          momentum=self.federation.training.momentum,
                           seed=None if self.seed is None else _derive_seed(self.seed, self.id, round_id))
         self._record(audit.TRAINING_FINISHED, round_id, {
             "steps": result.steps, "epsilon_round": _round_epsilon(self.ledger), "epsilon_total": entry.epsilon_total,

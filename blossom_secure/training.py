@@ -143,7 +143,7 @@ def _loss(logits: Mapping[str, torch.Tensor], labels: Mapping[str, torch.Tensor]
 
 
 def train_dp(model: BlockModel, data: SiteTensors, plan: RoundPlan, *, max_grad_norm: float,
-             learning_rate: float, seed: int | None) -> TrainResult:
+             learning_rate: float, seed: int | None, momentum: float = 0.0) -> TrainResult:
     """Train every block of ``model`` in place with DP-SGD for ``plan``.
 
     Args:
@@ -152,6 +152,8 @@ def train_dp(model: BlockModel, data: SiteTensors, plan: RoundPlan, *, max_grad_
         plan: The DP parameters recorded in the ledger beforehand.
         max_grad_norm: Per-sample clipping norm.
         learning_rate: SGD step size.
+        momentum: SGD momentum (post-processing of the noisy gradients: no privacy cost;
+            the momentum buffer starts at zero every round).
         seed: Seed for batch sampling and noise; ``None`` draws one from the OS CSPRNG.
 
     Returns:
@@ -166,11 +168,12 @@ def train_dp(model: BlockModel, data: SiteTensors, plan: RoundPlan, *, max_grad_
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        return _train_dp(model, data, plan, max_grad_norm=max_grad_norm, learning_rate=learning_rate, seed=seed)
+        return _train_dp(model, data, plan, max_grad_norm=max_grad_norm, learning_rate=learning_rate, seed=seed,
+                         momentum=momentum)
 
 
 def _train_dp(model: BlockModel, data: SiteTensors, plan: RoundPlan, *, max_grad_norm: float,
-              learning_rate: float, seed: int | None) -> TrainResult:
+              learning_rate: float, seed: int | None, momentum: float) -> TrainResult:
     from opacus import PrivacyEngine
 
     torch.manual_seed(secrets.randbits(63) if seed is None else seed)
@@ -186,7 +189,7 @@ def _train_dp(model: BlockModel, data: SiteTensors, plan: RoundPlan, *, max_grad
     tensors.extend(data.labels[t] for t in tasks)
     dataset = torch.utils.data.TensorDataset(*tensors)
     loader = torch.utils.data.DataLoader(dataset, batch_size=plan.batch_size)
-    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate)
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
     engine = PrivacyEngine(accountant="rdp")
     dp_model, dp_opt, dp_loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.noise_multiplier,

@@ -18,9 +18,9 @@ def make_tiny_federation(dest: Path, *, patients: int = 48, rounds: int = 2) -> 
     shutil.copytree(ROOT / "policies", dest / "policies")
     fed = dest / "sites" / "federation.toml"
     text = fed.read_text()
-    text = text.replace("size = [32, 32]", "size = [16, 16]").replace("channels = [8, 16, 16]", "channels = [4, 8]")
+    text = text.replace("size = [32, 32]", "size = [16, 16]").replace("channels = [4, 8, 8]", "channels = [4, 8]")
     text = re.sub(r"rounds = \d+", f"rounds = {rounds}", text)
-    text = text.replace("local_epochs = 2", "local_epochs = 1").replace("batch_size = 32", "batch_size = 16")
+    text = text.replace("batch_size = 64", "batch_size = 16")
     fed.write_text(text)
     for site in (dest / "sites").glob("*/site.toml"):
         site.write_text(re.sub(r"patients = \d+", f"patients = {patients}", site.read_text()))

@@ -141,7 +141,7 @@ def _insert_forged(site):
 def _truncate_tail(site):
     lines = log_lines(site)
     write_lines(site, lines[:-3])
-    return len(lines) - 3
+    return len(lines) - 2  # the first missing record's line
 
 
 def _other_key(site):

@@ -102,9 +102,12 @@ def test_crash_between_training_and_sending_never_under_counts(copy_sites, tmp_p
     with pytest.raises(Crash):
         run(sites, tmp_path, secure=False, rounds=1)
     fed = load_federation(sites / "federation.toml")
-    site = load_site(sites / "st-mary", federation=fed)
+    site = load_site(sites / "lakeside", federation=fed)  # the first site to train, then the crash
     ledger = PrivacyLedger(site.state_dir / "ledger.json", site_id=site.id, terms=site.policy.privacy)
     assert len(ledger.entries) == 1 and ledger.epsilon_spent > 0
+    records = [json.loads(line) for line in (site.state_dir / "audit.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in records][-2:] == ["round_joined", "training_finished"]
+    assert not any(r["event"] == "egress" for r in records)
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
@@ -122,4 +125,6 @@ def test_full_model_needs_explicit_flag(copy_sites, tmp_path):
         run(sites, tmp_path, mode="full-model")
     result = run(sites, tmp_path, mode="full-model", allow_full_model=True, rounds=1)
     doc = json.loads(result.metrics_path.read_text())
-    assert sorted(doc["blocks"]["0"]["head.malignancy"]["contributors"]) == ["lakeside", "northgate", "st-mary"]
+    assert sorted(doc["blocks"]["0"]["head.malignancy"]["contributors"]) == ["lakeside", "northgate", "riverside",
+                                                                               "st-mary"]
+    assert doc["blocks"]["0"]["head.severity"]["contributors"] == ["lakeside"]
