@@ -85,6 +85,9 @@ class Aggregator(Protocol):
     """Turns the sites' contributions of one round into per-block outcomes."""
 
     secure: bool
+    #: Per site, the bytes of its messages the coordinator took delivery of in the last
+    #: ``aggregate`` call, counted on the coordinator's side.
+    last_bytes_received: dict[str, int]
 
     def aggregate(self, *, federation_id: str, round_id: int, contributions: Mapping[str, Contribution],
                   block_sizes: Mapping[str, int], on_egress: EgressHook | None) -> dict[str, BlockOutcome]:
@@ -195,9 +198,11 @@ class PlaintextAggregator:
         if min_contributors < 2:
             raise ValueError("min_contributors must be at least 2")
         self.min_contributors = min_contributors
+        self.last_bytes_received: dict[str, int] = {}
 
     def aggregate(self, *, federation_id: str, round_id: int, contributions: Mapping[str, Contribution],
                   block_sizes: Mapping[str, int], on_egress: EgressHook | None) -> dict[str, BlockOutcome]:
+        self.last_bytes_received = {}
         groups, failures = settle_groups(contributions, min_contributors=self.min_contributors)
         outcomes = {b: BlockOutcome(block=b, contributors=(), mean_update=None, weight_sum=0, failure=why)
                     for b, why in failures.items()}
@@ -214,6 +219,7 @@ class PlaintextAggregator:
                         logger.warning("site %s could not record its egress of %s; not sent", site, block)
                         continue
                 # --- the coordinator's side: only bytes cross --------------------------------
+                self.last_bytes_received[site] = self.last_bytes_received.get(site, 0) + len(payload)
                 got_block, weight, values = decode_plain_update(
                     payload, federation_id=federation_id, round_id=round_id, site_id=site, block_sizes=block_sizes)
                 part = weight * values.astype(np.float64)

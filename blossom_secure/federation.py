@@ -73,6 +73,7 @@ class RoundReport:
     round_id: int
     sites: dict[str, dict]  # site -> {"task", "metric", "value", "epsilon", "declined", ...}
     blocks: dict[str, dict]  # block -> {"contributors", "failure"}
+    bytes_received: dict[str, int]  # site -> bytes the coordinator took delivery of
 
 
 @dataclass
@@ -120,10 +121,13 @@ class Coordinator:
                 federation_id=self.federation.id, round_id=round_id, contributions=contributions,
                 block_sizes={b: v.size for b, v in self.global_blocks.items()},
                 on_egress=lambda site, kind, blocks, payload: by_id[site].record_egress(round_id, kind, blocks, payload))
+            received = dict(self.aggregator.last_bytes_received)
             for block, outcome in outcomes.items():
                 if outcome.failure is None:
                     self.global_blocks[block] = (self.global_blocks[block] + outcome.mean_update).astype(np.float32)
-        return self._finish(round_id, offers, outcomes)
+        else:
+            received = {}
+        return self._finish(round_id, offers, outcomes, received)
 
     def _full_model_round(self, round_id: int) -> RoundReport:
         offers: dict[str, RoundOffer] = {}
@@ -145,10 +149,10 @@ class Coordinator:
                                            mean_update=None, weight_sum=int(weights.sum()))
         for agent in self.agents:
             agent.model.set_blocks({b: self.global_blocks[b] for b in agent.model.blocks() if b in outcomes})
-        return self._finish(round_id, offers, outcomes, take_globals=False)
+        return self._finish(round_id, offers, outcomes, {}, take_globals=False)
 
     def _finish(self, round_id: int, offers: Mapping[str, RoundOffer], outcomes: Mapping[str, BlockOutcome],
-                take_globals: bool = True) -> RoundReport:
+                received: Mapping[str, int], take_globals: bool = True) -> RoundReport:
         sites = {}
         for agent in self.agents:
             offer = offers[agent.id]
@@ -164,7 +168,8 @@ class Coordinator:
                 "train_loss": offer.train_loss,
             }
         blocks = {b: {"contributors": list(o.contributors), "failure": o.failure} for b, o in outcomes.items()}
-        return RoundReport(round_id=round_id, sites=sites, blocks=blocks)
+        return RoundReport(round_id=round_id, sites=sites, blocks=blocks,
+                           bytes_received={a.id: int(received.get(a.id, 0)) for a in self.agents})
 
 
 def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str | None = None, secure: bool | None = None,
@@ -268,6 +273,7 @@ def _metrics_document(federation: FederationConfig, agents: list[SiteAgent], rep
                          "chance_accuracy": {t: _chance(a, t) for t in sorted(a.config.tasks)}}
                   for a in agents},
         "blocks": {str(r.round_id): r.blocks for r in reports},
+        "bytes_received": {str(r.round_id): r.bytes_received for r in reports},
         "metrics": rows,
     }
 

@@ -57,6 +57,7 @@ class SecureAggregator:
         self.identity_keys = dict(identity_keys)
         self.drop_after = dict(drop_after or {})
         self.last_site_errors: dict[str, str] = {}
+        self.last_bytes_received: dict[str, int] = {}
 
     def aggregate(self, *, federation_id: str, round_id: int, contributions: Mapping[str, Contribution],
                   block_sizes: Mapping[str, int], on_egress: EgressHook | None) -> dict[str, BlockOutcome]:
@@ -66,6 +67,7 @@ class SecureAggregator:
                 raise TypeError("only an Egress made by select_egress can be sent")
             if len(c.egress):
                 inputs[site] = SiteContribution(blocks=c.egress, weight=c.weight, min_contributors=c.min_contributors)
+        self.last_bytes_received = {}
         if not inputs:
             return {}
         offered = {b for c in inputs.values() for b in c.blocks}
@@ -75,6 +77,7 @@ class SecureAggregator:
             block_sizes={b: n for b, n in block_sizes.items() if b in offered}, params=self.params,
             drop_after={s: v for s, v in self.drop_after.items() if s in inputs} or None, on_egress=on_egress)
         self.last_site_errors = dict(result.site_errors)
+        self.last_bytes_received = dict(result.bytes_received)
         for site, error in result.site_errors.items():
             logger.warning("secure aggregation, round %d: site %s stopped: %s", round_id, site, error)
         outcomes = {}

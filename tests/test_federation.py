@@ -128,3 +128,59 @@ def test_full_model_needs_explicit_flag(copy_sites, tmp_path):
     assert sorted(doc["blocks"]["0"]["head.malignancy"]["contributors"]) == ["lakeside", "northgate", "riverside",
                                                                                "st-mary"]
     assert doc["blocks"]["0"]["head.severity"]["contributors"] == ["lakeside"]
+
+
+def _plaintext_allowed_copy(src, dest):
+    import shutil
+
+    shutil.copytree(src.parent / "policies", dest / "policies")
+    shutil.copytree(src, dest / "sites")
+    for policy in (dest / "policies").glob("*.toml"):
+        policy.write_text(policy.read_text().replace("required = true", "required = false"))
+    return dest / "sites"
+
+
+def test_secure_result_equals_plaintext_within_quantisation_bound(tiny_sites_with_data, tmp_path):
+    from blossom_secure.secure_aggregator import secagg_params
+
+    a = _plaintext_allowed_copy(tiny_sites_with_data, tmp_path / "a")
+    b = _plaintext_allowed_copy(tiny_sites_with_data, tmp_path / "b")
+    secure = simulate(sites_root=a, rounds=1, out_dir=tmp_path / "secure", seed=5, secure=True)
+    plain = simulate(sites_root=b, rounds=1, out_dir=tmp_path / "plain", seed=5, secure=False)
+    fed = load_federation(a / "federation.toml")
+    params = secagg_params(fed, max_group_size=4)
+    # Each site's update is rounded to the nearest multiple of 2^-scale_bits; the weighted
+    # mean of the rounding errors is at most half a step; float32 storage adds a little.
+    bound = 2.0 ** -(params.scale_bits + 1) + 1e-6
+    with np.load(secure.out_dir / "global_blocks.npz") as s, np.load(plain.out_dir / "global_blocks.npz") as p:
+        assert set(s.files) == set(p.files) == {"encoder.image", "encoder.tabular", "fusion"}
+        for block in s.files:
+            diff = np.abs(s[block].astype(np.float64) - p[block].astype(np.float64)).max()
+            assert diff <= bound, (block, diff, bound)
+    # and the blocks really moved (the comparison is not between two untouched initial values)
+    init = simulate(sites_root=b, rounds=1, out_dir=tmp_path / "local", seed=5, mode="local")
+    with np.load(secure.out_dir / "global_blocks.npz") as s, np.load(init.out_dir / "global_blocks.npz") as i:
+        assert any(np.abs(s[k] - i[k]).max() > 100 * bound for k in s.files)
+
+
+def test_audit_log_accounts_for_every_byte_sent(tiny_sites_with_data, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_sites_with_data.parent / "policies", tmp_path / "policies")
+    sites = tmp_path / "sites"
+    shutil.copytree(tiny_sites_with_data, sites)
+    result = simulate(sites_root=sites, rounds=2, out_dir=tmp_path / "out", seed=0)
+    doc = json.loads(result.metrics_path.read_text())
+    fed = load_federation(sites / "federation.toml")
+    for site_id in ("st-mary", "northgate", "riverside", "lakeside"):
+        site = load_site(sites / site_id, federation=fed)
+        records = [json.loads(line) for line in (site.state_dir / "audit.jsonl").read_text().splitlines()]
+        for round_id in (0, 1):
+            logged = sum(r["details"]["payload_bytes"] for r in records
+                         if r["event"] == "egress" and r["round_id"] == round_id)
+            received = doc["bytes_received"][str(round_id)][site_id]
+            assert logged == received > 0, (site_id, round_id, logged, received)
+        for r in records:
+            if r["event"] == "egress":
+                assert r["details"]["message_type"].startswith("secagg.")
+                assert all(site.policy.is_shareable(b) for b in r["details"]["blocks"])

@@ -58,12 +58,16 @@ class SecAggResult:
             failure, or a protocol error), sorted.
         site_errors: Site id to the error that stopped it (egress hook or protocol), for
             sites stopped by an error rather than by ``drop_after``.
+        bytes_received: Site id to the total bytes of its messages the coordinator took
+            delivery of (counted on the coordinator's side, independently of the sites'
+            audit logs, which must account for the same bytes).
     """
 
     round_id: int
     blocks: Mapping[str, BlockResult]
     dropped: tuple[str, ...]
     site_errors: Mapping[str, str] = field(default_factory=dict)
+    bytes_received: Mapping[str, int] = field(default_factory=dict)
 
 
 class _SiteRunner:
@@ -75,6 +79,7 @@ class _SiteRunner:
         self.on_egress = on_egress
         self.alive = drop_after != "start"
         self.error: str | None = None
+        self.bytes_delivered = 0
 
     def step(self, stage: str, produce: Callable[[], bytes]) -> bytes | None:
         """Run one stage; returns the message to deliver, or ``None`` if the site stopped."""
@@ -206,6 +211,7 @@ def _deliver(
         message = runner.step(stage, produce)
         if message is None:
             continue
+        runner.bytes_delivered += len(message)  # counted as the coordinator takes delivery
         try:
             coordinator.receive(message)
         except BlossomError as exc:
@@ -233,4 +239,5 @@ def _result(round_id: int, coordinator: CoordinatorStageMachine, runners: Mappin
         blocks=MappingProxyType(coordinator.results()),
         dropped=dropped,
         site_errors=MappingProxyType(errors),
+        bytes_received=MappingProxyType({site: r.bytes_delivered for site, r in sorted(runners.items())}),
     )
