@@ -88,6 +88,8 @@ class Aggregator(Protocol):
     #: Per site, the bytes of its messages the coordinator took delivery of in the last
     #: ``aggregate`` call, counted on the coordinator's side.
     last_bytes_received: dict[str, int]
+    #: Per site, why it stopped taking part in the last ``aggregate`` call (if it did).
+    last_site_errors: dict[str, str]
 
     def aggregate(self, *, federation_id: str, round_id: int, contributions: Mapping[str, Contribution],
                   block_sizes: Mapping[str, int], on_egress: EgressHook | None) -> dict[str, BlockOutcome]:
@@ -199,10 +201,12 @@ class PlaintextAggregator:
             raise ValueError("min_contributors must be at least 2")
         self.min_contributors = min_contributors
         self.last_bytes_received: dict[str, int] = {}
+        self.last_site_errors: dict[str, str] = {}
 
     def aggregate(self, *, federation_id: str, round_id: int, contributions: Mapping[str, Contribution],
                   block_sizes: Mapping[str, int], on_egress: EgressHook | None) -> dict[str, BlockOutcome]:
         self.last_bytes_received = {}
+        self.last_site_errors = {}
         groups, failures = settle_groups(contributions, min_contributors=self.min_contributors)
         outcomes = {b: BlockOutcome(block=b, contributors=(), mean_update=None, weight_sum=0, failure=why)
                     for b, why in failures.items()}
@@ -217,6 +221,7 @@ class PlaintextAggregator:
                         on_egress(site, "plain_update", (block,), payload)
                     except (BlossomError, OSError):  # the site could not record it: it must not send
                         logger.warning("site %s could not record its egress of %s; not sent", site, block)
+                        self.last_site_errors[site] = f"could not record the egress of {block}; not sent"
                         continue
                 # --- the coordinator's side: only bytes cross --------------------------------
                 self.last_bytes_received[site] = self.last_bytes_received.get(site, 0) + len(payload)

@@ -16,11 +16,13 @@ __all__ = [
     "head_block",
     "is_head",
     "is_valid_block_name",
+    "is_valid_modality_name",
     "is_valid_task_name",
     "match_patterns",
 ]
 
-#: Modalities a site can hold, and so the encoders that can exist.
+#: The built-in modalities (a federation may declare further tabular ones; see
+#: :class:`blossom_secure.config.ModelLayout`).
 MODALITIES: tuple[str, ...] = ("image", "tabular")
 FUSION = "fusion"
 
@@ -36,6 +38,11 @@ def is_valid_block_name(name: str) -> bool:
 
 def is_valid_task_name(name: str) -> bool:
     """Whether ``name`` can name a task (lower-case identifier, at most 48 characters)."""
+    return isinstance(name, str) and _TASK_RE.fullmatch(name) is not None
+
+
+def is_valid_modality_name(name: str) -> bool:
+    """Whether ``name`` can name a modality (and so an encoder block ``encoder.<name>``)."""
     return isinstance(name, str) and _TASK_RE.fullmatch(name) is not None
 
 

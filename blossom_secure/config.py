@@ -16,11 +16,20 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 from blossom_secure._toml import Table, read_toml
-from blossom_secure.blocks import FUSION, MODALITIES, encoder_block, head_block, is_valid_task_name
+from blossom_secure.blocks import (
+    FUSION,
+    MODALITIES,
+    encoder_block,
+    head_block,
+    is_valid_modality_name,
+    is_valid_task_name,
+)
 from blossom_secure.errors import PolicyError, Problem
 from blossom_secure.policy import Policy, load_policy
 
@@ -62,17 +71,44 @@ class TabularConfig:
 
 @dataclass(frozen=True)
 class ModelLayout:
-    """The federation's block layout: what every block is, wherever it is built."""
+    """The federation's block layout: what every block is, wherever it is built.
+
+    Attributes:
+        embedding_dim: Size of every modality embedding and of the fused representation.
+        image: The ``image`` modality's encoder.
+        tabular: The ``tabular`` modality's encoder (clinical table).
+        tasks: Task -> number of classes.
+        extra_tabular: Further tabular modalities, name -> encoder (from
+            ``[model.extra_tabular.<name>]``): for data sets whose features fall into
+            several groups that sites may hold separately (for example two sets of
+            measurements). Each gets its own block ``encoder.<name>``. Empty by default.
+    """
 
     embedding_dim: int
     image: ImageConfig
     tabular: TabularConfig
     tasks: dict[str, int]  # task -> number of classes
+    extra_tabular: Mapping[str, TabularConfig] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """Every modality of the federation, in canonical order (built-ins, then extras sorted)."""
+        return MODALITIES + tuple(sorted(self.extra_tabular))
+
+    def tabular_config(self, modality: str) -> TabularConfig:
+        """The tabular encoder configuration of ``modality`` (``tabular`` or an extra one).
+
+        Raises:
+            KeyError: ``modality`` is not a tabular modality of this layout.
+        """
+        if modality == "tabular":
+            return self.tabular
+        return self.extra_tabular[modality]
 
     def blocks_for(self, modalities: tuple[str, ...], tasks: tuple[str, ...]) -> tuple[str, ...]:
         """Block names a site with these modalities and tasks builds, in canonical order."""
         return (
-            tuple(encoder_block(m) for m in MODALITIES if m in modalities)
+            tuple(encoder_block(m) for m in self.modalities if m in modalities)
             + (FUSION,)
             + tuple(head_block(t) for t in sorted(tasks))
         )
@@ -256,6 +292,8 @@ def _parse_layout(model: Table | None) -> ModelLayout | None:
         if features is not None and hidden is not None:
             tabular = TabularConfig(features=tuple(features), hidden=tuple(hidden))
 
+    extra_tabular = _parse_extra_tabular(model.table("extra_tabular", required=False), tabular)
+
     tasks: dict[str, int] = {}
     tt = model.table("tasks")
     if tt is not None:
@@ -271,9 +309,45 @@ def _parse_layout(model: Table | None) -> ModelLayout | None:
             tt.problems.append(Problem(tt.file, tt.prefix, "declare at least one task"))
         tt.finish()
     model.finish()
-    if None in (embedding_dim, image, tabular) or tt is None or not tasks:
+    if None in (embedding_dim, image, tabular, extra_tabular) or tt is None or not tasks:
         return None
-    return ModelLayout(embedding_dim=embedding_dim, image=image, tabular=tabular, tasks=tasks)
+    return ModelLayout(embedding_dim=embedding_dim, image=image, tabular=tabular, tasks=tasks,
+                       extra_tabular=MappingProxyType(extra_tabular))
+
+
+def _parse_extra_tabular(table: Table | None, tabular: TabularConfig | None) -> dict[str, TabularConfig] | None:
+    """``[model.extra_tabular.<name>]`` tables: further tabular modalities (``None``: problems)."""
+    if table is None:
+        return {}
+    out: dict[str, TabularConfig] = {}
+    ok = True
+    columns: dict[str, str] = {f: "tabular" for f in (tabular.features if tabular is not None else ())}
+    for name in list(table.data):
+        if not is_valid_modality_name(name) or name in MODALITIES:
+            table.problem(name, "a modality name is a lower-case identifier other than "
+                                f"{', '.join(MODALITIES)}")
+            table.mark_seen(name)
+            ok = False
+            continue
+        sub = table.table(name)
+        if sub is None:
+            ok = False
+            continue
+        features = sub.str_list("features")
+        hidden = sub.int_list("hidden", required=False, default=[64])
+        for f in features or ():
+            if f in columns:
+                sub.problem("features", f"column {f!r} already belongs to modality {columns[f]!r}")
+                features = None
+                break
+            columns[f] = name
+        sub.finish()
+        if features is None or hidden is None:
+            ok = False
+            continue
+        out[name] = TabularConfig(features=tuple(features), hidden=tuple(hidden))
+    table.finish()
+    return out if ok else None
 
 
 def load_site(site_dir: Path, *, federation: FederationConfig | None = None) -> SiteConfig:
@@ -317,9 +391,18 @@ def load_site(site_dir: Path, *, federation: FederationConfig | None = None) -> 
     if dt is not None:
         modalities = dt.str_list("modalities")
         if modalities is not None:
-            unknown = [m for m in modalities if m not in MODALITIES]
+            known = MODALITIES
+            if federation is not None and federation.layout is not None:
+                known = federation.layout.modalities
+            unknown = [m for m in modalities if m not in known]
+            if unknown and federation is None:
+                # Without the federation file, extra tabular modalities cannot be checked yet.
+                unknown = [m for m in unknown if not is_valid_modality_name(m)]
             if unknown:
-                dt.problem("modalities", f"unknown modality {unknown[0]!r} (known: {', '.join(MODALITIES)})")
+                dt.problem("modalities", f"unknown modality {unknown[0]!r} (known: {', '.join(known)})")
+                modalities = None
+            elif len(set(modalities)) != len(modalities):
+                dt.problem("modalities", "a modality is listed twice")
                 modalities = None
         dicom_ref = dt.str("dicom_dir", required=bool(modalities and "image" in modalities))
         if dicom_ref is not None:

@@ -53,7 +53,7 @@ import re
 import threading
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from types import MappingProxyType
@@ -112,6 +112,10 @@ class SiteArrays:
         tabular: ``float32`` ``(N, F)`` raw feature values (not standardised), zeros where
             absent; ``None`` if the site does not hold the tabular modality.
         tabular_present: ``bool`` ``(N,)``.
+        extra_tabular: Extra tabular modality (see
+            :attr:`blossom_secure.config.ModelLayout.extra_tabular`) -> ``float32``
+            ``(N, F)`` raw values, zeros where absent; only the extra modalities the site holds.
+        extra_tabular_present: Extra tabular modality -> ``bool`` ``(N,)``.
         labels: Task name -> ``int64`` ``(N,)``, ``-1`` where that patient has no label.
         num_classes: Task name -> number of classes.
         tabular_features: The feature column names, in the order of ``tabular``'s columns
@@ -133,6 +137,8 @@ class SiteArrays:
     patients_in_csv: int
     dropped_without_label: int
     dropped_without_modality: int
+    extra_tabular: Mapping[str, np.ndarray] = field(default_factory=lambda: MappingProxyType({}))
+    extra_tabular_present: Mapping[str, np.ndarray] = field(default_factory=lambda: MappingProxyType({}))
 
     def __post_init__(self) -> None:
         n = len(self.patient_ids)
@@ -143,6 +149,9 @@ class SiteArrays:
             and (self.tabular is None or self.tabular.shape == (n, len(self.tabular_features)))
             and all(v.shape == (n,) for v in self.labels.values())
             and set(self.labels) == set(self.num_classes)
+            and set(self.extra_tabular) == set(self.extra_tabular_present)
+            and all(v.ndim == 2 and v.shape[0] == n for v in self.extra_tabular.values())
+            and all(v.shape == (n,) for v in self.extra_tabular_present.values())
         )
         if not shapes_ok:
             raise ValueError("SiteArrays: arrays disagree on the number of patients or tasks")
@@ -178,6 +187,8 @@ class SiteArrays:
             "dropped_without_label": self.dropped_without_label,
             "dropped_without_modality": self.dropped_without_modality,
         }
+        for name in sorted(self.extra_tabular_present):
+            out[f"with_{name}"] = int(self.extra_tabular_present[name].sum())
         for task in sorted(self.labels):
             out[f"labels.{task}"] = self.label_counts(task)
         return out
@@ -581,6 +592,7 @@ def _find_studies(dicom_dir: Path) -> tuple[dict[str, Path], list[Problem]]:
 class _ClinicalRow:
     features: tuple[float, ...] | None  # None: at least one feature cell is empty
     labels: dict[str, int]  # task -> label, tasks without a label left out
+    extra: dict[str, tuple[float, ...] | None] = field(default_factory=dict)  # extra tabular modalities
 
 
 def _read_clinical_csv(
@@ -590,6 +602,7 @@ def _read_clinical_csv(
     tabular_features: Sequence[str],
     tasks: Mapping[str, str],
     num_classes: Mapping[str, int],
+    extra_tabular: Mapping[str, Sequence[str]] = MappingProxyType({}),
 ) -> tuple[dict[str, _ClinicalRow] | None, list[Problem]]:
     name = str(path)
     try:
@@ -627,6 +640,7 @@ def _read_clinical_csv(
     needed: list[tuple[str, str]] = [(patient_id_column, "the patient id column")]
     needed += [(col, f"the label column of task {task!r}") for task, col in tasks.items()]
     needed += [(col, "a tabular feature column") for col in tabular_features]
+    needed += [(col, f"a feature column of modality {m!r}") for m, cols in extra_tabular.items() for col in cols]
     for col, role in needed:
         if col not in column_index:
             problems.append(Problem(name, col, f"column missing ({role})"))
@@ -634,7 +648,8 @@ def _read_clinical_csv(
         return None, problems
 
     id_at = column_index[patient_id_column]
-    feature_at = [column_index.get(col) for col in tabular_features]
+    groups = {"": tuple(tabular_features), **{m: tuple(cols) for m, cols in extra_tabular.items()}}
+    group_at = {g: [column_index.get(col) for col in cols] for g, cols in groups.items()}
     label_at = {task: column_index.get(col) for task, col in tasks.items()}
     rows: dict[str, _ClinicalRow] = {}
     first_line: dict[str, int] = {}
@@ -673,28 +688,31 @@ def _read_clinical_csv(
                 continue
             first_line[pid] = line
 
-            values: list[float] = []
-            complete = True
-            for col, at in zip(tabular_features, feature_at, strict=True):
-                if at is None:
-                    complete = False
-                    continue
-                cell = record[at].strip()
-                if not cell:
-                    complete = False
-                    continue
-                try:
-                    value = float(cell)
-                except ValueError:
-                    value = math.nan
-                    reason = "not a number"
-                else:
-                    reason = "not a finite number"
-                if not math.isfinite(value):
-                    problems.append(Problem(name, f"{col}, patient {pid}", reason))
-                    complete = False
-                    continue
-                values.append(value)
+            group_values: dict[str, tuple[float, ...] | None] = {}
+            for group, cols in groups.items():
+                values: list[float] = []
+                complete = True
+                for col, at in zip(cols, group_at[group], strict=True):
+                    if at is None:
+                        complete = False
+                        continue
+                    cell = record[at].strip()
+                    if not cell:
+                        complete = False
+                        continue
+                    try:
+                        value = float(cell)
+                    except ValueError:
+                        value = math.nan
+                        reason = "not a number"
+                    else:
+                        reason = "not a finite number"
+                    if not math.isfinite(value):
+                        problems.append(Problem(name, f"{col}, patient {pid}", reason))
+                        complete = False
+                        continue
+                    values.append(value)
+                group_values[group] = tuple(values) if complete else None
 
             labels: dict[str, int] = {}
             for task, at in label_at.items():
@@ -714,7 +732,8 @@ def _read_clinical_csv(
                     problems.append(Problem(name, f"{col}, patient {pid}", f"label outside [0, {k})"))
                     continue
                 labels[task] = label
-            rows[pid] = _ClinicalRow(features=tuple(values) if complete else None, labels=labels)
+            extra = {g: v for g, v in group_values.items() if g}
+            rows[pid] = _ClinicalRow(features=group_values[""], labels=labels, extra=extra)
     except csv.Error as exc:
         problems.append(Problem(name, f"line {reader.line_num}", f"malformed CSV ({exc})"))
     return rows, problems
@@ -733,10 +752,17 @@ def _check_site_args(
     tabular_features: Sequence[str],
     tasks: Mapping[str, str],
     num_classes: Mapping[str, int],
+    extra_tabular: Mapping[str, Sequence[str]],
 ) -> None:
     mods = tuple(modalities)
-    if not mods or len(set(mods)) != len(mods) or not set(mods) <= set(MODALITIES):
-        raise ValueError(f"modalities must be a non-empty subset of {MODALITIES} without repeats, not {mods!r}")
+    known = MODALITIES + tuple(extra_tabular)
+    if not mods or len(set(mods)) != len(mods) or not set(mods) <= set(known):
+        raise ValueError(f"modalities must be a non-empty subset of {known} without repeats, not {mods!r}")
+    for m, cols in extra_tabular.items():
+        if m in MODALITIES or not isinstance(m, str) or not m:
+            raise ValueError(f"{m!r} cannot name an extra tabular modality")
+        if not cols:
+            raise ValueError(f"extra tabular modality {m!r} needs at least one feature column")
     if clinical_csv is None:
         raise ValueError("clinical_csv is required: the labels live in the clinical CSV")
     if ("image" in mods) != (dicom_dir is not None):
@@ -758,7 +784,8 @@ def _check_site_args(
         k = num_classes.get(task)
         if not isinstance(k, int) or isinstance(k, bool) or k < 2:
             raise ValueError(f"task {task!r}: num_classes must be an int >= 2, not {k!r}")
-    columns = [patient_id_column, *tasks.values(), *feats]
+    extra_cols = [c for m, cols in extra_tabular.items() if m in mods for c in cols]
+    columns = [patient_id_column, *tasks.values(), *feats, *extra_cols]
     if len(set(columns)) != len(columns):
         raise ValueError("the id, label and feature columns must all be different columns")
 
@@ -775,6 +802,7 @@ def load_site_arrays(
     image_spatial_dims: int,
     image_size: tuple[int, ...],
     image_window: tuple[float, float] | None = None,
+    extra_tabular: Mapping[str, Sequence[str]] | None = None,
 ) -> SiteArrays:
     """Read a site's DICOM studies and clinical CSV into arrays.
 
@@ -796,6 +824,10 @@ def load_site_arrays(
         image_spatial_dims: 2 or 3 (see :func:`read_study`).
         image_size: Image size after resizing (see :func:`read_study`).
         image_window: Intensity window (see :func:`read_study`).
+        extra_tabular: The federation's extra tabular modalities, name -> feature
+            columns (:attr:`blossom_secure.config.ModelLayout.extra_tabular`); those in
+            ``modalities`` are read like the tabular modality (present iff all of their
+            cells are non-empty), the others are ignored.
 
     Returns:
         The site's :class:`SiteArrays`.
@@ -815,6 +847,7 @@ def load_site_arrays(
         tabular_features=tabular_features,
         tasks=tasks,
         num_classes=num_classes,
+        extra_tabular=dict(extra_tabular or {}),
     )
     if clinical_csv is None:  # also checked above; repeated so the type is narrowed
         raise ValueError("clinical_csv is required: the labels live in the clinical CSV")
@@ -823,6 +856,7 @@ def load_site_arrays(
     if has_image:
         _check_image_args(image_spatial_dims, image_size, image_window)
     features = tuple(tabular_features) if has_tabular else ()
+    extras = {m: tuple(cols) for m, cols in (extra_tabular or {}).items() if m in modalities}
     tasks = dict(tasks)
     num_classes = {task: int(num_classes[task]) for task in tasks}
 
@@ -832,6 +866,7 @@ def load_site_arrays(
         tabular_features=features,
         tasks=tasks,
         num_classes=num_classes,
+        extra_tabular=extras,
     )
 
     studies: dict[str, Path] = {}
@@ -879,7 +914,8 @@ def load_site_arrays(
         row = rows[pid]
         if not row.labels:
             dropped_without_label += 1
-        elif not ((has_image and pid in images) or (has_tabular and row.features is not None)):
+        elif not ((has_image and pid in images) or (has_tabular and row.features is not None)
+                  or any(row.extra.get(m) is not None for m in extras)):
             dropped_without_modality += 1
         else:
             kept.append(pid)
@@ -913,6 +949,15 @@ def load_site_arrays(
             values = rows[pid].features
             if values is not None:
                 tabular_arr[i] = values
+    extra_arr: dict[str, np.ndarray] = {}
+    extra_present: dict[str, np.ndarray] = {}
+    for m, cols in extras.items():
+        extra_present[m] = np.array([rows[pid].extra.get(m) is not None for pid in kept], dtype=bool)
+        extra_arr[m] = np.zeros((n, len(cols)), dtype=np.float32)
+        for i, pid in enumerate(kept):
+            values = rows[pid].extra.get(m)
+            if values is not None:
+                extra_arr[m][i] = values
     labels = {task: np.array([rows[pid].labels.get(task, -1) for pid in kept], dtype=np.int64) for task in tasks}
     site = SiteArrays(
         patient_ids=tuple(kept),
@@ -926,6 +971,8 @@ def load_site_arrays(
         patients_in_csv=len(rows),
         dropped_without_label=dropped_without_label,
         dropped_without_modality=dropped_without_modality,
+        extra_tabular=MappingProxyType(extra_arr),
+        extra_tabular_present=MappingProxyType(extra_present),
     )
     logger.info("site data loaded: %s", site.summary())
     return site

@@ -46,7 +46,7 @@ def initial_global_blocks(federation: FederationConfig, *, include_heads: bool, 
     """Initial values of every block of the federation layout, from ``seed``."""
     layout = federation.layout
     torch.manual_seed(seed)
-    full = BlockModel(layout, ("image", "tabular"), tuple(layout.tasks))
+    full = BlockModel(layout, layout.modalities, tuple(layout.tasks))
     return {b: v for b, v in full.get_blocks().items() if include_heads or not is_head(b)}
 
 
@@ -122,6 +122,10 @@ class Coordinator:
                 block_sizes={b: v.size for b, v in self.global_blocks.items()},
                 on_egress=lambda site, kind, blocks, payload: by_id[site].record_egress(round_id, kind, blocks, payload))
             received = dict(self.aggregator.last_bytes_received)
+            if self.aggregator.secure:
+                errors = self.aggregator.last_site_errors
+                for site in contributions:
+                    by_id[site].record_secagg_outcome(round_id, error=errors.get(site))
             for block, outcome in outcomes.items():
                 if outcome.failure is None:
                     self.global_blocks[block] = (self.global_blocks[block] + outcome.mean_update).astype(np.float32)

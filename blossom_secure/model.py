@@ -9,7 +9,8 @@ it is built and can be aggregated over the sites that hold it.
   ``monai.networks.nets.Regressor`` (``cnn``) or ``DenseNet121`` (``densenet121``), with
   group or instance norm (never batch norm) and non-in-place activations, as Opacus needs.
 * ``encoder.tabular``: MONAI ``FullyConnectedNet`` (an MLP) over the layout's clinical
-  features, standardised per site.
+  features, standardised per site. Each of the layout's extra tabular modalities
+  (``[model.extra_tabular.<name>]``) gets the same kind of encoder, ``encoder.<name>``.
 * ``fusion``: the masked mean of the embeddings of the modalities a patient *has*, then a
   small MLP. A patient missing a modality contributes through the others; a modality
   missing for every patient in a batch gives that encoder exact zero gradients.
@@ -99,15 +100,19 @@ class BlockModel(nn.Module):
             raise ValueError(f"tasks not in the federation layout: {unknown}")
         if not modalities:
             raise ValueError("a site needs at least one modality")
+        strange = [m for m in modalities if m not in layout.modalities]
+        if strange:
+            raise ValueError(f"modalities not in the federation layout: {strange}")
         self.layout = layout
-        self.modalities = tuple(m for m in ("image", "tabular") if m in modalities)
+        self.modalities = tuple(m for m in layout.modalities if m in modalities)
         self.tasks = tuple(sorted(tasks))
         e = layout.embedding_dim
         self.encoders = nn.ModuleDict()
-        if "image" in self.modalities:
-            self.encoders["image"] = build_image_encoder(layout.image, e)
-        if "tabular" in self.modalities:
-            self.encoders["tabular"] = build_tabular_encoder(layout.tabular, e)
+        for m in self.modalities:
+            if m == "image":
+                self.encoders[m] = build_image_encoder(layout.image, e)
+            else:
+                self.encoders[m] = build_tabular_encoder(layout.tabular_config(m), e)
         self.fusion = Fusion(e)
         self.heads = nn.ModuleDict({t: nn.Linear(e, layout.tasks[t]) for t in self.tasks})
 
@@ -119,15 +124,22 @@ class BlockModel(nn.Module):
         return out
 
     def forward(self, image: torch.Tensor | None, image_present: torch.Tensor | None,
-                tabular: torch.Tensor | None, tabular_present: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Logits per task. Inputs of modalities the site lacks are ``None``."""
+                tabular: torch.Tensor | None, tabular_present: torch.Tensor | None,
+                extra: Mapping[str, torch.Tensor] | None = None,
+                extra_present: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Logits per task. Inputs of modalities the site lacks are ``None``; ``extra`` and
+        ``extra_present`` hold the inputs of the layout's extra tabular modalities."""
+        inputs = {"image": (image, image_present), "tabular": (tabular, tabular_present)}
+        for m in self.modalities:
+            if m not in inputs:
+                inputs[m] = ((extra or {}).get(m), (extra_present or {}).get(m))
         embeddings, present = [], []
-        if "image" in self.modalities:
-            embeddings.append(self.encoders["image"](image))
-            present.append(image_present)
-        if "tabular" in self.modalities:
-            embeddings.append(self.encoders["tabular"](tabular))
-            present.append(tabular_present)
+        for m in self.modalities:
+            x, p = inputs[m]
+            if x is None or p is None:
+                raise ValueError(f"no input for modality {m!r}")
+            embeddings.append(self.encoders[m](x))
+            present.append(p)
         fused = self.fusion(embeddings, present)
         return {t: self.heads[t](fused) for t in self.tasks}
 

@@ -68,6 +68,7 @@ class SecureAggregator:
             if len(c.egress):
                 inputs[site] = SiteContribution(blocks=c.egress, weight=c.weight, min_contributors=c.min_contributors)
         self.last_bytes_received = {}
+        self.last_site_errors = {}
         if not inputs:
             return {}
         offered = {b for c in inputs.values() for b in c.blocks}

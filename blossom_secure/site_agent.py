@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,11 +38,13 @@ from blossom_secure.errors import PrivacyBudgetExceededError
 from blossom_secure.keys import load_or_create_identity_key
 from blossom_secure.model import BlockModel
 from blossom_secure.privacy import PrivacyLedger
-from blossom_secure.training import SiteTensors, evaluate, plan_round, train_dp
+from blossom_secure.training import SiteTensors, evaluate, plan_round, train_dp, train_without_dp_simulation_only
 
 __all__ = ["RoundOffer", "SiteAgent", "ensure_site_data"]
 
 logger = logging.getLogger(__name__)
+
+_SECAGG_STAGES = ("advertise_keys", "share_keys", "masked_input", "unmask")
 
 BLOCKS_FILE = "blocks.npz"
 LEDGER_FILE = "ledger.json"
@@ -97,6 +100,7 @@ def load_arrays(site: SiteConfig, federation: FederationConfig) -> SiteArrays:
         image_spatial_dims=layout.image.spatial_dims,
         image_size=layout.image.size,
         image_window=layout.image.window,
+        extra_tabular={m: layout.extra_tabular[m].features for m in site.modalities if m in layout.extra_tabular},
     )
 
 
@@ -120,14 +124,26 @@ class SiteAgent:
         federation: The federation file's contents.
         seed: Base seed for this site's training randomness in simulations; ``None`` in a
             deployment (noise and sampling seeded from the OS CSPRNG each round).
+        simulation_without_dp: **Simulation only.** Train without differential privacy
+            (no clipping, no noise; :func:`~blossom_secure.training.train_without_dp_simulation_only`)
+            to measure what DP costs in a benchmark. Nothing is written to the privacy
+            ledger, no ``training_finished`` record is written to the audit log (there is
+            no privacy spend to record), and the round's ``epsilon_total`` is reported as
+            infinity. It needs an explicit ``seed`` (a deployment passes ``None``) and no
+            policy or site file can ask for it.
 
     Raises:
         PolicyError: the site file or policy is invalid.
         DataError: the data cannot be used as declared.
         KeyFileError, LedgerError, AuditIntegrityError: the site's state is unusable.
+        ValueError: ``simulation_without_dp`` without a simulation seed.
     """
 
-    def __init__(self, site_dir: Path, federation: FederationConfig, *, seed: int | None = None) -> None:
+    def __init__(self, site_dir: Path, federation: FederationConfig, *, seed: int | None = None,
+                 simulation_without_dp: bool = False) -> None:
+        if simulation_without_dp and seed is None:
+            raise ValueError("training without differential privacy is for seeded simulations only")
+        self.simulation_without_dp = bool(simulation_without_dp)
         self.federation = federation
         self.config: SiteConfig = load_site(site_dir, federation=federation)
         self.id = self.config.id
@@ -154,6 +170,7 @@ class SiteAgent:
         })
         self._init_private_blocks()
         self._block_sizes = self.model.block_sizes()
+        self._sent: dict[int, list[str]] = {}
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -195,6 +212,8 @@ class SiteAgent:
             reason = f"coordinator {self.federation.coordinator!r} is not allowed by the policy"
         elif self.policy.secure_aggregation_required and not secure:
             reason = "policy requires secure aggregation; this round would aggregate in plaintext"
+        if reason is None and self.simulation_without_dp:
+            return self._offer_without_dp_simulation_only(round_id, global_blocks)
         plan = plan_round(self.n_train, batch_size=self.federation.training.batch_size,
                           epochs=self.federation.training.local_epochs, terms=self.policy.privacy)
         if reason is None:
@@ -228,14 +247,42 @@ class SiteAgent:
         return RoundOffer(site_id=self.id, contribution=contribution, epsilon_total=entry.epsilon_total,
                           train_loss=result.mean_loss, shapes=egress.shapes())
 
+    def _offer_without_dp_simulation_only(self, round_id: int, global_blocks: Mapping[str, np.ndarray]) -> RoundOffer:
+        """The round without DP (see ``simulation_without_dp``): same egress path, no ledger."""
+        self._record(audit.ROUND_JOINED, round_id, {"blocks_offered": list(self.shared_blocks)})
+        start = {b: np.asarray(global_blocks[b], dtype=np.float32) for b in self.shared_blocks if b in global_blocks}
+        self.model.set_blocks(start)
+        training = self.federation.training
+        result = train_without_dp_simulation_only(
+            self.model, self.tensors.subset(self.train_idx), epochs=training.local_epochs,
+            batch_size=training.batch_size, learning_rate=training.learning_rate, momentum=training.momentum,
+            seed=_derive_seed(self.seed, self.id, round_id))
+        updates = {b: self.model.get_block(b) - start[b] for b in start}
+        egress = select_egress(self.policy, updates)
+        contribution = Contribution(egress=egress, weight=self.n_train, min_contributors=self.policy.min_contributors)
+        return RoundOffer(site_id=self.id, contribution=contribution, epsilon_total=math.inf,
+                          train_loss=result.mean_loss, shapes=egress.shapes())
+
     def record_egress(self, round_id: int, message_type: str, blocks: tuple[str, ...], payload: bytes) -> None:
         """Write the audit record of one outbound message. Raises if it cannot be made
         durable; the caller then must not send."""
+        self._sent.setdefault(round_id, []).append(message_type)
         self._record(audit.EGRESS, round_id, {
             "message_type": message_type, "blocks": list(blocks),
             "shapes": {b: [self._block_sizes[b]] for b in blocks},
             "payload_bytes": len(payload), "payload_sha256": hashlib.sha256(payload).hexdigest(),
         })
+
+    def record_secagg_outcome(self, round_id: int, *, error: str | None) -> None:
+        """Record, after a secure-aggregation round, each stage this site completed (sent
+        its message for), and the abort with its reason if the protocol stopped it."""
+        stages = [m.removeprefix("secagg.") for m in self._sent.pop(round_id, []) if m.startswith("secagg.")]
+        for stage in dict.fromkeys(stages):
+            self._record(audit.SECAGG_STAGE_COMPLETED, round_id, {"stage": stage})
+        if error is not None:
+            head = error.split(":", 1)[0].strip()
+            stage = head if head in _SECAGG_STAGES else "unknown"
+            self._record(audit.SECAGG_ABORTED, round_id, {"stage": stage, "reason": error})
 
     def finish_round(self, *, round_id: int, outcomes: Mapping[str, BlockOutcome],
                      global_blocks: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:

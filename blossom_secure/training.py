@@ -24,7 +24,8 @@ import math
 import secrets
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -34,7 +35,8 @@ from blossom_secure.model import BlockModel
 from blossom_secure.policy import PrivacyTerms
 from blossom_secure.privacy import noise_for_target
 
-__all__ = ["RoundPlan", "SiteTensors", "TrainResult", "evaluate", "plan_round", "train_dp"]
+__all__ = ["RoundPlan", "SiteTensors", "TrainResult", "evaluate", "plan_round", "train_dp",
+           "train_without_dp_simulation_only"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class SiteTensors:
         image, tabular: inputs (``None`` for a modality the site lacks).
         image_present, tabular_present: float (N,) presence masks.
         labels: task -> int64 (N,), -1 where missing.
+        extra, extra_present: the same, per extra tabular modality the site holds.
     """
 
     image: torch.Tensor | None
@@ -52,6 +55,8 @@ class SiteTensors:
     tabular: torch.Tensor | None
     tabular_present: torch.Tensor
     labels: Mapping[str, torch.Tensor]
+    extra: Mapping[str, torch.Tensor] = field(default_factory=lambda: MappingProxyType({}))
+    extra_present: Mapping[str, torch.Tensor] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
     def from_arrays(cls, arrays, train_idx: np.ndarray) -> SiteTensors:
@@ -60,22 +65,19 @@ class SiteTensors:
         them (held-out patients never inform the scaling)."""
         tab = None
         if arrays.tabular is not None:
-            tab = arrays.tabular.astype(np.float32).copy()
-            rows = train_idx[arrays.tabular_present[train_idx]]
-            if rows.size:
-                mean = tab[rows].mean(axis=0)
-                std = tab[rows].std(axis=0)
-                std[std < 1e-6] = 1.0
-                tab = (tab - mean) / std
-            tab[~arrays.tabular_present] = 0.0
-            tab = torch.from_numpy(tab)
+            tab = _standardise(arrays.tabular, arrays.tabular_present, train_idx)
         img = torch.from_numpy(arrays.image.astype(np.float32)) if arrays.image is not None else None
+        extra_present = getattr(arrays, "extra_tabular_present", {})
+        extra = {m: _standardise(x, extra_present[m], train_idx)
+                 for m, x in getattr(arrays, "extra_tabular", {}).items()}
         return cls(
             image=img,
             image_present=torch.from_numpy(arrays.image_present.astype(np.float32)),
             tabular=tab,
             tabular_present=torch.from_numpy(arrays.tabular_present.astype(np.float32)),
             labels={t: torch.from_numpy(np.asarray(v, dtype=np.int64)) for t, v in arrays.labels.items()},
+            extra=extra,
+            extra_present={m: torch.from_numpy(p.astype(np.float32)) for m, p in extra_present.items()},
         )
 
     def __len__(self) -> int:
@@ -89,7 +91,26 @@ class SiteTensors:
             tabular=None if self.tabular is None else self.tabular[i],
             tabular_present=self.tabular_present[i],
             labels={t: v[i] for t, v in self.labels.items()},
+            extra={m: v[i] for m, v in self.extra.items()},
+            extra_present={m: v[i] for m, v in self.extra_present.items()},
         )
+
+    def model_inputs(self) -> tuple:
+        """The positional arguments of :meth:`BlockModel.forward` for these patients."""
+        return (self.image, self.image_present, self.tabular, self.tabular_present, self.extra, self.extra_present)
+
+
+def _standardise(x: np.ndarray, present: np.ndarray, train_idx: np.ndarray) -> torch.Tensor:
+    """Standardise columns with the training patients that have them; zeros where absent."""
+    x = x.astype(np.float32).copy()
+    rows = train_idx[present[train_idx]]
+    if rows.size:
+        mean = x[rows].mean(axis=0)
+        std = x[rows].std(axis=0)
+        std[std < 1e-6] = 1.0
+        x = (x - mean) / std
+    x[~present] = 0.0
+    return torch.from_numpy(x)
 
 
 @dataclass(frozen=True)
@@ -177,17 +198,7 @@ def _train_dp(model: BlockModel, data: SiteTensors, plan: RoundPlan, *, max_grad
     from opacus import PrivacyEngine
 
     torch.manual_seed(secrets.randbits(63) if seed is None else seed)
-    tensors = [data.image_present, data.tabular_present]
-    names = []
-    if data.image is not None:
-        tensors.append(data.image)
-        names.append("image")
-    if data.tabular is not None:
-        tensors.append(data.tabular)
-        names.append("tabular")
-    tasks = list(model.tasks)
-    tensors.extend(data.labels[t] for t in tasks)
-    dataset = torch.utils.data.TensorDataset(*tensors)
+    dataset, unpack = _dataset(model, data)
     loader = torch.utils.data.DataLoader(dataset, batch_size=plan.batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
     engine = PrivacyEngine(accountant="rdp")
@@ -199,12 +210,10 @@ def _train_dp(model: BlockModel, data: SiteTensors, plan: RoundPlan, *, max_grad
     steps = 0
     for _ in range(plan.epochs):
         for batch in dp_loader:
-            img_p, tab_p, *rest = batch
-            inputs = dict(zip(names, rest[: len(names)]))
-            labels = dict(zip(tasks, rest[len(names):]))
+            inputs, labels = unpack(batch)
             dp_opt.zero_grad(set_to_none=True)
-            if img_p.shape[0] > 0:
-                logits = dp_model(inputs.get("image"), img_p, inputs.get("tabular"), tab_p)
+            if batch[0].shape[0] > 0:
+                logits = dp_model(*inputs)
                 loss = _loss(logits, labels)
                 loss.backward()
                 losses.append(float(loss.detach()))
@@ -225,13 +234,81 @@ def _train_dp(model: BlockModel, data: SiteTensors, plan: RoundPlan, *, max_grad
     return TrainResult(steps=steps, mean_loss=float(np.mean(losses)) if losses else float("nan"), history=history)
 
 
+def _dataset(model: BlockModel, data: SiteTensors):
+    """A TensorDataset of ``data`` and a function turning one of its batches into
+    ``(forward arguments, labels by task)``. The first tensor is always the image
+    presence mask (its length is the batch size)."""
+    extras = [m for m in model.modalities if m in data.extra]
+    tensors = [data.image_present, data.tabular_present]
+    tensors += [data.extra_present[m] for m in extras]
+    names = []
+    if data.image is not None:
+        tensors.append(data.image)
+        names.append("image")
+    if data.tabular is not None:
+        tensors.append(data.tabular)
+        names.append("tabular")
+    tensors += [data.extra[m] for m in extras]
+    tasks = list(model.tasks)
+    tensors.extend(data.labels[t] for t in tasks)
+    k = len(extras)
+
+    def unpack(batch):
+        img_p, tab_p = batch[0], batch[1]
+        ex_p = dict(zip(extras, batch[2:2 + k]))
+        rest = batch[2 + k:]
+        inputs = dict(zip(names, rest[: len(names)]))
+        ex = dict(zip(extras, rest[len(names): len(names) + k]))
+        labels = dict(zip(tasks, rest[len(names) + k:]))
+        return (inputs.get("image"), img_p, inputs.get("tabular"), tab_p, ex, ex_p), labels
+
+    return torch.utils.data.TensorDataset(*tensors), unpack
+
+
+def train_without_dp_simulation_only(model: BlockModel, data: SiteTensors, *, epochs: int, batch_size: int,
+                                     learning_rate: float, momentum: float, seed: int) -> TrainResult:
+    """Train every block with plain mini-batch SGD: **no clipping, no noise, no privacy**.
+
+    For simulations that measure what differential privacy costs (the "DP off" arm of
+    ``blossom experiment``) and nothing else: a site agent reaches it only when built
+    with ``simulation_without_dp=True`` and an explicit simulation seed, never from a
+    policy file. Shuffled batches of ``batch_size``, ``ceil(n / batch_size)`` steps per
+    epoch (the same number of steps as DP-SGD's plan), SGD with ``momentum``.
+
+    Returns:
+        Steps taken, mean loss, and an empty history (nothing is accounted).
+
+    Raises:
+        ValueError: no training examples.
+    """
+    if len(data) < 1:
+        raise ValueError("no training examples")
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    dataset, unpack = _dataset(model, data)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
+    model.train()
+    losses, steps = [], 0
+    for _ in range(epochs):
+        for batch in loader:
+            inputs, labels = unpack(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss = _loss(model(*inputs), labels)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            steps += 1
+    return TrainResult(steps=steps, mean_loss=float(np.mean(losses)), history=())
+
+
 @torch.no_grad()
 def evaluate(model: BlockModel, data: SiteTensors) -> dict[str, dict[str, float]]:
     """Accuracy and macro-F1 per task on ``data`` (patients with a label for the task)."""
     from sklearn.metrics import f1_score
 
     model.eval()
-    logits = model(data.image, data.image_present, data.tabular, data.tabular_present)
+    logits = model(*data.model_inputs())
     out = {}
     for task, lg in logits.items():
         y = data.labels[task].numpy()

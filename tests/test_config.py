@@ -35,7 +35,7 @@ def test_site_file_problems_reported_together(sites):
     path = sites / "st-mary" / "site.toml"
     text = path.read_text().replace('modalities = ["image", "tabular"]', 'modalities = ["image", "genome"]')
     text = text.replace('malignancy = "malignant"', 'malignancy = "malignant"\nunknown_task = "x"')
-    text = text.replace("patients = 320", "patients = 1") + "\n[extra]\n"
+    text = text.replace("patients = 600", "patients = 1") + "\n[extra]\n"
     path.write_text(text)
     fed = load_federation(sites / "federation.toml")
     with pytest.raises(PolicyError) as info:
@@ -77,7 +77,7 @@ def test_federation_problems(sites):
     path = sites / "federation.toml"
     text = (path.read_text().replace('id = "blossom-demo"', 'id = "Blossom Demo!"')
             .replace("size = [32, 32]", "size = [32]").replace("severity = 3", "severity = 1")
-            .replace("ring_bits = 32", "ring_bits = 48").replace("channels = [8, 16, 16]", "channels = [6, 16]"))
+            .replace("ring_bits = 32", "ring_bits = 48").replace("channels = [4, 8, 8]", "channels = [6, 16]"))
     path.write_text(text)
     with pytest.raises(PolicyError) as info:
         load_federation(path)

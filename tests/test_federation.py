@@ -180,6 +180,11 @@ def test_audit_log_accounts_for_every_byte_sent(tiny_sites_with_data, tmp_path):
                          if r["event"] == "egress" and r["round_id"] == round_id)
             received = doc["bytes_received"][str(round_id)][site_id]
             assert logged == received > 0, (site_id, round_id, logged, received)
+        for round_id in (0, 1):
+            stages = [r["details"]["stage"] for r in records
+                      if r["event"] == "secagg_stage_completed" and r["round_id"] == round_id]
+            assert stages == ["advertise_keys", "share_keys", "masked_input", "unmask"], (site_id, stages)
+        assert not any(r["event"] == "secagg_aborted" for r in records)
         for r in records:
             if r["event"] == "egress":
                 assert r["details"]["message_type"].startswith("secagg.")
