@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from contextlib import suppress
 from pathlib import Path
 
-__all__ = ["atomic_write", "fsync_dir"]
+import numpy as np
+
+__all__ = ["atomic_write", "fsync_dir", "load_arrays_npz", "save_arrays_npz"]
 
 
 def fsync_dir(directory: Path) -> None:
@@ -40,3 +43,20 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
             os.unlink(tmp_name)
         raise
     fsync_dir(path.parent)
+
+
+def save_arrays_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write named arrays as one ``.npz`` file, atomically (numeric arrays only, no pickle)."""
+    buf = io.BytesIO()
+    np.savez(buf, **{name: np.asarray(a) for name, a in arrays.items()})
+    atomic_write(path, buf.getvalue())
+
+
+def load_arrays_npz(path: Path) -> dict[str, np.ndarray]:
+    """Read an ``.npz`` file written by :func:`save_arrays_npz`; never unpickles.
+
+    Raises:
+        ValueError: the file holds object arrays (which would need pickle) or is not an npz.
+    """
+    with np.load(path, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}

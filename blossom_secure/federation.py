@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from blossom_secure._fs import atomic_write
+from blossom_secure._fs import atomic_write, save_arrays_npz
 from blossom_secure.aggregation import Aggregator, BlockOutcome, PlaintextAggregator
 from blossom_secure.blocks import is_head
 from blossom_secure.config import FederationConfig, load_federation, site_dirs
@@ -246,11 +246,7 @@ def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str |
     atomic_write(metrics_path, json.dumps(_metrics_document(federation, agents, reports, mode=mode,
                                                             secure=secure and mode == "blockwise", seed=seed),
                                           indent=1).encode() + b"\n")
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, **coordinator.global_blocks)
-    atomic_write(out_dir / "global_blocks.npz", buf.getvalue())
+    save_arrays_npz(out_dir / "global_blocks.npz", coordinator.global_blocks)
     return SimulationResult(rounds=reports, out_dir=out_dir, metrics_path=metrics_path)
 
 
@@ -274,23 +270,12 @@ def _metrics_document(federation: FederationConfig, agents: list[SiteAgent], rep
                          "n_train": a.n_train, "n_heldout": int(a.test_idx.size),
                          "shared_blocks": list(a.shared_blocks),
                          "epsilon_budget": a.policy.privacy.epsilon_budget,
-                         "chance_accuracy": {t: _chance(a, t) for t in sorted(a.config.tasks)}}
+                         "chance_accuracy": {t: a.chance_accuracy(t) for t in sorted(a.config.tasks)}}
                   for a in agents},
         "blocks": {str(r.round_id): r.blocks for r in reports},
         "bytes_received": {str(r.round_id): r.bytes_received for r in reports},
         "metrics": rows,
     }
-
-
-def _chance(agent: SiteAgent, task: str) -> float:
-    """Accuracy of always predicting the most common training label, on the held-out split."""
-    y_train = agent.arrays.labels[task][agent.train_idx]
-    y_test = agent.arrays.labels[task][agent.test_idx]
-    y_train, y_test = y_train[y_train >= 0], y_test[y_test >= 0]
-    if y_train.size == 0 or y_test.size == 0:
-        return float("nan")
-    majority = np.bincount(y_train).argmax()
-    return float((y_test == majority).mean())
 
 
 def _check_synthetic(dirs: list[Path], federation: FederationConfig, *, reason: str) -> None:

@@ -16,7 +16,6 @@ round at a site:
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import math
 from collections.abc import Mapping
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 from blossom_secure import audit
-from blossom_secure._fs import atomic_write
+from blossom_secure._fs import load_arrays_npz, save_arrays_npz
 from blossom_secure.aggregation import BlockOutcome, Contribution
 from blossom_secure.blocks import is_head
 from blossom_secure.config import FederationConfig, SiteConfig, load_site
@@ -37,7 +36,7 @@ from blossom_secure.egress import select_egress
 from blossom_secure.errors import PrivacyBudgetExceededError
 from blossom_secure.keys import load_or_create_identity_key
 from blossom_secure.model import BlockModel
-from blossom_secure.privacy import PrivacyLedger
+from blossom_secure.privacy import PrivacyLedger, compute_epsilon
 from blossom_secure.training import SiteTensors, evaluate, plan_round, train_dp, train_without_dp_simulation_only
 
 __all__ = ["RoundOffer", "SiteAgent", "ensure_site_data"]
@@ -180,16 +179,13 @@ class SiteAgent:
         self.model = BlockModel(self.federation.layout, self.config.modalities, tuple(self.config.tasks))
         saved = self.config.state_dir / BLOCKS_FILE
         if saved.exists():
-            with np.load(saved, allow_pickle=False) as data:
-                blocks = {k: data[k] for k in data.files if k in self.model.blocks()}
-            self.model.set_blocks(blocks)
+            blocks = load_arrays_npz(saved)
+            self.model.set_blocks({k: v for k, v in blocks.items() if k in self.model.blocks()})
 
     def save_blocks(self) -> Path:
         """Write every block of the site's model (private ones included) to its state folder."""
-        buf = io.BytesIO()
-        np.savez(buf, **self.model.get_blocks())
         path = self.config.state_dir / BLOCKS_FILE
-        atomic_write(path, buf.getvalue())
+        save_arrays_npz(path, self.model.get_blocks())
         return path
 
     @property
@@ -297,14 +293,22 @@ class SiteAgent:
     def evaluate(self) -> dict[str, dict[str, float]]:
         return evaluate(self.model, self.tensors.subset(self.test_idx))
 
+    def chance_accuracy(self, task: str) -> float:
+        """Accuracy of always predicting the most common training label, on the held-out
+        split: the floor a model must beat to have learned anything."""
+        y_train = self.arrays.labels[task][self.train_idx]
+        y_test = self.arrays.labels[task][self.test_idx]
+        y_train, y_test = y_train[y_train >= 0], y_test[y_test >= 0]
+        if y_train.size == 0 or y_test.size == 0:
+            return float("nan")
+        return float((y_test == np.bincount(y_train).argmax()).mean())
+
     def _record(self, event: str, round_id: int | None, details: dict) -> None:
         self.audit.append(event, round_id=round_id, details=details, policy_sha256=self.policy.sha256)
 
 
 def _round_epsilon(ledger: PrivacyLedger) -> float:
     """Epsilon of the last ledger entry on its own (for the record; totals compose)."""
-    from blossom_secure.privacy import compute_epsilon
-
     last = ledger.history[-1:]
     return compute_epsilon(last, accountant=ledger.terms.accountant, delta=ledger.terms.delta)
 

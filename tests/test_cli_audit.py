@@ -25,7 +25,7 @@ def federated_sites(tmp_path_factory, tiny_sites_with_data):
     root = tmp_path_factory.mktemp("fed")
     shutil.copytree(tiny_sites_with_data.parent / "policies", root / "policies")
     shutil.copytree(tiny_sites_with_data, root / "sites")
-    proc = cli("blossom", "simulate", "--sites", str(root / "sites"), "--out", str(root / "run"), "--rounds", "2")
+    proc = cli("blossom", "simulate", "--sites", str(root / "sites"), "--out", str(root / "run"), "--quick")
     assert proc.returncode == 0, proc.stderr
     return root / "sites"
 

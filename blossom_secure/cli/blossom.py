@@ -3,6 +3,7 @@
     blossom simulate --sites sites --rounds N --out DIR [--quick] [--mode blockwise|full-model|local]
                      [--plaintext] [--seed S] [--fresh] [--allow-full-model]
     blossom data synth --sites sites [--force]
+    blossom experiment CONFIG.toml [--work DIR] [--out DIR] [--quick] [--workers N] [--fresh] [--report-only]
 """
 
 from __future__ import annotations
@@ -42,6 +43,17 @@ def _parser() -> ArgumentParser:
     synth = dsub.add_parser("synth", help="generate the example sites' synthetic DICOM studies and clinical tables")
     synth.add_argument("--sites", type=Path, default=Path("sites"))
     synth.add_argument("--force", action="store_true", help="regenerate data that already exist")
+    exp = sub.add_parser("experiment", help="run a benchmark grid (BLOSSOM study: schemes x modality splits x DP)")
+    exp.add_argument("config", type=Path, help="experiment file, e.g. experiments/blossom.toml")
+    exp.add_argument("--work", type=Path, default=None,
+                     help="work folder for site folders and per-cell results (default: runs/experiments/<name>; "
+                          "a tmpfs such as /dev/shm is faster); an interrupted grid resumes from it")
+    exp.add_argument("--out", type=Path, default=None,
+                     help="report folder: CSV/JSON raw results, tables.md, PNG plots (default: <work>/report)")
+    exp.add_argument("--quick", action="store_true", help="the file's [quick] grid (a tiny grid for CI)")
+    exp.add_argument("--workers", type=int, default=None, help="processes over grid cells (default: the file's)")
+    exp.add_argument("--fresh", action="store_true", help="discard finished cells in the work folder first")
+    exp.add_argument("--report-only", action="store_true", help="write the report from finished cells; run nothing")
     return p
 
 
@@ -49,7 +61,55 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.command == "simulate":
         return _simulate(args)
+    if args.command == "experiment":
+        return _experiment(args, argv)
     return _synth(args)
+
+
+def _experiment(args, argv: list[str]) -> int:
+    import json
+    import shlex
+
+    from blossom_secure.experiments import cells_of, load_experiment, load_results, run_grid, write_report
+
+    config = load_experiment(args.config, quick=args.quick)
+    if args.workers is not None and args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    work = args.work if args.work is not None else Path("runs") / "experiments" / (config.name + ("-quick" if args.quick
+                                                                                                    else ""))
+    out = args.out if args.out is not None else work / "report"
+    cells = cells_of(config)
+    console.print(f"{config.name}: {len(cells)} cells, {len(config.seeds)} seed(s), {config.rounds} rounds; "
+                  f"work folder {work}")
+    if args.report_only:
+        results = load_results(work, cells)
+    else:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as progress:
+            bar = progress.add_task("preparing data", total=len(cells))
+
+            def on_cell(result: dict, done: int, total: int) -> None:
+                progress.update(bar, completed=done, description=result["key"][:60])
+
+            results = run_grid(config, work, workers=args.workers, fresh=args.fresh, on_cell=on_cell)
+    runs_path = work / "runs.json"
+    runs = json.loads(runs_path.read_text()) if runs_path.is_file() else []
+    command = "blossom " + " ".join(shlex.quote(a) for a in argv)
+    summary = write_report(results, out, config_text=args.config.read_text(encoding="utf-8"), command=command,
+                           runs=runs)
+    table = Table(title="private-head over full-model (relative gain, site-averaged final metric)",
+                  title_justify="left")
+    for col in ("data set", "split", "DP", "accuracy", "macro-F1"):
+        table.add_column(col)
+    for h in summary["headline"]:
+        if h["scheme"] == "private-head" and h["split"] in ("incomplete", "exclusive"):
+            table.add_row(h["dataset"], h["split"], h["dp"], f"{h['accuracy_gain_pct']:+.1f}%",
+                          f"{h['macro_f1_gain_pct']:+.1f}%")
+    console.print(table)
+    eps = summary["epsilon_max_over_all_sites"]
+    console.print(f"largest epsilon spent by any site (DP on): {'n/a' if eps is None else f'{eps:.3f}'}")
+    console.print(f"report: {out} (tables.md, cells.csv, curves.csv, summary.json, plots)")
+    return EXIT_OK
 
 
 def _simulate(args) -> int:
@@ -63,24 +123,23 @@ def _simulate(args) -> int:
     if args.mode == "full-model" and not args.allow_full_model:
         raise UsageError("--mode full-model shares task heads and ignores the sites' policies; "
                          "add --allow-full-model to run this baseline (synthetic sites only)")
+    if rounds is None:
+        from blossom_secure.config import load_federation
+
+        rounds_total = load_federation(args.sites / "federation.toml").training.rounds
+    else:
+        rounds_total = rounds
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
-        bar = progress.add_task("loading sites", total=None)
+        bar = progress.add_task("loading sites", total=rounds_total)
 
         def on_setup(line: str) -> None:
             console.print(f"  site {line}")
 
         def on_round(report, agents) -> None:
-            if progress.tasks[bar].total is None:
-                progress.update(bar, total=rounds_total[0])
             progress.update(bar, advance=1, description=f"round {report.round_id + 1}")
             console.print(_round_table(report, agents))
 
-        rounds_total = [rounds]
-        if rounds is None:
-            from blossom_secure.config import load_federation
-
-            rounds_total[0] = load_federation(args.sites / "federation.toml").training.rounds
         result = simulate(sites_root=args.sites, rounds=rounds, out_dir=args.out, mode=args.mode,
                           secure=False if args.plaintext else None, seed=args.seed, fresh=args.fresh,
                           allow_full_model=args.allow_full_model, on_round=on_round, on_setup=on_setup)
@@ -97,11 +156,9 @@ def _round_table(report, agents) -> Table:
     for agent in agents:
         s = report.sites[agent.id]
         status = "declined: " + s["declined"] if s["declined"] else "trained"
-        from blossom_secure.federation import _chance
-
         for task, m in sorted(s["tasks"].items()):
             table.add_row(agent.id, task, f"{m['accuracy']:.3f}", f"{m['macro_f1']:.3f}",
-                          f"{_chance(agent, task):.3f}", f"{s['epsilon']:.2f}", status)
+                          f"{agent.chance_accuracy(task):.3f}", f"{s['epsilon']:.2f}", status)
     return table
 
 

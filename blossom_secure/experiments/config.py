@@ -1,0 +1,228 @@
+"""The experiment file (``experiments/*.toml``): which grid ``blossom experiment`` runs.
+
+Data only, validated like the federation and policy files: every problem (unknown key,
+wrong type, impossible value) is reported at once in one
+:class:`~blossom_secure.errors.PolicyError`. A ``[quick]`` table overrides grid keys for
+``--quick`` (a tiny grid for CI).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from blossom_secure._toml import Table, read_toml
+from blossom_secure.errors import PolicyError, Problem
+from blossom_secure.experiments.datasets import DATASETS
+
+__all__ = ["DP_SETTINGS", "ExperimentConfig", "PARTITIONS", "SCHEMES", "SubGrid", "load_experiment"]
+
+#: Schemes: what each site shares (see :mod:`blossom_secure.experiments.runner`).
+SCHEMES = ("full-model", "private-head", "private-head-fusion", "local")
+PARTITIONS = ("iid", "dirichlet")
+DP_SETTINGS = ("off", "on")
+_GRID_KEYS = ("datasets", "splits", "schemes", "partitions", "dp")
+
+
+@dataclass(frozen=True)
+class SubGrid:
+    """A further set of cells (the plaintext comparison, task heterogeneity)."""
+
+    datasets: tuple[str, ...]
+    splits: tuple[str, ...]
+    schemes: tuple[str, ...]
+    partitions: tuple[str, ...]
+    dp: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A validated experiment file (see ``experiments/blossom.toml`` for every key)."""
+
+    path: Path
+    name: str
+    sites: int
+    seeds: tuple[int, ...]
+    rounds: int
+    workers: int
+    grid: SubGrid
+    splits: dict[str, tuple[int, int, int]]  # name -> (A only, B only, both)
+    dirichlet_alpha: float
+    min_site_examples: int
+    target_epsilon: float
+    delta: float
+    max_grad_norm: float
+    accountant: str
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    momentum: float
+    holdout_fraction: float
+    embedding_dim: int
+    hidden: tuple[int, ...]
+    image_size: tuple[int, int]
+    image_channels: tuple[int, ...]
+    synthetic_patients: int
+    plaintext: SubGrid | None
+    heterogeneous: SubGrid | None
+    quick: dict
+
+
+def _subgrid(t: Table | None, *, splits: set[str], datasets: tuple[str, ...] = DATASETS) -> SubGrid | None:
+    if t is None:
+        return None
+    values = dict(
+        datasets=t.str_list("datasets"),
+        splits=t.str_list("splits"),
+        schemes=t.str_list("schemes"),
+        partitions=t.str_list("partitions"),
+        dp=t.str_list("dp"),
+    )
+    for key, allowed in (("datasets", datasets), ("splits", tuple(sorted(splits))), ("schemes", SCHEMES),
+                         ("partitions", PARTITIONS), ("dp", DP_SETTINGS)):
+        bad = [v for v in values[key] or () if v not in allowed]
+        if bad:
+            t.problem(key, f"unknown value {bad[0]!r} (known: {', '.join(allowed)})")
+            values[key] = None
+    t.finish()
+    if None in values.values():
+        return None
+    return SubGrid(**{k: tuple(v) for k, v in values.items()})
+
+
+def load_experiment(path: Path, *, quick: bool = False) -> ExperimentConfig:
+    """Read and validate an experiment file; with ``quick``, apply its ``[quick]`` overrides.
+
+    Raises:
+        PolicyError: every problem found, with file, key and reason.
+    """
+    path = Path(path)
+    problems: list[Problem] = []
+    data = read_toml(path, problems)
+    if data is None:
+        raise PolicyError(problems)
+    root = Table(str(path), "", data, problems)
+    out: dict = {"path": path}
+
+    splits: dict[str, tuple[int, int, int]] = {}
+    st = root.table("splits")
+    if st is not None:
+        for name in list(st.data):
+            counts = st.int_list(name, minimum=0, length=3)
+            if counts is not None:
+                splits[name] = tuple(counts)
+        st.finish()
+
+    ex = root.table("experiment")
+    if ex is not None:
+        out["name"] = ex.str("name")
+        out["sites"] = ex.int("sites", minimum=2, maximum=100)
+        seeds = ex.int_list("seeds", minimum=0)
+        out["seeds"] = tuple(seeds) if seeds else None
+        out["rounds"] = ex.int("rounds", minimum=1, maximum=1000)
+        out["workers"] = ex.int("workers", required=False, default=2, minimum=1, maximum=64)
+        grid_values = {k: ex.data.get(k) for k in _GRID_KEYS}
+        ex.mark_seen(*_GRID_KEYS)
+        ex.finish()
+        out["grid"] = _subgrid(Table(str(path), "experiment", grid_values, problems), splits=set(splits))
+        if out["sites"] is not None:
+            for name, counts in splits.items():
+                if sum(counts) != out["sites"]:
+                    problems.append(Problem(str(path), f"splits.{name}",
+                                            f"must add up to the {out['sites']} sites, not {sum(counts)}"))
+
+    pt = root.table("partition")
+    if pt is not None:
+        out["dirichlet_alpha"] = pt.float("dirichlet_alpha", exclusive_minimum=0.0, maximum=1e3)
+        out["min_site_examples"] = pt.int("min_site_examples", minimum=4)
+        pt.finish()
+
+    pr = root.table("privacy")
+    if pr is not None:
+        out["target_epsilon"] = pr.float("target_epsilon", exclusive_minimum=0.0, maximum=8.0)
+        out["delta"] = pr.float("delta", exclusive_minimum=0.0, maximum=1e-5)
+        out["max_grad_norm"] = pr.float("max_grad_norm", exclusive_minimum=0.0, maximum=1e3)
+        out["accountant"] = pr.choice("accountant", ("rdp",), required=False, default="rdp")
+        pr.finish()
+
+    tr = root.table("training")
+    if tr is not None:
+        out["local_epochs"] = tr.int("local_epochs", minimum=1, maximum=100)
+        out["batch_size"] = tr.int("batch_size", minimum=1, maximum=4096)
+        out["learning_rate"] = tr.float("learning_rate", exclusive_minimum=0.0, maximum=10.0)
+        out["momentum"] = tr.float("momentum", minimum=0.0, exclusive_maximum=1.0)
+        out["holdout_fraction"] = tr.float("holdout_fraction", exclusive_minimum=0.0, exclusive_maximum=1.0)
+        tr.finish()
+
+    md = root.table("model")
+    if md is not None:
+        out["embedding_dim"] = md.int("embedding_dim", minimum=2, maximum=4096)
+        hidden = md.int_list("hidden")
+        out["hidden"] = tuple(hidden) if hidden else None
+        size = md.int_list("image_size", minimum=8, length=2)
+        out["image_size"] = tuple(size) if size else None
+        channels = md.int_list("image_channels", minimum=4)
+        if channels and any(c % 4 for c in channels):
+            md.problem("image_channels", "every channel count must be a multiple of 4 (group norm)")
+            channels = None
+        out["image_channels"] = tuple(channels) if channels else None
+        md.finish()
+
+    sy = root.table("synthetic")
+    if sy is not None:
+        out["synthetic_patients"] = sy.int("patients", minimum=20, maximum=100_000)
+        sy.finish()
+
+    out["plaintext"] = _subgrid(root.table("secure_vs_plaintext", required=False), splits=set(splits))
+    out["heterogeneous"] = _subgrid(root.table("task_heterogeneity", required=False), splits=set(splits),
+                                    datasets=("synthetic",))
+    if out["plaintext"] is not None and "local" in out["plaintext"].schemes:
+        problems.append(Problem(str(path), "secure_vs_plaintext.schemes", "local does not aggregate"))
+
+    qt = root.table("quick", required=False)
+    overrides: dict = {}
+    if qt is not None:
+        for key in ("seeds",):
+            v = qt.int_list(key, required=False, minimum=0)
+            if v is not None:
+                overrides[key] = tuple(v)
+        for key, lo in (("rounds", 1), ("synthetic_patients", 20)):
+            v = qt.int(key, required=False, minimum=lo)
+            if v is not None:
+                overrides[key] = v
+        for key in _GRID_KEYS:
+            v = qt.str_list(key, required=False)
+            if v is not None:
+                overrides[key] = tuple(v)
+        for key in ("secure_vs_plaintext", "task_heterogeneity"):
+            v = qt.bool(key, required=False)
+            if v is not None:
+                overrides[key] = v
+        qt.finish()
+    out["quick"] = overrides
+    root.finish()
+    if problems:
+        raise PolicyError(problems)
+    missing = [k for k, v in out.items() if v is None and k not in ("plaintext", "heterogeneous")]
+    if missing:  # a table was missing: its problem is already reported
+        raise PolicyError([Problem(str(path), missing[0], "missing")])
+    out["splits"] = splits
+    config = ExperimentConfig(**out)
+    return _apply_quick(config) if quick else config
+
+
+def _apply_quick(config: ExperimentConfig) -> ExperimentConfig:
+    q = config.quick
+    grid = config.grid
+    for key in _GRID_KEYS:
+        if key in q:
+            grid = replace(grid, **{key: tuple(v for v in q[key] if v in getattr(config.grid, key))})
+    return replace(
+        config,
+        seeds=q.get("seeds", config.seeds),
+        rounds=q.get("rounds", config.rounds),
+        synthetic_patients=q.get("synthetic_patients", config.synthetic_patients),
+        grid=grid,
+        plaintext=config.plaintext if q.get("secure_vs_plaintext", True) else None,
+        heterogeneous=config.heterogeneous if q.get("task_heterogeneity", True) else None,
+    )
