@@ -114,7 +114,8 @@ string of 1 to 2000 characters.
                              ``blocks_offered`` (list of distinct block names the site
                              offers to share this round). Needs a ``round_id``.
 ``round_declined``           ``reason`` (text). Needs a ``round_id``.
-``training_finished``        ``steps`` (int >= 0), ``epsilon_round`` (number >= 0),
+``training_finished``        ``steps`` (int >= 0), ``epsilon_round`` (number >= 0: what this
+                             round added to the total),
                              ``epsilon_total`` (number >= 0), ``delta`` (number in (0, 1)),
                              ``noise_multiplier`` (number >= 0), ``sample_rate`` (number in
                              (0, 1]). Optional: ``accountant`` (id), ``max_grad_norm``

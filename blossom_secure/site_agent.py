@@ -36,7 +36,7 @@ from blossom_secure.egress import select_egress
 from blossom_secure.errors import PrivacyBudgetExceededError
 from blossom_secure.keys import load_or_create_identity_key
 from blossom_secure.model import BlockModel
-from blossom_secure.privacy import PrivacyLedger, compute_epsilon
+from blossom_secure.privacy import PrivacyLedger
 from blossom_secure.training import SiteTensors, evaluate, plan_round, train_dp, train_without_dp_simulation_only
 
 __all__ = ["RoundOffer", "SiteAgent", "ensure_site_data"]
@@ -213,6 +213,7 @@ class SiteAgent:
         plan = plan_round(self.n_train, batch_size=self.federation.training.batch_size,
                           epochs=self.federation.training.local_epochs, terms=self.policy.privacy)
         if reason is None:
+            spent_before = self.ledger.epsilon_spent
             try:
                 entry = self.ledger.reserve(round_id=round_id, noise_multiplier=plan.noise_multiplier,
                                             sample_rate=plan.sample_rate, steps=plan.steps)
@@ -233,9 +234,10 @@ class SiteAgent:
                           momentum=self.federation.training.momentum,
                           seed=None if self.seed is None else _derive_seed(self.seed, self.id, round_id))
         self._record(audit.TRAINING_FINISHED, round_id, {
-            "steps": result.steps, "epsilon_round": _round_epsilon(self.ledger), "epsilon_total": entry.epsilon_total,
-            "delta": self.policy.privacy.delta, "noise_multiplier": plan.noise_multiplier,
-            "sample_rate": plan.sample_rate,
+            "steps": result.steps, "epsilon_round": max(0.0, entry.epsilon_total - spent_before),
+            "epsilon_total": entry.epsilon_total, "delta": self.policy.privacy.delta,
+            "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
+            "accountant": self.policy.privacy.accountant, "max_grad_norm": self.policy.privacy.max_grad_norm,
         })
         updates = {b: self.model.get_block(b) - start[b] for b in start}
         egress = select_egress(self.policy, updates)
@@ -305,12 +307,6 @@ class SiteAgent:
 
     def _record(self, event: str, round_id: int | None, details: dict) -> None:
         self.audit.append(event, round_id=round_id, details=details, policy_sha256=self.policy.sha256)
-
-
-def _round_epsilon(ledger: PrivacyLedger) -> float:
-    """Epsilon of the last ledger entry on its own (for the record; totals compose)."""
-    last = ledger.history[-1:]
-    return compute_epsilon(last, accountant=ledger.terms.accountant, delta=ledger.terms.delta)
 
 
 def _derive_seed(base: int | None, site_id: str, round_id: int) -> int:

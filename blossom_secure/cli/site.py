@@ -136,13 +136,16 @@ def _budget(args) -> int:
     terms = site.policy.privacy
     ledger = PrivacyLedger(site.state_dir / LEDGER_FILE, site_id=site.id, terms=terms)
     table = Table(title=f"privacy budget of {site.id} (delta {terms.delta:g}, {terms.accountant})", title_justify="left")
-    for col in ("round", "noise multiplier", "sample rate", "steps", "epsilon (round alone)", "epsilon total"):
+    for col in ("round", "noise multiplier", "sample rate", "steps", "epsilon added", "epsilon total"):
         table.add_column(col, justify="right")
+    previous = 0.0
     for i, e in enumerate(ledger.entries):
-        alone = compute_epsilon([ledger.history[i]], accountant=terms.accountant, delta=terms.delta)
+        # recomputed from the history for the policy's current delta (the file's totals
+        # were for the delta in force when each round was recorded)
         total = compute_epsilon(ledger.history[: i + 1], accountant=terms.accountant, delta=terms.delta)
         table.add_row(str(e.round_id), f"{e.noise_multiplier:.3f}", f"{e.sample_rate:.4f}", str(e.steps),
-                      f"{alone:.3f}", f"{total:.3f}")
+                      f"{total - previous:.3f}", f"{total:.3f}")
+        previous = total
     console.print(table)
     spent = ledger.epsilon_spent
     console.print(f"spent {spent:.3f} of {terms.epsilon_budget:g}; remaining {max(0.0, terms.epsilon_budget - spent):.3f}")
