@@ -255,11 +255,11 @@ def _dataset(model: BlockModel, data: SiteTensors):
 
     def unpack(batch):
         img_p, tab_p = batch[0], batch[1]
-        ex_p = dict(zip(extras, batch[2:2 + k]))
+        ex_p = dict(zip(extras, batch[2:2 + k], strict=True))
         rest = batch[2 + k:]
-        inputs = dict(zip(names, rest[: len(names)]))
-        ex = dict(zip(extras, rest[len(names): len(names) + k]))
-        labels = dict(zip(tasks, rest[len(names) + k:]))
+        inputs = dict(zip(names, rest[: len(names)], strict=True))
+        ex = dict(zip(extras, rest[len(names): len(names) + k], strict=True))
+        labels = dict(zip(tasks, rest[len(names) + k:], strict=True))
         return (inputs.get("image"), img_p, inputs.get("tabular"), tab_p, ex, ex_p), labels
 
     return torch.utils.data.TensorDataset(*tensors), unpack

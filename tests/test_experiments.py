@@ -1,0 +1,423 @@
+"""The experiment runner (``blossom experiment``) and the core pieces it added: extra tabular
+modalities, the simulation-only training without DP, and the cached RDP accountant."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blossom_secure.experiments import (
+    cells_of,
+    dirichlet_partition,
+    iid_partition,
+    load_experiment,
+    modality_roles,
+    relative_gain,
+    run_cell,
+)
+from blossom_secure.experiments.datasets import breast_cancer_groups, load_pool
+from blossom_secure.experiments.report import gains, secure_vs_plaintext, summarise
+from blossom_secure.experiments.runner import (
+    Cell,
+    _noise_table,
+    _pool_meta,
+    build_data,
+    noise_for_run,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = """
+[experiment]
+name = "tiny"
+sites = 4
+seeds = [0]
+rounds = 2
+workers = 1
+datasets = ["breast_cancer"]
+splits = ["incomplete"]
+schemes = ["full-model", "private-head", "private-head-fusion", "local"]
+partitions = ["iid"]
+dp = ["off", "on"]
+
+[splits]
+incomplete = [1, 1, 2]
+exclusive = [2, 2, 0]
+
+[partition]
+dirichlet_alpha = 0.5
+min_site_examples = 20
+
+[privacy]
+target_epsilon = 8.0
+delta = 1e-5
+max_grad_norm = 1.0
+
+[training]
+local_epochs = 1
+batch_size = 16
+learning_rate = 0.05
+momentum = 0.9
+holdout_fraction = 0.25
+
+[model]
+embedding_dim = 8
+hidden = [8]
+image_size = [8, 8]
+image_channels = [4]
+
+[synthetic]
+patients = 60
+
+[secure_vs_plaintext]
+datasets = ["breast_cancer"]
+splits = ["incomplete"]
+schemes = ["private-head"]
+partitions = ["iid"]
+dp = ["on"]
+"""
+
+
+def _noise(config, work_dir: Path, cell: Cell) -> dict[int, float]:
+    meta = json.loads((work_dir / "data" / cell.data_key / "sites.json").read_text())["sites"]
+    return _noise_table(config, work_dir, {math.ceil(s["n_train"] / config.batch_size) for s in meta.values()})
+
+
+@pytest.fixture
+def tiny_config(tmp_path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    return path
+
+
+# -- the relative gain ---------------------------------------------------------------------------
+
+
+def test_relative_gain_matches_hand_computation():
+    assert relative_gain(0.69, 0.60) == pytest.approx(15.0)
+    assert relative_gain(0.45, 0.60) == pytest.approx(-25.0)
+    assert math.isnan(relative_gain(0.5, 0.0))
+
+
+def _result(scheme: str, seed: int, acc: float, f1: float, aggregation: str) -> dict:
+    cell = Cell("breast_cancer", "single", "incomplete", "iid", scheme, "off", seed, aggregation)
+    return {"cell": cell.__dict__, "key": cell.key, "rounds": 1, "final": {"accuracy": acc, "macro_f1": f1},
+            "curve": [{"round": 1, "accuracy": acc, "macro_f1": f1}], "sites": {}, "epsilon_max": None,
+            "declined_site_rounds": 0, "bytes_to_coordinator": 0, "wall_s": 0.0}
+
+
+def test_gain_is_computed_on_seed_means_of_site_averaged_metrics():
+    # full-model: accuracies 0.50, 0.70 (mean 0.60); private-head: 0.66, 0.72 (mean 0.69).
+    results = [_result("full-model", 0, 0.50, 0.40, "in-memory"), _result("full-model", 1, 0.70, 0.60, "in-memory"),
+               _result("private-head", 0, 0.66, 0.55, "secure"), _result("private-head", 1, 0.72, 0.55, "secure")]
+    [g] = gains(summarise(results))
+    assert g["scheme"] == "private-head"
+    assert g["accuracy_gain_pct"] == pytest.approx((0.69 - 0.60) / 0.60 * 100)  # 15.0
+    assert g["macro_f1_gain_pct"] == pytest.approx((0.55 - 0.50) / 0.50 * 100)  # 10.0
+    # The mean of per-seed gains is reported beside it: (32% + 2.857%) / 2.
+    assert g["accuracy_gain_pct_seed_mean"] == pytest.approx((32.0 + 0.02 / 0.70 * 100) / 2)
+
+
+def test_secure_vs_plaintext_pairs_the_same_seed():
+    results = [_result("private-head", 0, 0.70, 0.6, "secure"), _result("private-head", 0, 0.68, 0.6, "plaintext"),
+               _result("private-head", 1, 0.60, 0.5, "secure"), _result("private-head", 1, 0.61, 0.5, "plaintext")]
+    [t] = secure_vs_plaintext(results)
+    assert t["seeds"] == [0, 1]
+    assert t["accuracy_diff_mean"] == pytest.approx((0.02 - 0.01) / 2)
+    assert t["accuracy_diff_max_abs"] == pytest.approx(0.02)
+
+
+# -- partitions ----------------------------------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31), alpha=st.sampled_from([0.3, 0.5, 1.0, 10.0]), sites=st.integers(2, 10),
+       classes=st.integers(2, 10))
+def test_dirichlet_partition_properties(seed, alpha, sites, classes):
+    labels = np.random.default_rng(seed).integers(0, classes, size=400)
+    labels[:classes] = np.arange(classes)  # every class occurs
+    min_size = 10
+    parts = dirichlet_partition(labels, sites, alpha=alpha, seed=seed, min_size=min_size)
+    again = dirichlet_partition(labels, sites, alpha=alpha, seed=seed, min_size=min_size)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))  # deterministic per seed
+    assert len(parts) == sites and all(p.size >= min_size for p in parts)  # every site non-empty
+    joined = np.concatenate(parts)
+    assert np.array_equal(np.sort(joined), np.arange(labels.size))  # disjoint, covering
+    assert set(labels[joined].tolist()) == set(range(classes))  # labels covered
+
+
+def test_dirichlet_partition_differs_between_seeds_and_skews_labels():
+    labels = np.repeat(np.arange(10), 100)
+    a = dirichlet_partition(labels, 10, alpha=0.5, seed=1)
+    b = dirichlet_partition(labels, 10, alpha=0.5, seed=2)
+    assert any(not np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    # Label skew: with alpha 0.5 most sites are dominated by few classes, unlike IID.
+    iid = iid_partition(labels.size, 10, seed=1)
+    top = lambda parts: np.mean([np.bincount(labels[p], minlength=10).max() / p.size for p in parts])  # noqa: E731
+    assert top(a) > top(iid) + 0.1
+
+
+def test_dirichlet_partition_refuses_impossible_requests():
+    with pytest.raises(ValueError):
+        dirichlet_partition(np.zeros(10, dtype=int), 5, alpha=0.5, seed=0, min_size=10)
+
+
+def test_iid_partition_and_modality_roles():
+    parts = iid_partition(569, 10, seed=3)
+    assert sorted(p.size for p in parts) == [56] + [57] * 9
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(569))
+    assert modality_roles(3, 3, 4) == ["a"] * 3 + ["b"] * 3 + ["both"] * 4
+    assert modality_roles(5, 5, 0) == ["a"] * 5 + ["b"] * 5
+
+
+# -- data sets -----------------------------------------------------------------------------------
+
+
+def test_breast_cancer_modalities_are_the_mean_and_the_se_worst_features(tmp_path, tiny_config):
+    a, b = breast_cancer_groups()
+    assert len(a) == 10 and all(c.startswith("mean_") for c in a)
+    assert len(b) == 20 and all(c.endswith("_error") for c in b[:10]) and all(c.startswith("worst_") for c in b[10:])
+    props = [c[len("mean_"):] for c in a]
+    assert [c[: -len("_error")] for c in b[:10]] == props and [c[len("worst_"):] for c in b[10:]] == props
+    pool = load_pool("breast_cancer", tmp_path)
+    assert len(pool) == 569 and pool.modality_a == "tabular" and pool.modality_b == "se_worst"
+    assert pool.values["tabular"].shape == (569, 10) and pool.values["se_worst"].shape == (569, 20)
+    assert int(pool.labels["diagnosis"].sum()) == 212  # malignant tumours in WDBC
+
+    # Written site folders hold exactly their modality's columns.
+    config = load_experiment(tiny_config)
+    cell = Cell("breast_cancer", "single", "incomplete", "iid", "private-head", "on", 0, "secure")
+    root = build_data(config, cell, tmp_path, {"breast_cancer": pool})
+    meta = json.loads((root / "sites.json").read_text())["sites"]
+    assert [s["role"] for s in meta.values()] == ["a", "b", "both", "both"]
+    for name, site in meta.items():
+        with open(root / name / "clinical.csv", newline="") as f:
+            header = next(csv.reader(f))
+        expected = {"a": list(a), "b": list(b), "both": list(a) + list(b)}[site["role"]]
+        assert header == ["patient_id", *expected, "diagnosis"]
+
+
+def test_digits_modalities_are_the_two_halves_of_the_image(tmp_path):
+    pool = load_pool("digits", tmp_path)
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images
+    assert np.array_equal(pool.values["tabular"][5].reshape(4, 8), images[5][:4])
+    assert np.array_equal(pool.values["lower_half"][5].reshape(4, 8), images[5][4:])
+
+
+# -- DP: the whole run within the bound ---------------------------------------------------------
+
+
+def test_dp_on_respects_the_epsilon_bound_in_every_ledger(tmp_path, tiny_config):
+    from opacus.accountants import create_accountant
+
+    config = load_experiment(tiny_config)
+    cell = Cell("breast_cancer", "single", "incomplete", "iid", "private-head", "on", 0, "secure")
+    pools: dict = {}
+    build_data(config, cell, tmp_path, pools)
+    result = run_cell(config, cell, tmp_path, _pool_meta(pools["breast_cancer"]), _noise(config, tmp_path, cell),
+                      keep=True)
+    assert result["declined_site_rounds"] == 0
+    ledgers = sorted((tmp_path / "cells" / cell.key / "sites").glob("*/state/ledger.json"))
+    assert len(ledgers) == config.sites
+    for path in ledgers:
+        entries = json.loads(path.read_text())["entries"]
+        assert len(entries) == config.rounds
+        assert entries[-1]["epsilon_total"] <= config.target_epsilon
+        # Recomputed with Opacus's own accountant, independently of the ledger code.
+        acct = create_accountant("rdp")
+        acct.history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries]
+        assert acct.get_epsilon(delta=config.delta) <= config.target_epsilon
+        # The noise was calibrated for the whole run, not one round: close to the target.
+        assert acct.get_epsilon(delta=config.delta) > 0.95 * config.target_epsilon
+    assert result["epsilon_max"] <= config.target_epsilon
+
+
+@pytest.mark.parametrize("batches", [3, 9])
+def test_noise_for_the_study_rounds_stays_within_epsilon_8(batches):
+    from opacus.accountants import create_accountant
+
+    config = load_experiment(ROOT / "experiments" / "blossom.toml")
+    sigma = noise_for_run(batches=batches, epochs=config.local_epochs, rounds=config.rounds,
+                          target_epsilon=config.target_epsilon, delta=config.delta, accountant="rdp")
+    acct = create_accountant("rdp")
+    acct.history = [(sigma, 1.0 / batches, batches * config.local_epochs * config.rounds)]
+    assert config.target_epsilon <= 8.0 and acct.get_epsilon(delta=config.delta) <= config.target_epsilon
+
+
+def test_dp_off_sites_spend_nothing_and_report_no_epsilon(tmp_path, tiny_config):
+    config = load_experiment(tiny_config)
+    cell = Cell("breast_cancer", "single", "incomplete", "iid", "private-head-fusion", "off", 0, "secure")
+    pools: dict = {}
+    build_data(config, cell, tmp_path, pools)
+    result = run_cell(config, cell, tmp_path, _pool_meta(pools["breast_cancer"]), _noise(config, tmp_path, cell),
+                      keep=True)
+    assert result["epsilon_max"] is None
+    for path in (tmp_path / "cells" / cell.key / "sites").glob("*/state"):
+        assert not (path / "ledger.json").exists()
+
+
+def test_training_without_dp_needs_a_simulation_seed(copy_sites):
+    from blossom_secure.config import load_federation
+    from blossom_secure.site_agent import SiteAgent
+
+    sites = copy_sites()
+    fed = load_federation(sites / "federation.toml")
+    with pytest.raises(ValueError, match="seeded simulations only"):
+        SiteAgent(sites / "riverside", fed, seed=None, simulation_without_dp=True)
+
+
+# -- the grid end to end -------------------------------------------------------------------------
+
+
+def test_quick_grid_of_the_study_file_is_small():
+    full = load_experiment(ROOT / "experiments" / "blossom.toml")
+    quick = load_experiment(ROOT / "experiments" / "blossom.toml", quick=True)
+    assert full.sites == 10 and full.splits == {"complete": (0, 0, 10), "incomplete": (3, 3, 4),
+                                                "exclusive": (5, 5, 0)}
+    assert set(full.grid.schemes) == {"full-model", "private-head", "private-head-fusion", "local"}
+    assert set(full.grid.partitions) == {"iid", "dirichlet"} and set(full.grid.dp) == {"off", "on"}
+    assert len(cells_of(quick)) < len(cells_of(full)) / 10 and quick.rounds <= 3
+
+
+def test_experiment_file_problems_reported_together(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text(TINY.replace('schemes = ["full-model", "private-head", "private-head-fusion", "local"]',
+                                 'schemes = ["full-model", "fedprox"]')
+                    .replace("target_epsilon = 8.0", "target_epsilon = 12.0")
+                    .replace("incomplete = [1, 1, 2]", "incomplete = [1, 1, 3]") + "\n[surprise]\n")
+    from blossom_secure.errors import PolicyError
+
+    with pytest.raises(PolicyError) as info:
+        load_experiment(path)
+    keys = {p.key for p in info.value.problems}
+    assert {"experiment.schemes", "privacy.target_epsilon", "splits.incomplete", "surprise"} <= keys
+
+
+@pytest.mark.slow
+def test_cli_runs_a_tiny_grid_end_to_end_and_writes_well_formed_results(tmp_path, tiny_config):
+    from blossom_secure.cli.blossom import main
+
+    work, out = tmp_path / "work", tmp_path / "report"
+    assert main(["experiment", str(tiny_config), "--work", str(work), "--out", str(out), "--workers", "1"]) == 0
+    config = load_experiment(tiny_config)
+    expected = {c.key for c in cells_of(config)}
+    assert len(expected) == 4 * 2 + 1  # 4 schemes x DP off/on, and one plaintext twin
+    with open(out / "cells.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(expected)
+    for row in rows:
+        assert 0.0 <= float(row["accuracy"]) <= 1.0 and 0.0 <= float(row["macro_f1"]) <= 1.0
+        assert row["declined_site_rounds"] == "0"
+        if row["dp"] == "on":
+            assert float(row["epsilon_max"]) <= 8.0
+        else:
+            assert row["epsilon_max"] == ""
+    with open(out / "curves.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == len(expected) * config.rounds
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cells"] == len(expected) and summary["runs"][-1]["cells_run"] == len(expected)
+    assert {h["split"] for h in summary["headline"]} == {"incomplete"}
+    assert len(summary["secure_vs_plaintext"]) == 1
+    assert (out / "tables.md").read_text().count("| incomplete |") >= 8
+    for plot in summary["plots"]:
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A second invocation resumes: nothing left to run, same results.
+    assert main(["experiment", str(tiny_config), "--work", str(work), "--out", str(out), "--workers", "1"]) == 0
+    assert json.loads((work / "runs.json").read_text())[-1]["cells_run"] == 0
+
+
+@pytest.mark.slow
+def test_synthetic_images_with_task_heterogeneity_run(tmp_path, tiny_config):
+    config = load_experiment(tiny_config)
+    cell = Cell("synthetic", "hetero", "incomplete", "iid", "full-model", "on", 0, "in-memory")
+    pools: dict = {}
+    build_data(config, cell, tmp_path, pools)
+    meta = json.loads((tmp_path / "data" / cell.data_key / "sites.json").read_text())["sites"]
+    assert [s["tasks"] for s in meta.values()] == [["malignancy"], ["severity"], ["malignancy"], ["severity"]]
+    assert [s["modalities"] for s in meta.values()] == [["image"], ["tabular"], ["image", "tabular"],
+                                                       ["image", "tabular"]]
+    result = run_cell(config, cell, tmp_path, _pool_meta(pools["synthetic"]), _noise(config, tmp_path, cell))
+    assert set(result["sites"]["site-01"]["tasks"]) == {"severity"}
+    assert result["epsilon_max"] <= 8.0 and len(result["curve"]) == config.rounds
+
+
+# -- core additions: extra tabular modalities, cached accountant ---------------------------------
+
+
+def test_extra_tabular_modality_gets_its_own_encoder_block(tmp_path):
+    from blossom_secure.config import ModelLayout, TabularConfig
+    from blossom_secure.model import BlockModel
+    from tests.test_model import layout
+
+    base = layout()
+    lay = ModelLayout(embedding_dim=8, image=base.image, tabular=base.tabular, tasks=base.tasks,
+                      extra_tabular={"labs": TabularConfig(features=("x", "y"), hidden=(4,))})
+    assert lay.modalities == ("image", "tabular", "labs")
+    m = BlockModel(lay, ("labs", "tabular"), ("malignancy",))
+    assert list(m.blocks()) == ["encoder.tabular", "encoder.labs", "fusion", "head.malignancy"]
+    assert lay.blocks_for(("labs",), ("malignancy",)) == ("encoder.labs", "fusion", "head.malignancy")
+    with pytest.raises(ValueError):
+        BlockModel(base, ("labs",), ("malignancy",))
+
+
+def test_extra_tabular_modality_in_federation_and_site_files(copy_sites):
+    from blossom_secure.config import load_federation, load_site
+    from blossom_secure.errors import PolicyError
+
+    sites = copy_sites()
+    fed_path = sites / "federation.toml"
+    labs = '[model.extra_tabular.labs]\nfeatures = ["lactate", "albumin"]\nhidden = [4]\n\n'
+    fed_path.write_text(fed_path.read_text().replace("[model.tasks]", labs + "[model.tasks]"))
+    fed = load_federation(fed_path)
+    assert fed.layout.extra_tabular["labs"].features == ("lactate", "albumin")
+    site = sites / "riverside" / "site.toml"
+    site.write_text(site.read_text().replace('modalities = ["tabular"]', 'modalities = ["tabular", "labs"]'))
+    assert load_site(sites / "riverside", federation=fed).blocks[:2] == ("encoder.tabular", "encoder.labs")
+    # A column may belong to one modality only; built-in names cannot be redeclared.
+    fed_path.write_text(fed_path.read_text().replace('features = ["lactate", "albumin"]', 'features = ["age"]')
+                        .replace("[model.extra_tabular.labs]", "[model.extra_tabular.labs]\n")
+                        + "\n[model.extra_tabular.image]\nfeatures = [\"z\"]\n")
+    with pytest.raises(PolicyError) as info:
+        load_federation(fed_path)
+    keys = {p.key for p in info.value.problems}
+    assert {"model.extra_tabular.labs.features", "model.extra_tabular.image"} <= keys
+
+
+def test_extra_tabular_modality_presence_is_read_per_group(tmp_path):
+    from blossom_secure.data import load_site_arrays
+
+    csv_path = tmp_path / "clinical.csv"
+    csv_path.write_text("patient_id,a1,a2,b1,y\np1,1,2,3,0\np2,1,,4,1\np3,,,,1\np4,5,6,,0\n")
+    arrays = load_site_arrays(dicom_dir=None, clinical_csv=csv_path, patient_id_column="patient_id",
+                              modalities=("tabular", "labs"), tabular_features=("a1", "a2"), tasks={"t": "y"},
+                              num_classes={"t": 2}, image_spatial_dims=2, image_size=(8, 8),
+                              extra_tabular={"labs": ("b1",), "unused": ("zz",)})
+    assert arrays.patient_ids == ("p1", "p2", "p4") and arrays.dropped_without_modality == 1
+    assert arrays.tabular_present.tolist() == [True, False, True]
+    assert arrays.extra_tabular_present["labs"].tolist() == [True, True, False]
+    assert arrays.extra_tabular["labs"][:, 0].tolist() == [3.0, 4.0, 0.0]
+    assert set(arrays.extra_tabular) == {"labs"}
+
+
+def test_cached_rdp_epsilon_is_bit_for_bit_opacus():
+    from opacus.accountants import create_accountant
+
+    from blossom_secure.privacy import compute_epsilon
+
+    rng = random.Random(7)
+    for _ in range(10):
+        history = [(rng.uniform(0.6, 4.0), rng.uniform(0.01, 0.5), rng.randint(1, 60))
+                   for _ in range(rng.randint(1, 5))]
+        acct = create_accountant("rdp")
+        acct.history = list(history)
+        assert compute_epsilon(history, accountant="rdp", delta=1e-5) == acct.get_epsilon(delta=1e-5)
