@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from blossom_secure.errors import Problem
+from blossom_secure.errors import PolicyError, Problem
 
 #: Operator files are small; anything bigger is a mistake (or an attack on the parser).
 MAX_CONFIG_BYTES = 1 << 20
@@ -44,6 +44,19 @@ def read_toml(path: Path, problems: list[Problem]) -> dict[str, Any] | None:
     except tomllib.TOMLDecodeError as exc:
         problems.append(Problem(str(path), "", f"not valid TOML ({exc})"))
     return None
+
+
+def read_root_table(path: Path) -> Table:
+    """Parse ``path`` and wrap it as the root :class:`Table` of a new problem list.
+
+    Raises:
+        PolicyError: the file is missing, unreadable, too large or not TOML.
+    """
+    problems: list[Problem] = []
+    data = read_toml(path, problems)
+    if data is None:
+        raise PolicyError(problems)
+    return Table(str(path), "", data, problems)
 
 
 class Table:

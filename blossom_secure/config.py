@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from blossom_secure._toml import Table, read_toml
+from blossom_secure._toml import Table, read_root_table
 from blossom_secure.blocks import (
     FUSION,
     MODALITIES,
@@ -190,11 +190,8 @@ def load_federation(path: Path) -> FederationConfig:
         PolicyError: every problem found, with file, key and reason.
     """
     path = Path(path)
-    problems: list[Problem] = []
-    data = read_toml(path, problems)
-    if data is None:
-        raise PolicyError(problems)
-    root = Table(str(path), "", data, problems)
+    root = read_root_table(path)
+    problems = root.problems
 
     fed = root.table("federation")
     fid = name = coordinator = None
@@ -362,13 +359,10 @@ def load_site(site_dir: Path, *, federation: FederationConfig | None = None) -> 
     """
     site_dir = Path(site_dir)
     path = site_dir / "site.toml"
-    problems: list[Problem] = []
     if not site_dir.is_dir():
         raise PolicyError([Problem(str(site_dir), "", "site folder not found")])
-    data = read_toml(path, problems)
-    if data is None:
-        raise PolicyError(problems)
-    root = Table(str(path), "", data, problems)
+    root = read_root_table(path)
+    problems = root.problems
 
     site = root.table("site")
     sid = name = policy = federation_file = None

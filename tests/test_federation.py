@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -62,15 +63,10 @@ def test_budget_exhaustion_declines_and_federation_goes_on(copy_sites, tmp_path)
     for policy in (sites.parent / "policies").glob("*.toml"):
         policy.write_text(policy.read_text().replace("required = true", "required = false"))
     conservative = sites.parent / "policies" / "conservative.toml"
-    # lakeside's budget allows one round only
     fed = load_federation(sites / "federation.toml")
     lake = load_site(sites / "lakeside", federation=fed)
-    one_round = None
     text = conservative.read_text()
-    from blossom_secure.training import plan_round
-    from blossom_secure.privacy import compute_epsilon
-    import re
-
+    # one round first, then lakeside's budget is set to allow that round only
     run(sites, tmp_path, secure=False, rounds=1)
     ledger = PrivacyLedger(sites / "lakeside" / "state" / "ledger.json", site_id="lakeside", terms=lake.policy.privacy)
     one_round = ledger.epsilon_spent

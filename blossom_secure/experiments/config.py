@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from blossom_secure._toml import Table, read_toml
+from blossom_secure._toml import Table, read_root_table
 from blossom_secure.errors import PolicyError, Problem
 from blossom_secure.experiments.datasets import DATASETS
 
@@ -97,11 +97,8 @@ def load_experiment(path: Path, *, quick: bool = False) -> ExperimentConfig:
         PolicyError: every problem found, with file, key and reason.
     """
     path = Path(path)
-    problems: list[Problem] = []
-    data = read_toml(path, problems)
-    if data is None:
-        raise PolicyError(problems)
-    root = Table(str(path), "", data, problems)
+    root = read_root_table(path)
+    problems = root.problems
     out: dict = {"path": path}
 
     splits: dict[str, tuple[int, int, int]] = {}
