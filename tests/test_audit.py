@@ -523,20 +523,15 @@ def test_build_record_rejects_overlong_record():
         )
 
 
+def _first_error_record() -> dict:
+    return build_record(seq=0, time_utc=time_at(0), site_id=SITE, round_id=None, event="error",
+                        details={"message": "x"}, policy_sha256=None, prev_hash=GENESIS_SHA256, signing_key=KEY)
+
+
 def test_write_record_appends_and_fsyncs(tmp_path, monkeypatch):
     path = tmp_path / "audit.jsonl"
     path.write_bytes(b"")
-    record = build_record(
-        seq=0,
-        time_utc=time_at(0),
-        site_id=SITE,
-        round_id=None,
-        event="error",
-        details={"message": "x"},
-        policy_sha256=None,
-        prev_hash=GENESIS_SHA256,
-        signing_key=KEY,
-    )
+    record = _first_error_record()
     synced: list[bytes] = []
     real_fsync = os.fsync
     monkeypatch.setattr(audit.os, "fsync", lambda fd: (synced.append(path.read_bytes()), real_fsync(fd)))
@@ -548,17 +543,7 @@ def test_write_record_appends_and_fsyncs(tmp_path, monkeypatch):
 def test_write_record_rejects_unsigned_record_and_missing_file(tmp_path):
     path = tmp_path / "audit.jsonl"
     path.write_bytes(b"")
-    record = build_record(
-        seq=0,
-        time_utc=time_at(0),
-        site_id=SITE,
-        round_id=None,
-        event="error",
-        details={"message": "x"},
-        policy_sha256=None,
-        prev_hash=GENESIS_SHA256,
-        signing_key=KEY,
-    )
+    record = _first_error_record()
     unsigned = {k: v for k, v in record.items() if k != "signature"}
     with pytest.raises(ValueError, match="missing field"):
         write_record(path, unsigned)
@@ -572,17 +557,7 @@ def test_write_record_refuses_a_symbolic_link(tmp_path):
     target.write_bytes(b"")
     link = tmp_path / "audit.jsonl"
     link.symlink_to(target)
-    record = build_record(
-        seq=0,
-        time_utc=time_at(0),
-        site_id=SITE,
-        round_id=None,
-        event="error",
-        details={"message": "x"},
-        policy_sha256=None,
-        prev_hash=GENESIS_SHA256,
-        signing_key=KEY,
-    )
+    record = _first_error_record()
     with pytest.raises(OSError):
         write_record(link, record)
     assert target.read_bytes() == b""
