@@ -200,19 +200,15 @@ class SiteAgent:
     # -- the round -----------------------------------------------------------------------------
 
     def offer(self, *, round_id: int, global_blocks: Mapping[str, np.ndarray], secure: bool) -> RoundOffer:
-        """Answer round ``round_id``: train and offer the shareable updates, or decline."""
-        reason = None
-        if self.policy.federation != self.federation.id:
-            reason = f"policy allows federation {self.policy.federation!r} only"
-        elif self.federation.coordinator not in self.policy.coordinators:
-            reason = f"coordinator {self.federation.coordinator!r} is not allowed by the policy"
-        elif self.policy.secure_aggregation_required and not secure:
-            reason = "policy requires secure aggregation; this round would aggregate in plaintext"
-        if reason is None and self.simulation_without_dp:
-            return self._offer_without_dp_simulation_only(round_id, global_blocks)
-        plan = plan_round(self.n_train, batch_size=self.federation.training.batch_size,
-                          epochs=self.federation.training.local_epochs, terms=self.policy.privacy)
-        if reason is None:
+        """Answer round ``round_id``: train and offer the shareable updates, or decline.
+
+        An error after the site joined is written to the audit log (``error``) and raised.
+        """
+        reason = self._policy_refusal(secure=secure)
+        entry = plan = None
+        if reason is None and not self.simulation_without_dp:
+            plan = plan_round(self.n_train, batch_size=self.federation.training.batch_size,
+                              epochs=self.federation.training.local_epochs, terms=self.policy.privacy)
             spent_before = self.ledger.epsilon_spent
             try:
                 entry = self.ledger.reserve(round_id=round_id, noise_multiplier=plan.noise_multiplier,
@@ -225,41 +221,56 @@ class SiteAgent:
             return RoundOffer(site_id=self.id, contribution=None, declined=reason,
                               epsilon_total=self.ledger.epsilon_spent)
         self._record(audit.ROUND_JOINED, round_id, {"blocks_offered": list(self.shared_blocks)})
-
-        start = {b: np.asarray(global_blocks[b], dtype=np.float32) for b in self.shared_blocks if b in global_blocks}
-        self.model.set_blocks(start)
-        result = train_dp(self.model, self.tensors.subset(self.train_idx), plan,
-                          max_grad_norm=self.policy.privacy.max_grad_norm,
-                          learning_rate=self.federation.training.learning_rate,
-                          momentum=self.federation.training.momentum,
-                          seed=None if self.seed is None else _derive_seed(self.seed, self.id, round_id))
-        self._record(audit.TRAINING_FINISHED, round_id, {
-            "steps": result.steps, "epsilon_round": max(0.0, entry.epsilon_total - spent_before),
-            "epsilon_total": entry.epsilon_total, "delta": self.policy.privacy.delta,
-            "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
-            "accountant": self.policy.privacy.accountant, "max_grad_norm": self.policy.privacy.max_grad_norm,
-        })
-        updates = {b: self.model.get_block(b) - start[b] for b in start}
-        egress = select_egress(self.policy, updates)
+        try:
+            start = {b: np.asarray(global_blocks[b], dtype=np.float32) for b in self.shared_blocks
+                     if b in global_blocks}
+            self.model.set_blocks(start)
+            training = self.federation.training
+            data = self.tensors.subset(self.train_idx)
+            if plan is None:
+                result = train_without_dp_simulation_only(
+                    self.model, data, epochs=training.local_epochs, batch_size=training.batch_size,
+                    learning_rate=training.learning_rate, momentum=training.momentum,
+                    seed=_derive_seed(self.seed, self.id, round_id))
+                epsilon_total = math.inf
+            else:
+                result = train_dp(self.model, data, plan, max_grad_norm=self.policy.privacy.max_grad_norm,
+                                  learning_rate=training.learning_rate, momentum=training.momentum,
+                                  seed=None if self.seed is None else _derive_seed(self.seed, self.id, round_id))
+                epsilon_total = entry.epsilon_total
+                self._record(audit.TRAINING_FINISHED, round_id, {
+                    "steps": result.steps, "epsilon_round": max(0.0, entry.epsilon_total - spent_before),
+                    "epsilon_total": entry.epsilon_total, "delta": self.policy.privacy.delta,
+                    "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
+                    "accountant": self.policy.privacy.accountant,
+                    "max_grad_norm": self.policy.privacy.max_grad_norm,
+                })
+            updates = {b: self.model.get_block(b) - start[b] for b in start}
+            egress = select_egress(self.policy, updates)
+        except Exception as exc:
+            self._record_error(round_id, exc)
+            raise
         contribution = Contribution(egress=egress, weight=self.n_train, min_contributors=self.policy.min_contributors)
-        return RoundOffer(site_id=self.id, contribution=contribution, epsilon_total=entry.epsilon_total,
+        return RoundOffer(site_id=self.id, contribution=contribution, epsilon_total=epsilon_total,
                           train_loss=result.mean_loss, shapes=egress.shapes())
 
-    def _offer_without_dp_simulation_only(self, round_id: int, global_blocks: Mapping[str, np.ndarray]) -> RoundOffer:
-        """The round without DP (see ``simulation_without_dp``): same egress path, no ledger."""
-        self._record(audit.ROUND_JOINED, round_id, {"blocks_offered": list(self.shared_blocks)})
-        start = {b: np.asarray(global_blocks[b], dtype=np.float32) for b in self.shared_blocks if b in global_blocks}
-        self.model.set_blocks(start)
-        training = self.federation.training
-        result = train_without_dp_simulation_only(
-            self.model, self.tensors.subset(self.train_idx), epochs=training.local_epochs,
-            batch_size=training.batch_size, learning_rate=training.learning_rate, momentum=training.momentum,
-            seed=_derive_seed(self.seed, self.id, round_id))
-        updates = {b: self.model.get_block(b) - start[b] for b in start}
-        egress = select_egress(self.policy, updates)
-        contribution = Contribution(egress=egress, weight=self.n_train, min_contributors=self.policy.min_contributors)
-        return RoundOffer(site_id=self.id, contribution=contribution, epsilon_total=math.inf,
-                          train_loss=result.mean_loss, shapes=egress.shapes())
+    def _policy_refusal(self, *, secure: bool) -> str | None:
+        """Why the policy refuses this round, or ``None``."""
+        if self.policy.federation != self.federation.id:
+            return f"policy allows federation {self.policy.federation!r} only"
+        if self.federation.coordinator not in self.policy.coordinators:
+            return f"coordinator {self.federation.coordinator!r} is not allowed by the policy"
+        if self.policy.secure_aggregation_required and not secure:
+            return "policy requires secure aggregation; this round would aggregate in plaintext"
+        return None
+
+    def _record_error(self, round_id: int | None, exc: BaseException) -> None:
+        """Best effort: an ``error`` record for ``exc`` (never masks the original error)."""
+        try:
+            self._record(audit.ERROR, round_id, {"message": str(exc)[:1000] or type(exc).__name__,
+                                                 "error_type": type(exc).__name__})
+        except Exception:  # noqa: BLE001 - the original error is what the caller must see
+            logger.exception("site %s could not record an error in its audit log", self.id)
 
     def record_egress(self, round_id: int, message_type: str, blocks: tuple[str, ...], payload: bytes) -> None:
         """Write the audit record of one outbound message. Raises if it cannot be made

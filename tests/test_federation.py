@@ -102,7 +102,9 @@ def test_crash_between_training_and_sending_never_under_counts(copy_sites, tmp_p
     ledger = PrivacyLedger(site.state_dir / "ledger.json", site_id=site.id, terms=site.policy.privacy)
     assert len(ledger.entries) == 1 and ledger.epsilon_spent > 0
     records = [json.loads(line) for line in (site.state_dir / "audit.jsonl").read_text().splitlines()]
-    assert [r["event"] for r in records][-2:] == ["round_joined", "training_finished"]
+    assert [r["event"] for r in records][-3:] == ["round_joined", "training_finished", "error"]
+    assert records[-1]["details"] == {"message": "power cut after training, before anything is sent",
+                                      "error_type": "Crash"}
     assert not any(r["event"] == "egress" for r in records)
     assert not (tmp_path / "out" / "metrics.json").exists()
 
