@@ -270,6 +270,13 @@ def _plot_curves(rows: Sequence[Mapping], dataset: str, tasks: str, partition: s
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{dataset}{' (task heterogeneity)' if tasks == 'hetero' else ''}, {partition}: "
                  f"site-averaged {metric.replace('_', '-')} vs round (mean over seeds)", fontsize=11)
+    return _png(fig)
+
+
+def _png(fig) -> bytes:
+    """Lay out ``fig``, render it as PNG bytes, and free it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -316,11 +323,7 @@ def _plot_gains(gain_rows: Sequence[Mapping], tasks: str, metric: str) -> bytes 
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"Relative gain over full-model per modality split, DP off vs on "
                  f"({'task heterogeneity' if tasks == 'hetero' else 'one task'})", fontsize=11)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 def write_report(results: Sequence[Mapping], out_dir: Path, *, config_text: str, command: str,
