@@ -119,7 +119,14 @@ string of 1 to 2000 characters.
                              ``epsilon_total`` (number >= 0), ``delta`` (number in (0, 1)),
                              ``noise_multiplier`` (number >= 0), ``sample_rate`` (number in
                              (0, 1]). Optional: ``accountant`` (id), ``max_grad_norm``
-                             (number > 0), ``blocks`` (list of block names). Needs a
+                             (number > 0), ``blocks`` (list of block names),
+                             ``randomness`` (``os-csprng``: the noise was secret, the epsilon
+                             is a guarantee; ``seeded-simulation``: the noise follows from a
+                             public seed, the epsilon is nominal), ``epsilon_is_nominal``
+                             (bool, true exactly for a seeded simulation), ``sampling``
+                             (text: ``public`` when the sampling rate and steps were the
+                             federation file's, ``training-set size`` when derived from the
+                             site's count). Needs a
                              ``round_id``.
 ``egress``                   ``message_type`` (id), ``blocks`` (list of distinct block names,
                              may be empty), ``shapes`` (object: block -> list of int >= 0,
@@ -131,6 +138,17 @@ string of 1 to 2000 characters.
 ``secagg_stage_completed``   ``stage`` (id). Needs a ``round_id``.
 ``secagg_aborted``           ``stage`` (id), ``reason`` (text). Needs a ``round_id``.
 ``error``                    ``message`` (text). Optional: ``error_type`` (id).
+``ledger_rebuilt``           ``rounds`` (int >= 0: entries in the rebuilt privacy ledger),
+                             ``rounds_proven`` (int >= 0: of those, rounds taken from this
+                             log's ``training_finished`` records), ``rounds_kept`` (int >= 0:
+                             reserved rounds kept from the previous ledger that this log does
+                             not prove), ``epsilon_total`` (number >= 0: the rebuilt spend),
+                             ``delta`` (number in (0, 1)), ``accountant`` (id),
+                             ``ledger_sha256`` (hex64 of the exact bytes of the new ledger
+                             file), ``previous_ledger`` (id: ``missing``, ``readable`` or
+                             ``unreadable``). Optional: ``previous_ledger_sha256`` (hex64 of
+                             the replaced file's bytes). Written before the new ledger
+                             replaces the old one (``blossom-site ledger rebuild``).
 ===========================  ================================================================
 
 ``egress`` may name a ``head.*`` block: the log records what was sent, truthfully; keeping
@@ -168,7 +186,7 @@ import numbers
 import os
 import re
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -195,6 +213,7 @@ __all__ = [
     "EVENTS",
     "EVENT_REQUIRED_DETAILS",
     "GENESIS_SHA256",
+    "LEDGER_REBUILT",
     "MAX_RECORD_BYTES",
     "POLICY_LOADED",
     "RECORD_FIELDS",
@@ -255,6 +274,7 @@ EGRESS = "egress"
 SECAGG_STAGE_COMPLETED = "secagg_stage_completed"
 SECAGG_ABORTED = "secagg_aborted"
 ERROR = "error"
+LEDGER_REBUILT = "ledger_rebuilt"
 
 _MAX_SAFE_INT = 2**53 - 1
 _MAX_DEPTH = 32
@@ -472,6 +492,18 @@ def _list_of(item: _Check, *, unique: bool = False) -> _Check:
     return check
 
 
+def _bool(value: Any) -> str | None:
+    return None if isinstance(value, bool) else "must be true or false"
+
+
+#: Where a round's DP noise came from (see :mod:`blossom_secure.dp_random`).
+RANDOMNESS_KINDS = ("os-csprng", "seeded-simulation")
+
+
+def _randomness(value: Any) -> str | None:
+    return None if value in RANDOMNESS_KINDS else f"must be one of {', '.join(RANDOMNESS_KINDS)}"
+
+
 def _block_name(value: Any) -> str | None:
     # isprintable(): the block-name pattern ends in "$", which also accepts a final newline.
     if not isinstance(value, str) or not value.isprintable() or not is_valid_block_name(value):
@@ -552,6 +584,9 @@ _EVENT_SPECS: dict[str, _EventSpec] = {
             "accountant": _ident,
             "max_grad_norm": _number(low=0.0, low_open=True),
             "blocks": _list_of(_block_name, unique=True),
+            "randomness": _randomness,
+            "epsilon_is_nominal": _bool,
+            "sampling": _text,
         },
         True,
         False,
@@ -571,6 +606,21 @@ _EVENT_SPECS: dict[str, _EventSpec] = {
     SECAGG_STAGE_COMPLETED: _EventSpec({"stage": _ident}, {}, True, False),
     SECAGG_ABORTED: _EventSpec({"stage": _ident, "reason": _text}, {}, True, False),
     ERROR: _EventSpec({"message": _text}, {"error_type": _ident}, False, True),
+    LEDGER_REBUILT: _EventSpec(
+        {
+            "rounds": _nonneg_int,
+            "rounds_proven": _nonneg_int,
+            "rounds_kept": _nonneg_int,
+            "epsilon_total": _number(low=0.0),
+            "delta": _number(low=0.0, low_open=True, high=1.0, high_open=True),
+            "accountant": _ident,
+            "ledger_sha256": _hex64,
+            "previous_ledger": _ident,
+        },
+        {"previous_ledger_sha256": _hex64},
+        False,
+        False,
+    ),
 }
 
 #: Every event a record may carry.
@@ -1014,10 +1064,11 @@ class _Chain:
     """Verifies records one line at a time: structure, canonical form, signature, sequence,
     previous hash, site id, details."""
 
-    def __init__(self, public_key: bytes, *, collect: bool) -> None:
+    def __init__(self, public_key: bytes, *, collect: bool, keep_events: frozenset[str] | None = None) -> None:
         self.public_key = public_key
         self.fingerprint = crypto.key_fingerprint(public_key)
         self.records: list[dict[str, Any]] | None = [] if collect else None
+        self.keep_events = keep_events
         self.count = 0
         self.last_seq: int | None = None
         self.last_hash = GENESIS_SHA256
@@ -1076,7 +1127,7 @@ class _Chain:
         self.site_id = record["site_id"]
         self.first_time = self.first_time or record["time_utc"]
         self.last_time = record["time_utc"]
-        if self.records is not None:
+        if self.records is not None and (self.keep_events is None or record["event"] in self.keep_events):
             self.records.append(record)
 
     def finish(self, head_path: Path) -> VerifyReport:
@@ -1162,7 +1213,9 @@ class _Chain:
         )
 
 
-def _verify(path: Path, public_key: bytes, *, collect: bool) -> tuple[VerifyReport, list[dict[str, Any]]]:
+def _verify(
+    path: Path, public_key: bytes, *, collect: bool, keep_events: frozenset[str] | None = None
+) -> tuple[VerifyReport, list[dict[str, Any]]]:
     path = Path(path)
     head_path = checkpoint_path(path)
     public_key = _check_public_key(public_key)
@@ -1172,7 +1225,7 @@ def _verify(path: Path, public_key: bytes, *, collect: bool) -> tuple[VerifyRepo
                 line=1, seq=0, reason=f"log file is missing but its signed checkpoint {head_path.name} exists (deleted)"
             )
         raise FileNotFoundError(f"no audit log at {path}")
-    chain = _Chain(public_key, collect=collect)
+    chain = _Chain(public_key, collect=collect, keep_events=keep_events)
     for line_no, raw in _iter_lines(path):
         chain.feed(line_no, raw)
     report = chain.finish(head_path)
@@ -1298,6 +1351,7 @@ class AuditLog:
         self._head_path = checkpoint_path(path)
         self._site_id = site_id
         self._signing_key = signing_key
+        self._public_key = crypto.identity_public_key(signing_key)
         self._lock_file: BinaryIO | None = lock_file
         self._last_seq = last_seq
         self._last_hash = last_hash
@@ -1414,6 +1468,49 @@ class AuditLog:
     def last_hash(self) -> str:
         """SHA-256 hex of the last line (:data:`GENESIS_SHA256` while the log is empty)."""
         return self._last_hash
+
+    def verified_records(self, *, events: Collection[str] | None = None) -> tuple[VerifyReport, list[dict[str, Any]]]:
+        """Verify the log on disk again, as :func:`verify_log` does, and return its records.
+
+        Args:
+            events: Return only records of these events (all records if ``None``); every
+                record is verified either way.
+
+        Returns:
+            The verification report and the records kept, in log order.
+
+        Raises:
+            AuditIntegrityError: the file does not verify (see :func:`verify_log`), or it
+                verifies but does not end at the record this writer appended last (it was
+                replaced or rolled back while open).
+            ValueError: ``events`` names an unknown event.
+            RuntimeError: the log is closed, or an earlier append failed part-way.
+            OSError: the file cannot be read.
+
+        Notes:
+            The file is read again rather than trusting what this object remembers, so a
+            caller that acts on the records (the site agent reconciling its privacy ledger
+            before a round) acts only on records whose signatures, chain and checkpoint
+            verified now. Appends are held off (the writer's lock) while it reads, so the
+            file must end exactly where this writer left it.
+        """
+        keep = None if events is None else frozenset(events)
+        if keep is not None and not keep <= set(EVENTS):
+            raise ValueError(f"unknown event(s): {', '.join(sorted(keep - set(EVENTS)))}")
+        with self._mutex:
+            if self._lock_file is None:
+                raise RuntimeError("audit log is closed")
+            if self._failed:
+                raise RuntimeError("an earlier append failed part-way; reopen the audit log to verify it")
+            report, records = _verify(self._path, self._public_key, collect=True, keep_events=keep)
+            if report.last_seq != self._last_seq or report.last_hash != self._last_hash:
+                raise AuditIntegrityError(
+                    line=max(report.records, 1),
+                    seq=report.last_seq,
+                    reason="the log verifies but does not end at the record this site agent wrote last "
+                    "(replaced or rolled back while open)",
+                )
+            return report, records
 
     def append(
         self,

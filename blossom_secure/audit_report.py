@@ -53,6 +53,7 @@ from blossom_secure._fs import atomic_write
 from blossom_secure.audit import (
     EGRESS,
     ERROR,
+    LEDGER_REBUILT,
     POLICY_LOADED,
     ROUND_DECLINED,
     ROUND_JOINED,
@@ -126,6 +127,8 @@ class Training:
         delta: The delta of both epsilons.
         noise_multiplier: DP-SGD noise multiplier.
         sample_rate: Poisson sampling rate.
+        nominal: The round was a seeded simulation: its noise follows from a public seed,
+            so its epsilon is nominal, not a guarantee.
     """
 
     steps: int
@@ -134,19 +137,20 @@ class Training:
     delta: float
     noise_multiplier: float
     sample_rate: float
+    nominal: bool = False
 
 
 @dataclass(frozen=True)
 class Incident:
-    """An error or a secure-aggregation abort.
+    """An error, a secure-aggregation abort, or a rebuild of the privacy ledger.
 
     Attributes:
         seq: The audit record's sequence number.
         time_utc: When it was recorded.
         round_id: The round, or ``None``.
-        kind: ``"error"`` or ``"secagg_aborted"``.
+        kind: ``"error"``, ``"secagg_aborted"`` or ``"ledger_rebuilt"``.
         stage: The secure-aggregation stage, for an abort.
-        text: The error message or abort reason.
+        text: The error message, abort reason, or what the ledger was rebuilt to.
     """
 
     seq: int
@@ -257,7 +261,7 @@ class Review:
         policies: Every policy loaded, in order.
         rounds: Per-round summaries, by round id.
         unrounded_egress: Messages that left outside any round.
-        incidents: Every error and abort, in order.
+        incidents: Every error, abort and ledger rebuild, in order.
         block_totals: Per-block totals over the whole log, by block name, with
             :data:`PROTOCOL_BYTES` last.
     """
@@ -284,6 +288,11 @@ class Review:
         so anything here is a policy violation to investigate."""
         everything = [m for r in self.rounds for m in r.egress] + list(self.unrounded_egress)
         return tuple(m for m in everything if any(is_head(b) for b in m.blocks))
+
+    @property
+    def nominal_rounds(self) -> int:
+        """Rounds whose epsilon is nominal (seeded simulations)."""
+        return sum(1 for r in self.rounds if r.training is not None and r.training.nominal)
 
     @property
     def epsilon_total(self) -> float | None:
@@ -431,6 +440,7 @@ def summarise(records: Sequence[Mapping[str, Any]]) -> Review:
                 delta=float(details["delta"]),
                 noise_multiplier=float(details["noise_multiplier"]),
                 sample_rate=float(details["sample_rate"]),
+                nominal=bool(details.get("epsilon_is_nominal", False)),
             )
         elif event == EGRESS:
             blocks = tuple(details["blocks"])
@@ -454,14 +464,23 @@ def summarise(records: Sequence[Mapping[str, Any]]) -> Review:
             (builder.egress if builder is not None else unrounded).append(message)
         elif event == SECAGG_STAGE_COMPLETED:
             builder.stages.append(details["stage"])
-        elif event in (SECAGG_ABORTED, ERROR):
+        elif event in (SECAGG_ABORTED, ERROR, LEDGER_REBUILT):
+            if event == LEDGER_REBUILT:
+                text = (
+                    f"privacy ledger rebuilt from this log: {details['rounds']} rounds "
+                    f"({details['rounds_proven']} proven here, {details['rounds_kept']} kept as reserved), "
+                    f"epsilon {_fmt_number(float(details['epsilon_total']))} at delta {details['delta']:g}; "
+                    f"previous ledger {details['previous_ledger']}"
+                )
+            else:
+                text = details["reason"] if event == SECAGG_ABORTED else details["message"]
             incident = Incident(
                 seq=seq,
                 time_utc=time_utc,
                 round_id=round_id,
                 kind=event,
                 stage=details.get("stage"),
-                text=details["reason"] if event == SECAGG_ABORTED else details["message"],
+                text=text,
             )
             incidents.append(incident)
             if builder is not None:
@@ -630,8 +649,8 @@ def review_table(review: Review, *, round_id: int | None = None) -> list[Table]:
             _cell(entry.round_id),
             _cell(entry.status),
             _cell("; ".join(reasons) or "-"),
-            _cell(_fmt_number(training.epsilon_round if training else None)),
-            _cell(_fmt_number(training.epsilon_total if training else None)),
+            _cell(_fmt_epsilon(training.epsilon_round if training else None, training)),
+            _cell(_fmt_epsilon(training.epsilon_total if training else None, training)),
             _cell(_fmt_number(training.delta if training else None)),
             _cell(len(entry.egress)),
             _cell(_fmt_bytes(entry.payload_bytes)),
@@ -872,6 +891,12 @@ def write_html(review: Review, path: Path, *, site_id: str, epsilon_budget: floa
     atomic_write(Path(path), page.encode("utf-8"))
 
 
+def _fmt_epsilon(value: float | None, training: Training | None) -> str:
+    """An epsilon, marked ``(nominal)`` when it comes from a seeded simulation."""
+    text = _fmt_number(value)
+    return text + " (nominal)" if value is not None and training is not None and training.nominal else text
+
+
 def _render_html(review: Review, *, site_id: str, epsilon_budget: float | None) -> str:
     generated = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     joined = sum(r.joined for r in review.rounds)
@@ -885,6 +910,12 @@ def _render_html(review: Review, *, site_id: str, epsilon_budget: float | None) 
         ("Rounds joined / declined", f"{joined} / {declined}"),
         ("Bytes out", f"{_fmt_bytes(review.payload_bytes)} ({review.payload_bytes} bytes)"),
         ("Epsilon spent / budget", f"{_fmt_number(epsilon)} / {budget_text}"),
+        (
+            "DP noise",
+            "from the OS CSPRNG in every round (each epsilon is a guarantee)" if not review.nominal_rounds else
+            f"{review.nominal_rounds} round(s) were seeded simulations: their epsilon is NOMINAL "
+            "(the noise follows from a public seed; not a privacy guarantee)",
+        ),
         ("Delta", ", ".join(f"{d:g}" for d in deltas) or "-"),
         (
             "Task heads sent",
@@ -902,8 +933,8 @@ def _render_html(review: Review, *, site_id: str, epsilon_budget: float | None) 
                 entry.round_id,
                 entry.status,
                 "; ".join(entry.decline_reasons) or "-",
-                _fmt_number(t.epsilon_round if t else None),
-                _fmt_number(t.epsilon_total if t else None),
+                _fmt_epsilon(t.epsilon_round if t else None, t),
+                _fmt_epsilon(t.epsilon_total if t else None, t),
                 _fmt_number(t.delta if t else None),
                 "-" if t is None else t.steps,
                 ", ".join(entry.stages_completed) or "-",
@@ -975,7 +1006,7 @@ def _render_html(review: Review, *, site_id: str, epsilon_budget: float | None) 
         _html_table(("Block", "Rounds", "Messages", "Bytes out"), block_rows, numeric=(2, 3)),
         "<h2>Policies loaded</h2>",
         _html_table(("Seq", "Time (UTC)", "Policy SHA-256", "Shareable"), policy_rows, numeric=(0,)),
-        "<h2>Errors and aborts</h2>",
+        "<h2>Errors, aborts and ledger rebuilds</h2>",
         _html_table(
             ("Round", "Seq", "Time (UTC)", "Kind", "Stage", "Message or reason"), incident_rows, numeric=(0, 1)
         ),

@@ -14,6 +14,8 @@ Both are data only; every problem is reported at once as a
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -35,6 +37,7 @@ from blossom_secure.policy import Policy, load_policy
 
 __all__ = [
     "AggregationConfig",
+    "FeatureScale",
     "FederationConfig",
     "ImageConfig",
     "ModelLayout",
@@ -42,6 +45,7 @@ __all__ = [
     "SynthConfig",
     "TabularConfig",
     "TrainingConfig",
+    "WeightingConfig",
     "load_federation",
     "load_site",
     "site_dirs",
@@ -51,6 +55,7 @@ _ID_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 AGGREGATION_MODES = ("blockwise", "full-model", "local")
 IMAGE_ARCHITECTURES = ("cnn", "densenet121")
 COMPRESSIONS = ("none", "rle", "jpeg2000")
+DATA_ORIGINS = ("patients", "synthetic", "public-benchmark")
 
 
 @dataclass(frozen=True)
@@ -64,9 +69,25 @@ class ImageConfig:
 
 
 @dataclass(frozen=True)
+class FeatureScale:
+    """The public scaling of one tabular feature, declared in the federation file.
+
+    A raw value ``x`` becomes ``(clip(x, low, high) - centre) / scale``. Every number here
+    is public (chosen from domain knowledge or published reference ranges, never from the
+    sites' patients), so the model input of one patient never depends on another patient.
+    """
+
+    low: float
+    high: float
+    centre: float
+    scale: float
+
+
+@dataclass(frozen=True)
 class TabularConfig:
     features: tuple[str, ...]
     hidden: tuple[int, ...]
+    scaling: tuple[FeatureScale, ...] = ()  # one per feature, in the order of ``features``
 
 
 @dataclass(frozen=True)
@@ -123,16 +144,64 @@ class TrainingConfig:
     momentum: float
     holdout_fraction: float
     split_seed: int
+    #: Public Poisson sampling rate and steps per round (both or neither); see
+    #: :func:`blossom_secure.training.plan_round`.
+    sample_rate: float | None = None
+    steps_per_round: int | None = None
 
 
 @dataclass(frozen=True)
 class AggregationConfig:
+    """The ``[aggregation]`` table: public terms of aggregation shared by every member.
+
+    Attributes:
+        max_sites: Public upper bound on the number of member sites: the no-wrap proof of
+            secure aggregation uses it, and the thresholds of blocks without a declared
+            group must be a strict majority of it. ``None``: not declared, the roster's
+            size stands in.
+        threshold: The Shamir threshold ``t`` of every block without a declared group
+            (Bonawitz et al. 2017); ``None``: ``floor(2 * max_sites / 3) + 1`` (at least
+            ``min_contributors``).
+        thresholds: Per-block overrides (``[aggregation.thresholds]``): against
+            ``max_sites`` for a block without a declared group, against the group's size
+            for one with a group.
+        groups: Public block groups (``[aggregation.groups]``): block name to the sorted
+            ids of the sites allowed to contribute it, ``P_b``. A grouped block's
+            threshold must be a strict majority of ``|P_b|`` (default
+            ``max(min_contributors, floor(2 * |P_b| / 3) + 1)``, at most ``|P_b|``).
+    """
+
     mode: str
     secure: bool
     min_contributors: int
     clip: float
     ring_bits: int
     max_weight: int
+    max_sites: int | None = None
+    threshold: int | None = None
+    thresholds: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    groups: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class WeightingConfig:
+    """How much each site's update counts in a block's mean: a public number, never the
+    site's exact training-set size.
+
+    Attributes:
+        scheme: ``equal`` (every contribution weighs 1) or ``declared`` (each site's weight
+            is the public number in ``declared``, from ``[weighting.sites]``).
+        declared: Site id -> declared weight (``declared`` scheme only).
+    """
+
+    scheme: str = "equal"
+    declared: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+
+    def weight_of(self, site_id: str) -> int | None:
+        """The public weight of ``site_id``'s contributions, or ``None`` if it has none."""
+        if self.scheme == "equal":
+            return 1
+        return self.declared.get(site_id)
 
 
 @dataclass(frozen=True)
@@ -145,6 +214,8 @@ class FederationConfig:
     training: TrainingConfig
     aggregation: AggregationConfig
     synth_seed: int
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    sha256: str = ""  # hex SHA-256 of the file's exact bytes (bound into every signed protocol message)
 
 
 @dataclass(frozen=True)
@@ -173,6 +244,15 @@ class SiteConfig:
     synth: SynthConfig | None = None
     federation_file: Path | None = None
     blocks: tuple[str, ...] = field(default=())
+    #: ``patients`` (default: real patient data), ``synthetic`` (generated; implied by a
+    #: ``[synth]`` section) or ``public-benchmark`` (a published data set). Only a site
+    #: whose data are not patients' may run a seeded simulation (nominal epsilon).
+    data_origin: str = "patients"
+
+    @property
+    def may_seed_dp_noise(self) -> bool:
+        """Whether a simulation may seed this site's DP noise (never for patient data)."""
+        return self.data_origin != "patients"
 
     @property
     def keys_dir(self) -> Path:
@@ -216,9 +296,14 @@ def load_federation(path: Path) -> FederationConfig:
                                       exclusive_minimum=0.0, exclusive_maximum=1.0),
             split_seed=tr.int("split_seed", required=False, default=0, minimum=0),
         )
+        sample_rate = tr.float("sample_rate", required=False, exclusive_minimum=0.0, maximum=1.0)
+        steps_per_round = tr.int("steps_per_round", required=False, minimum=1, maximum=1_000_000)
+        if ("sample_rate" in tr.data) != ("steps_per_round" in tr.data):
+            tr.problem("sample_rate", "declare both sample_rate and steps_per_round (public DP-SGD sampling), "
+                                      "or neither")
         tr.finish()
         if None not in values.values():
-            training = TrainingConfig(**values)
+            training = TrainingConfig(**values, sample_rate=sample_rate, steps_per_round=steps_per_round)
 
     ag = root.table("aggregation", required=False)
     aggregation = AggregationConfig(mode="blockwise", secure=True, min_contributors=2, clip=1.0, ring_bits=32,
@@ -234,9 +319,74 @@ def load_federation(path: Path) -> FederationConfig:
         )
         if values["ring_bits"] not in (32, 64):
             ag.problem("ring_bits", "must be 32 or 64")
+        # Public secure-aggregation terms: never taken from the coordinator's view of a
+        # round. Each threshold must be a strict majority of the sites that could sign
+        # for its block (two disjoint sets of sites can then never both pass the
+        # consistency check; Bonawitz et al. 2017, sections 4 and 6) and at least
+        # min_contributors: of max_sites, or of the block's public group P_b where
+        # [aggregation.groups] declares one (only its members may take part in the block).
+        max_sites = ag.int("max_sites", required=False, minimum=2, maximum=1 << 16)
+        threshold = ag.int("threshold", required=False, minimum=2, maximum=1 << 16)
+        shareable = ({encoder_block(m) for m in layout.modalities} | {FUSION}) if layout is not None else None
+        groups: dict[str, tuple[str, ...]] = {}
+        gr = ag.table("groups", required=False)
+        if gr is not None:
+            for block in sorted(gr.data):
+                members = gr.str_list(block)
+                if shareable is not None and block not in shareable:
+                    gr.problem(block, "not a shared block of the layout (encoder.<modality> or fusion)")
+                elif members is None:
+                    continue
+                elif max_sites is None:
+                    gr.problem(block, "needs max_sites: a group is checked against the public bound on sites")
+                elif any(not _ID_RE.fullmatch(m) for m in members):
+                    gr.problem(block, "not a list of site ids (lower-case letters, digits, '-' or '_')")
+                elif len(set(members)) != len(members):
+                    gr.problem(block, "names a site twice")
+                elif len(members) < 2:
+                    gr.problem(block, "must name at least 2 sites (a sum over one site is that site's update)")
+                elif len(members) > max_sites:
+                    gr.problem(block, f"names {len(members)} sites, more than max_sites ({max_sites})")
+                else:
+                    groups[block] = tuple(sorted(members))
+            gr.finish()
+        # A block whose group is refused gets no second, misleading problem for its threshold.
+        bad_groups = set(gr.data) - set(groups) if gr is not None else set()
+        thresholds: dict[str, int] = {}
+        th = ag.table("thresholds", required=False)
+        if th is not None:
+            for block in sorted(th.data):
+                value = th.int(block, minimum=2, maximum=1 << 16)
+                if shareable is not None and block not in shareable:
+                    th.problem(block, "not a shared block of the layout (encoder.<modality> or fusion)")
+                elif value is not None:
+                    thresholds[block] = value
+            th.finish()
+        minimum = values["min_contributors"]
+        if max_sites is not None and minimum is not None and minimum > max_sites:
+            ag.problem("min_contributors", f"must not exceed max_sites ({max_sites})")
+        declared = [(ag, "threshold", threshold)] if threshold is not None else []
+        for table, key, value in (*declared, *((th, b, v) for b, v in thresholds.items() if b not in bad_groups)):
+            if max_sites is None:
+                table.problem(key, "needs max_sites: a threshold is checked against the public bound on sites")
+                continue
+            group = groups.get(key) if table is th else None
+            bound, name = (len(group), f"the {len(group)} sites of its group") if group else (max_sites, "max_sites")
+            if minimum is not None and value < minimum:
+                table.problem(key, f"must be at least min_contributors ({minimum})")
+            if value > bound:
+                table.problem(key, f"must not exceed {name} ({bound})")
+            if 2 * value <= bound:
+                table.problem(key, f"must be more than half of {name} ({bound}), at least "
+                                   f"{bound // 2 + 1}, so that two disjoint sets of sites can never both pass "
+                                   "the consistency check")
         ag.finish()
         if None not in values.values():
-            aggregation = AggregationConfig(**values)
+            aggregation = AggregationConfig(**values, max_sites=max_sites, threshold=threshold,
+                                            thresholds=MappingProxyType(thresholds), groups=MappingProxyType(groups))
+
+    weighting = _parse_weighting(root.table("weighting", required=False),
+                                 aggregation.max_weight if aggregation is not None else None)
 
     synth = root.table("synth", required=False)
     synth_seed = 0
@@ -248,7 +398,73 @@ def load_federation(path: Path) -> FederationConfig:
     if problems:
         raise PolicyError(problems)
     return FederationConfig(path=path, id=fid, name=name, coordinator=coordinator, layout=layout,
-                            training=training, aggregation=aggregation, synth_seed=synth_seed)
+                            training=training, aggregation=aggregation, synth_seed=synth_seed, weighting=weighting,
+                            sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+WEIGHTING_SCHEMES = ("equal", "declared")
+
+
+def _parse_weighting(table: Table | None, max_weight: int | None) -> WeightingConfig:
+    """``[weighting]``: ``scheme = "equal"`` (default) or ``"declared"`` with a
+    ``[weighting.sites]`` table of public weights, each at most ``aggregation.max_weight``."""
+    if table is None:
+        return WeightingConfig()
+    scheme = table.choice("scheme", WEIGHTING_SCHEMES, required=False, default="equal")
+    declared: dict[str, int] = {}
+    sites = table.table("sites", required=scheme == "declared")
+    if sites is not None:
+        if scheme != "declared":
+            table.problem("sites", 'declared weights need scheme = "declared"')
+        for site_id in list(sites.data):
+            if not _ID_RE.fullmatch(site_id):
+                sites.problem(site_id, "not a site id (lower-case letters, digits, '-' or '_')")
+                sites.mark_seen(site_id)
+                continue
+            value = sites.int(site_id, minimum=1, maximum=max_weight if max_weight is not None else 1 << 30)
+            if value is not None:
+                declared[site_id] = value
+        if scheme == "declared" and not sites.data:
+            table.problem("sites", "declare at least one site's weight")
+        sites.finish()
+    table.finish()
+    return WeightingConfig(scheme=scheme or "equal", declared=MappingProxyType(declared))
+
+
+def _parse_scaling(table: Table, features: list[str] | None) -> tuple[FeatureScale, ...] | None:
+    """``scaling``: for every feature, ``{ range = [low, high], centre = c, scale = s }``
+    (``centre`` and ``scale`` default to the middle and half-width of the range)."""
+    sc = table.table("scaling", required=False)
+    if sc is None:
+        if features:
+            table.problem("scaling", "declare the public scaling of every feature "
+                                     "(feature = { range = [low, high], centre = c, scale = s }); "
+                                     "it is never computed from the patients")
+        return None
+    out: list[FeatureScale] = []
+    ok = True
+    for f in features or ():
+        entry = sc.table(f)
+        if entry is None:
+            ok = False
+            continue
+        bounds = entry.float_pair("range")
+        centre = entry.float("centre", required=False)
+        scale = entry.float("scale", required=False, exclusive_minimum=0.0)
+        entry.finish()
+        if bounds is None:
+            ok = False
+            continue
+        low, high = bounds
+        if not (math.isfinite(low) and math.isfinite(high)):
+            entry.problem("range", "must be two finite numbers")
+            ok = False
+            continue
+        out.append(FeatureScale(low=low, high=high, centre=(low + high) / 2 if centre is None else centre,
+                                scale=(high - low) / 2 if scale is None else scale))
+    sc.mark_seen(*(features or ()))
+    sc.finish()
+    return tuple(out) if ok and features is not None else None
 
 
 def _ident(table: Table, name: str) -> str | None:
@@ -285,9 +501,10 @@ def _parse_layout(model: Table | None) -> ModelLayout | None:
     if tb is not None:
         features = tb.str_list("features")
         hidden = tb.int_list("hidden", required=False, default=[64])
+        scaling = _parse_scaling(tb, features)
         tb.finish()
-        if features is not None and hidden is not None:
-            tabular = TabularConfig(features=tuple(features), hidden=tuple(hidden))
+        if features is not None and hidden is not None and scaling is not None:
+            tabular = TabularConfig(features=tuple(features), hidden=tuple(hidden), scaling=scaling)
 
     extra_tabular = _parse_extra_tabular(model.table("extra_tabular", required=False), tabular)
 
@@ -338,11 +555,12 @@ def _parse_extra_tabular(table: Table | None, tabular: TabularConfig | None) -> 
                 features = None
                 break
             columns[f] = name
+        scaling = _parse_scaling(sub, features)
         sub.finish()
-        if features is None or hidden is None:
+        if features is None or hidden is None or scaling is None:
             ok = False
             continue
-        out[name] = TabularConfig(features=tuple(features), hidden=tuple(hidden))
+        out[name] = TabularConfig(features=tuple(features), hidden=tuple(hidden), scaling=scaling)
     table.finish()
     return out if ok else None
 
@@ -366,9 +584,11 @@ def load_site(site_dir: Path, *, federation: FederationConfig | None = None) -> 
 
     site = root.table("site")
     sid = name = policy = federation_file = None
+    data_origin = "patients"
     if site is not None:
         sid = _ident(site, "id")
         name = site.str("name", required=False, default=sid)
+        data_origin = site.choice("data_origin", DATA_ORIGINS, required=False, default="patients")
         policy_ref = site.str("policy")
         if policy_ref is not None:
             try:
@@ -428,6 +648,10 @@ def load_site(site_dir: Path, *, federation: FederationConfig | None = None) -> 
 
     synth = _parse_synth(root.table("synth", required=False))
     root.finish()
+    if synth is not None:
+        if data_origin == "public-benchmark":
+            problems.append(Problem(str(path), "site.data_origin", "a site with a [synth] section holds synthetic data"))
+        data_origin = "synthetic"
 
     if policy is not None and federation is not None and policy.federation != federation.id:
         problems.append(Problem(str(policy.path), "policy.federation",
@@ -439,7 +663,8 @@ def load_site(site_dir: Path, *, federation: FederationConfig | None = None) -> 
         blocks = federation.layout.blocks_for(tuple(modalities), tuple(tasks))
     return SiteConfig(root=site_dir, id=sid, name=name, policy=policy, modalities=tuple(modalities),
                       dicom_dir=dicom_dir, clinical_csv=csv, patient_id_column=id_col, tasks=tasks,
-                      synth=synth, federation_file=federation_file, blocks=blocks)
+                      synth=synth, federation_file=federation_file, blocks=blocks,
+                      data_origin=data_origin or "patients")
 
 
 def _parse_synth(table: Table | None) -> SynthConfig | None:

@@ -94,8 +94,8 @@ _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 # ITU-R BT.601 luma weights, used to turn a colour image into one channel.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 # Patient ids become file names: no separators, no control characters, DICOM LO length.
-_PATIENT_ID_RE = re.compile(r"^[^\x00-\x1f\x7f/\\]{1,64}$")
-_INT_RE = re.compile(r"^[+-]?[0-9]+$")
+_PATIENT_ID_RE = re.compile(r"[^\x00-\x1f\x7f/\\]{1,64}")
+_INT_RE = re.compile(r"[+-]?[0-9]+")
 _MAX_REASON_CHARS = 200
 
 
@@ -667,7 +667,7 @@ def _read_clinical_csv(
             if not pid:
                 problems.append(Problem(name, f"{patient_id_column}, line {line}", "empty patient id"))
                 continue
-            if not _PATIENT_ID_RE.match(pid) or pid.startswith("."):
+            if not _PATIENT_ID_RE.fullmatch(pid) or pid.startswith("."):
                 problems.append(
                     Problem(
                         name,
@@ -723,7 +723,7 @@ def _read_clinical_csv(
                     continue
                 col = tasks[task]
                 k = num_classes[task]
-                if not _INT_RE.match(cell):
+                if not _INT_RE.fullmatch(cell):
                     reason = f"label is not an integer class in [0, {k})"
                     problems.append(Problem(name, f"{col}, patient {pid}", reason))
                     continue
@@ -985,10 +985,14 @@ def load_site_arrays(
 def split_holdout(patient_ids: Sequence[str], *, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split patients into a training part and a held-out part, deterministically.
 
-    Each patient id is hashed with keyed BLAKE2b (the key is derived from ``seed``); the
-    ``round(fraction * N)`` patients with the smallest hashes are held out, clamped so that
-    both parts are non-empty when ``N >= 2``. The split depends only on the set of ids
-    and the seed: not on their order, the machine or the Python process (no ``hash()``).
+    Each patient id is hashed with keyed BLAKE2b (the key is derived from ``seed``) to a
+    number uniform in [0, 1); the patient is held out iff that number is below
+    ``fraction``. So whether a patient trains depends on **its own id only**: adding or
+    removing one patient never moves another patient between the parts (a rank-based split
+    would, and a neighbouring data set would then differ by two training patients, outside
+    what the privacy ledger accounts). The held-out share is ``fraction`` on average, not
+    exactly. The split depends only on the ids and the seed: not on their order, the
+    machine or the Python process (no ``hash()``).
 
     Args:
         patient_ids: Distinct patient ids.
@@ -997,8 +1001,8 @@ def split_holdout(patient_ids: Sequence[str], *, fraction: float, seed: int) -> 
 
     Returns:
         ``(train_indices, holdout_indices)``: sorted ``int64`` indices into
-        ``patient_ids``, disjoint and together covering every index. With one patient it
-        goes to training; with none both are empty.
+        ``patient_ids``, disjoint and together covering every index (either may be
+        empty for a handful of patients).
 
     Raises:
         ValueError: ``fraction`` is not in ``(0, 1)``, ``seed`` is not a non-negative int,
@@ -1013,13 +1017,10 @@ def split_holdout(patient_ids: Sequence[str], *, fraction: float, seed: int) -> 
         raise ValueError("patient ids must be strings")
     if len(set(ids)) != len(ids):
         raise ValueError("patient ids must be distinct")
-    n = len(ids)
-    if n < 2:
-        return np.arange(n, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    key = hashlib.sha256(b"blossom_secure/holdout-split/v1\x00" + str(seed).encode("ascii")).digest()
-    digests = [hashlib.blake2b(p.encode("utf-8", "surrogatepass"), key=key, digest_size=16).digest() for p in ids]
-    order = sorted(range(n), key=lambda i: (digests[i], ids[i]))
-    n_holdout = min(max(math.floor(fraction * n + 0.5), 1), n - 1)
-    holdout = np.sort(np.array(order[:n_holdout], dtype=np.int64))
-    train = np.sort(np.array(order[n_holdout:], dtype=np.int64))
+    key = hashlib.sha256(b"blossom_secure/holdout-split/v2\x00" + str(seed).encode("ascii")).digest()
+    threshold = math.floor(fraction * 2**64)
+    held = [int.from_bytes(hashlib.blake2b(p.encode("utf-8", "surrogatepass"), key=key, digest_size=8).digest(), "big")
+            < threshold for p in ids]
+    holdout = np.array([i for i, h in enumerate(held) if h], dtype=np.int64)
+    train = np.array([i for i, h in enumerate(held) if not h], dtype=np.int64)
     return train, holdout

@@ -8,6 +8,10 @@ policy says (policies that try are already refused when loaded; this is the seco
 Its result is an :class:`Egress`, which cannot be built any other way; every encoder of an
 outbound update accepts only an ``Egress``. So no code path can serialise a parameter the
 policy did not release, and a property test checks exactly that.
+
+:func:`select_report` is the same gate for the site's round report (evaluation metrics and
+the epsilon spent): it leaves only if the policy's ``[reporting] metrics`` allows it, and
+it never carries a count of patients.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import numpy as np
 from blossom_secure.blocks import is_head, is_valid_block_name
 from blossom_secure.policy import Policy
 
-__all__ = ["Egress", "select_egress"]
+__all__ = ["Egress", "SiteReport", "select_egress", "select_report"]
 
 _TOKEN = object()
 
@@ -73,3 +77,66 @@ def select_egress(policy: Policy, blocks: Mapping[str, np.ndarray]) -> Egress:
         array.setflags(write=False)
         kept[name] = array
     return Egress(kept, policy.sha256, _token=_TOKEN)
+
+
+REPORT_VERSION = 1
+
+
+class SiteReport:
+    """A site's round report cleared to leave (canonical JSON bytes). Built only by
+    :func:`select_report`, and only when the policy lets metrics leave."""
+
+    def __init__(self, payload: bytes, policy_sha256: str, *, _token: object = None) -> None:
+        if _token is not _TOKEN:
+            raise TypeError("a SiteReport is made only by select_report(policy, ...)")
+        self.payload = payload
+        self.policy_sha256 = policy_sha256
+
+
+def select_report(policy: Policy, *, site_id: str, round_id: int, declined: str | None,
+                  tasks: Mapping[str, Mapping[str, float]], majority_class_rate: Mapping[str, float],
+                  epsilon_total: float | None, epsilon_nominal: bool) -> SiteReport | None:
+    """The site's round report as the bytes that may leave, or ``None`` if the policy keeps
+    metrics in (``[reporting] metrics`` is false: the default).
+
+    Args:
+        policy: The site's policy.
+        site_id, round_id: Whose report, for which round.
+        declined: Why the site sat the round out (a short category, never data), or ``None``.
+        tasks: Task -> ``{"accuracy", "macro_f1"}`` on the site's held-out patients.
+        majority_class_rate: Task -> accuracy of always predicting the most common
+            training label, on the held-out patients.
+        epsilon_total: The site's total epsilon after the round (``None`` for a
+            simulation-only run without DP, which spends nothing it could account).
+        epsilon_nominal: Whether that epsilon is nominal (a seeded simulation).
+
+    Returns:
+        The report, or ``None``.
+
+    Notes:
+        Only rates leave, never a count: held-out and training-set sizes stay in the site
+        (a count, differenced across rounds, tells whether one patient was added). The
+        metrics themselves are computed from patient data and are not differentially
+        private; they leave only because the hospital's policy says they may, and every
+        report is written to the audit log (with its SHA-256) before it is sent.
+    """
+    if not policy.metrics_may_leave:
+        return None
+    import json
+    import math
+
+    def rate(x: float) -> float | None:
+        x = float(x)
+        return round(x, 6) if math.isfinite(x) else None
+
+    doc = {
+        "type": "site-report", "version": REPORT_VERSION, "site": site_id, "round": int(round_id),
+        "declined": declined,
+        "tasks": {t: {"accuracy": rate(m["accuracy"]), "macro_f1": rate(m["macro_f1"]),
+                      "majority_class_rate": rate(majority_class_rate.get(t, float("nan")))}
+                  for t, m in sorted(tasks.items())},
+        "epsilon_total": None if epsilon_total is None or not math.isfinite(epsilon_total) else float(epsilon_total),
+        "epsilon_nominal": bool(epsilon_nominal),
+    }
+    payload = json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    return SiteReport(payload, policy.sha256, _token=_TOKEN)

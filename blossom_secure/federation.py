@@ -54,24 +54,49 @@ def make_aggregator(federation: FederationConfig, agents: list[SiteAgent], *, se
     """The aggregator for a run: secure aggregation unless plaintext is asked for.
 
     Raises:
-        PolicyError: the federation's aggregation parameters could let a secure sum wrap.
+        PolicyError: the federation's aggregation parameters could let a secure sum wrap,
+            its thresholds are not a strict majority of ``max_sites`` (or of a block's
+            declared group), or the roster is larger than ``max_sites``.
     """
     if not secure:
         return PlaintextAggregator(min_contributors=federation.aggregation.min_contributors)
-    from blossom_secure.secure_aggregator import SecureAggregator, secagg_params
+    from blossom_secure.secure_aggregator import SecureAggregator, federation_sha256, secagg_params
 
     try:
-        params = secagg_params(federation, max_group_size=len(agents))
+        params = secagg_params(federation, roster_size=len(agents))
+        digest = federation_sha256(federation)
     except ValueError as exc:
         raise PolicyError([Problem(str(federation.path), "aggregation", str(exc))]) from None
-    return SecureAggregator(params=params, roster={a.id: a.public_key for a in agents},
+    for block, members in sorted(federation.aggregation.groups.items()):
+        absent = sorted(set(members) - {a.id for a in agents})
+        if absent:  # not unsafe (fewer possible signers), but a misspelt id would shut a real site out
+            logger.warning("[aggregation.groups] %s names site(s) not in the roster: %s", block, ", ".join(absent))
+    return SecureAggregator(params=params, federation_sha256=digest, roster={a.id: a.public_key for a in agents},
                             identity_keys={a.id: a.identity_key for a in agents})
+
+
+def site_report_view(untrusted_payload: bytes | None, *, joined: bool) -> dict:
+    """What the coordinator knows of one site after a round: whether it joined (visible
+    from the protocol) and, if its policy let the report leave, the report's contents.
+
+    Returns:
+        ``{"joined", "reported", "tasks", "epsilon", "epsilon_nominal", "declined"}``;
+        ``tasks`` is empty and ``epsilon`` ``None`` when the site sent no report.
+    """
+    view = {"joined": joined, "reported": False, "tasks": {}, "epsilon": None, "epsilon_nominal": False,
+            "declined": None if joined else "not reported"}
+    if untrusted_payload is None:
+        return view
+    doc = json.loads(untrusted_payload.decode("utf-8"))
+    view.update(reported=True, tasks=doc["tasks"], declined=doc["declined"],
+                epsilon=doc["epsilon_total"], epsilon_nominal=doc["epsilon_nominal"])
+    return view
 
 
 @dataclass
 class RoundReport:
     round_id: int
-    sites: dict[str, dict]  # site -> {"task", "metric", "value", "epsilon", "declined", ...}
+    sites: dict[str, dict]  # site -> site_report_view(...)
     blocks: dict[str, dict]  # block -> {"contributors", "failure"}
     bytes_received: dict[str, int]  # site -> bytes the coordinator took delivery of
 
@@ -146,7 +171,7 @@ class Coordinator:
             holders = [a for a in self.agents if a.id in trained and block in trained[a.id]]
             if not holders:
                 continue
-            weights = np.array([a.n_train for a in holders], dtype=np.float64)
+            weights = np.array([a.public_weight or 1 for a in holders], dtype=np.float64)
             mean = sum(w * trained[a.id][block].astype(np.float64) for w, a in zip(weights, holders)) / weights.sum()
             self.global_blocks[block] = mean.astype(np.float32)
             outcomes[block] = BlockOutcome(block=block, contributors=tuple(a.id for a in holders),
@@ -158,6 +183,7 @@ class Coordinator:
     def _finish(self, round_id: int, offers: Mapping[str, RoundOffer], outcomes: Mapping[str, BlockOutcome],
                 received: Mapping[str, int], take_globals: bool = True) -> RoundReport:
         sites = {}
+        received = dict(received)
         for agent in self.agents:
             offer = offers[agent.id]
             if take_globals:
@@ -165,19 +191,18 @@ class Coordinator:
             else:
                 agent.save_blocks()
                 metrics = agent.evaluate()
-            sites[agent.id] = {
-                "tasks": metrics,
-                "epsilon": offer.epsilon_total,
-                "declined": offer.declined,
-                "train_loss": offer.train_loss,
-            }
+            # The coordinator sees only what the site released: its report's bytes.
+            payload = agent.round_report(round_id=round_id, offer=offer, metrics=metrics)
+            sites[agent.id] = site_report_view(payload, joined=offer.declined is None)
+            if payload is not None:
+                received[agent.id] = received.get(agent.id, 0) + len(payload)
         blocks = {b: {"contributors": list(o.contributors), "failure": o.failure} for b, o in outcomes.items()}
         return RoundReport(round_id=round_id, sites=sites, blocks=blocks,
                            bytes_received={a.id: int(received.get(a.id, 0)) for a in self.agents})
 
 
 def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str | None = None, secure: bool | None = None,
-             seed: int = 0, fresh: bool = False, allow_full_model: bool = False,
+             seed: int | None = None, fresh: bool = False, allow_full_model: bool = False,
              on_round: Callable[[RoundReport, list[SiteAgent]], None] | None = None,
              on_setup: Callable[[str], None] | None = None) -> SimulationResult:
     """Run the embedded federation over the sites under ``sites_root``.
@@ -188,7 +213,10 @@ def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str |
         out_dir: Where ``metrics.json`` and the final global blocks are written.
         mode: ``blockwise``, ``full-model`` or ``local`` (``None``: the federation file's).
         secure: Secure aggregation or plaintext (``None``: the federation file's, secure by default).
-        seed: Seed for initial values, batch sampling and DP noise (simulation only).
+        seed: Seed for the initial block values and, on sites with synthetic data only,
+            for DP sampling and noise: such a run is a seeded simulation whose epsilon is
+            nominal (ledger and audit log say so). ``None`` (default): noise from the OS
+            CSPRNG everywhere. A site without ``[synth]`` never gets seeded noise.
         fresh: Delete the example sites' previous state (ledger, audit log, private blocks)
             first; refused for a site without ``[synth]`` (real data).
         allow_full_model: Required for ``mode="full-model"``.
@@ -223,8 +251,9 @@ def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str |
     for d in dirs:
         agent = SiteAgent(d, federation, seed=seed)
         if on_setup is not None:
-            on_setup(f"{agent.id}: {len(agent.arrays.patient_ids)} patients, modalities "
-                     f"{'+'.join(agent.config.modalities)}, tasks {', '.join(agent.config.tasks)}")
+            noise = "seeded simulation (epsilon nominal)" if agent.seeded_noise else "DP noise from the OS CSPRNG"
+            on_setup(f"{agent.id}: modalities {'+'.join(agent.config.modalities)}, "
+                     f"tasks {', '.join(agent.config.tasks)}; {noise}")
         agents.append(agent)
     ids = [a.id for a in agents]
     if len(set(ids)) != len(ids):
@@ -233,7 +262,7 @@ def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str |
     if rounds < 1:
         raise ValueError("rounds must be at least 1")
     aggregator = make_aggregator(federation, agents, secure=secure) if mode == "blockwise" else None
-    coordinator = Coordinator(federation, agents, mode=mode, aggregator=aggregator, seed=seed)
+    coordinator = Coordinator(federation, agents, mode=mode, aggregator=aggregator, seed=0 if seed is None else seed)
     reports = []
     for r in range(rounds):
         report = coordinator.run_round(r)
@@ -251,7 +280,9 @@ def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str |
 
 
 def _metrics_document(federation: FederationConfig, agents: list[SiteAgent], reports: list[RoundReport], *,
-                      mode: str, secure: bool, seed: int) -> dict:
+                      mode: str, secure: bool, seed: int | None) -> dict:
+    """metrics.json: built only from what the sites released (their round reports) and
+    from public files (site files, policies, federation file); never a count of patients."""
     rows = []
     for report in reports:
         for agent in agents:
@@ -259,7 +290,8 @@ def _metrics_document(federation: FederationConfig, agents: list[SiteAgent], rep
             for task, m in sorted(s["tasks"].items()):
                 rows.append({"round": report.round_id, "site": agent.id, "task": task,
                              "metric": "accuracy", "value": m["accuracy"], "macro_f1": m["macro_f1"],
-                             "n_heldout": m["n"], "epsilon": s["epsilon"], "declined": s["declined"]})
+                             "majority_class_rate": m["majority_class_rate"], "epsilon": s["epsilon"],
+                             "epsilon_nominal": s["epsilon_nominal"], "declined": s["declined"]})
     return {
         "federation": federation.id,
         "mode": mode,
@@ -267,10 +299,10 @@ def _metrics_document(federation: FederationConfig, agents: list[SiteAgent], rep
         "seed": seed,
         "rounds": len(reports),
         "sites": {a.id: {"modalities": list(a.config.modalities), "tasks": sorted(a.config.tasks),
-                         "n_train": a.n_train, "n_heldout": int(a.test_idx.size),
-                         "shared_blocks": list(a.shared_blocks),
+                         "shared_blocks": list(a.shared_blocks), "weight": a.public_weight,
                          "epsilon_budget": a.policy.privacy.epsilon_budget,
-                         "chance_accuracy": {t: a.chance_accuracy(t) for t in sorted(a.config.tasks)}}
+                         "reports_metrics": a.policy.metrics_may_leave,
+                         "noise": "seeded-simulation" if a.seeded_noise else "os-csprng"}
                   for a in agents},
         "blocks": {str(r.round_id): r.blocks for r in reports},
         "bytes_received": {str(r.round_id): r.bytes_received for r in reports},

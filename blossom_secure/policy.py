@@ -9,7 +9,10 @@ A policy is a TOML file, data only. It declares
 * ``[privacy]``: the DP-SGD parameters (noise multiplier, or a target epsilon per round),
   clipping norm, delta, accountant and the site's total epsilon budget;
 * ``[secure_aggregation]``: whether secure aggregation is required and the smallest group
-  of contributors a shared block may be summed over.
+  of contributors a shared block may be summed over;
+* ``[reporting]`` (optional): whether the site's evaluation report (accuracy and macro-F1 on
+  its held-out patients, the majority-class rate, the epsilon spent) may leave the site.
+  Default deny: without ``metrics = true`` nothing but the protocol messages leaves.
 
 Every problem in the file (unknown keys, wrong types, missing fields, impossible values)
 is reported at once in one :class:`~blossom_secure.errors.PolicyError`. The policy's
@@ -66,6 +69,8 @@ class Policy:
         privacy: DP parameters and budget.
         secure_aggregation_required: Refuse rounds that would aggregate in plaintext.
         min_contributors: Never let a block leave into a group smaller than this.
+        metrics_may_leave: Whether the site's evaluation report may be sent to the
+            coordinator (``[reporting] metrics``; default ``False``).
     """
 
     path: Path
@@ -76,6 +81,7 @@ class Policy:
     privacy: PrivacyTerms
     secure_aggregation_required: bool
     min_contributors: int
+    metrics_may_leave: bool = False
 
     def is_shareable(self, block: str) -> bool:
         """Whether ``block`` may leave the site under this policy (heads never may)."""
@@ -135,6 +141,12 @@ def parse_policy(data: dict, *, path: Path, sha256: str) -> Policy:
         min_contributors = secagg.int("min_contributors", minimum=2)
         secagg.finish()
 
+    reporting = root.table("reporting", required=False)
+    metrics_may_leave = False
+    if reporting is not None:
+        metrics_may_leave = bool(reporting.bool("metrics", required=False, default=False))
+        reporting.finish()
+
     root.finish()
     if problems:
         raise PolicyError(problems)
@@ -147,6 +159,7 @@ def parse_policy(data: dict, *, path: Path, sha256: str) -> Policy:
         privacy=privacy,
         secure_aggregation_required=required,
         min_contributors=min_contributors,
+        metrics_may_leave=metrics_may_leave,
     )
 
 

@@ -32,18 +32,23 @@ from blossom_secure.blocks import is_head
 from blossom_secure.config import FederationConfig, SiteConfig, load_site
 from blossom_secure.crypto import IdentityKey, identity_public_key, key_fingerprint
 from blossom_secure.data import SiteArrays, load_site_arrays, split_holdout
-from blossom_secure.egress import select_egress
+from blossom_secure.dp_random import DPRandomness
+from blossom_secure.egress import select_egress, select_report
 from blossom_secure.errors import PrivacyBudgetExceededError
 from blossom_secure.keys import load_or_create_identity_key
 from blossom_secure.model import BlockModel
-from blossom_secure.privacy import PrivacyLedger
+from blossom_secure.privacy import PrivacyLedger, load_reconciled_ledger
 from blossom_secure.training import SiteTensors, evaluate, plan_round, train_dp, train_without_dp_simulation_only
 
 __all__ = ["RoundOffer", "SiteAgent", "ensure_site_data"]
 
 logger = logging.getLogger(__name__)
 
-_SECAGG_STAGES = ("advertise_keys", "share_keys", "masked_input", "unmask")
+#: The only reasons a site's report gives for sitting a round out (the detail stays in its audit log).
+DECLINED_POLICY = "policy"
+DECLINED_BUDGET = "privacy budget"
+
+_SECAGG_STAGES = ("advertise_keys", "share_keys", "masked_input", "consistency", "unmask")
 
 BLOCKS_FILE = "blocks.npz"
 LEDGER_FILE = "ledger.json"
@@ -113,6 +118,8 @@ class RoundOffer:
     epsilon_total: float = 0.0
     train_loss: float | None = None
     shapes: dict[str, list[int]] = field(default_factory=dict)
+    epsilon_nominal: bool = False
+    declined_kind: str | None = None  # DECLINED_POLICY or DECLINED_BUDGET: what a report may say
 
 
 class SiteAgent:
@@ -121,8 +128,13 @@ class SiteAgent:
     Args:
         site_dir: The site folder (``site.toml``, its data, ``keys/``, ``state/``).
         federation: The federation file's contents.
-        seed: Base seed for this site's training randomness in simulations; ``None`` in a
-            deployment (noise and sampling seeded from the OS CSPRNG each round).
+        seed: Base seed for a reproducible simulation; ``None`` in a deployment. It seeds
+            the DP noise and sampling **only for a site with synthetic data** (a
+            ``[synth]`` section or ``data_origin = "synthetic"``, or a public benchmark,
+            ``data_origin = "public-benchmark"``), and such a site's ledger and audit log then mark every
+            epsilon as nominal. On any other site the noise always comes from the OS
+            CSPRNG, whatever seed is given (the seed then only fixes the initial values
+            of the private blocks, which do not depend on patient data).
         simulation_without_dp: **Simulation only.** Train without differential privacy
             (no clipping, no noise; :func:`~blossom_secure.training.train_without_dp_simulation_only`)
             to measure what DP costs in a benchmark. Nothing is written to the privacy
@@ -134,7 +146,9 @@ class SiteAgent:
     Raises:
         PolicyError: the site file or policy is invalid.
         DataError: the data cannot be used as declared.
-        KeyFileError, LedgerError, AuditIntegrityError: the site's state is unusable.
+        KeyFileError, LedgerError, AuditIntegrityError: the site's state is unusable
+            (``LedgerError`` also when the ledger is behind the verified audit log:
+            deleted or restored from an older copy; ``blossom-site ledger rebuild``).
         ValueError: ``simulation_without_dp`` without a simulation seed.
     """
 
@@ -148,19 +162,28 @@ class SiteAgent:
         self.id = self.config.id
         self.policy = self.config.policy
         self.seed = seed
+        #: Whether DP noise and sampling are seeded (a simulation on synthetic data only).
+        self.seeded_noise = seed is not None and self.config.may_seed_dp_noise
+        if seed is not None and not self.seeded_noise:
+            logger.warning("site %s holds patient data (no [synth] section, no data_origin): its DP noise is drawn "
+                           "from the OS CSPRNG, not from the simulation seed", self.config.id)
         ensure_site_data(self.config, federation)
         self.arrays = load_arrays(self.config, federation)
         self.train_idx, self.test_idx = split_holdout(self.arrays.patient_ids,
                                                       fraction=federation.training.holdout_fraction,
                                                       seed=federation.training.split_seed)
-        self.tensors = SiteTensors.from_arrays(self.arrays, self.train_idx)
+        self.tensors = SiteTensors.from_arrays(self.arrays, federation.layout)
         self.identity_key: IdentityKey
         self.identity_key, created = load_or_create_identity_key(self.config.keys_dir)
         self.public_key = identity_public_key(self.identity_key)
         state = self.config.state_dir
         state.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.ledger = PrivacyLedger(state / LEDGER_FILE, site_id=self.id, terms=self.policy.privacy)
         self.audit = audit.AuditLog.open(state / AUDIT_FILE, site_id=self.id, signing_key=self.identity_key)
+        try:
+            self.ledger = self._reconciled_ledger()
+        except BaseException:
+            self.audit.close()
+            raise
         if created or self.audit.last_seq is None:
             self._record(audit.SITE_INITIALISED, None, {"key_fingerprint": key_fingerprint(self.public_key)})
         self._record(audit.POLICY_LOADED, None, {
@@ -203,23 +226,33 @@ class SiteAgent:
         """Answer round ``round_id``: train and offer the shareable updates, or decline.
 
         An error after the site joined is written to the audit log (``error``) and raised.
+        First the ledger is read again and checked against the verified audit log; a
+        ledger behind the log raises ``LedgerError`` (and a log that no longer verifies,
+        ``AuditIntegrityError``) before anything is recorded or reserved.
         """
-        reason = self._policy_refusal(secure=secure)
+        self.ledger = self._reconciled_ledger()
+        reason = self.refusal(secure=secure)
+        kind = DECLINED_POLICY
         entry = plan = None
+        randomness = self._randomness(round_id)
         if reason is None and not self.simulation_without_dp:
-            plan = plan_round(self.n_train, batch_size=self.federation.training.batch_size,
-                              epochs=self.federation.training.local_epochs, terms=self.policy.privacy)
+            training = self.federation.training
+            plan = plan_round(self.n_train, batch_size=training.batch_size, epochs=training.local_epochs,
+                              terms=self.policy.privacy, sample_rate=training.sample_rate,
+                              steps_per_round=training.steps_per_round)
             spent_before = self.ledger.epsilon_spent
             try:
                 entry = self.ledger.reserve(round_id=round_id, noise_multiplier=plan.noise_multiplier,
-                                            sample_rate=plan.sample_rate, steps=plan.steps)
+                                            sample_rate=plan.sample_rate, steps=plan.steps,
+                                            randomness=randomness.kind)
             except PrivacyBudgetExceededError as exc:
                 reason = str(exc)
+                kind = DECLINED_BUDGET
         if reason is not None:
             logger.info("site %s declines round %d: %s", self.id, round_id, reason)
             self._record(audit.ROUND_DECLINED, round_id, {"reason": reason})
-            return RoundOffer(site_id=self.id, contribution=None, declined=reason,
-                              epsilon_total=self.ledger.epsilon_spent)
+            return RoundOffer(site_id=self.id, contribution=None, declined=reason, declined_kind=kind,
+                              epsilon_total=self.ledger.epsilon_spent, epsilon_nominal=self.ledger_is_nominal)
         self._record(audit.ROUND_JOINED, round_id, {"blocks_offered": list(self.shared_blocks)})
         try:
             start = {b: np.asarray(global_blocks[b], dtype=np.float32) for b in self.shared_blocks
@@ -236,9 +269,11 @@ class SiteAgent:
             else:
                 result = train_dp(self.model, data, plan, max_grad_norm=self.policy.privacy.max_grad_norm,
                                   learning_rate=training.learning_rate, momentum=training.momentum,
-                                  seed=None if self.seed is None else _derive_seed(self.seed, self.id, round_id))
+                                  randomness=randomness)
                 epsilon_total = entry.epsilon_total
                 self._record(audit.TRAINING_FINISHED, round_id, {
+                    "randomness": randomness.kind, "epsilon_is_nominal": not randomness.is_private,
+                    "sampling": plan.sampling,
                     "steps": result.steps, "epsilon_round": max(0.0, entry.epsilon_total - spent_before),
                     "epsilon_total": entry.epsilon_total, "delta": self.policy.privacy.delta,
                     "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
@@ -250,18 +285,50 @@ class SiteAgent:
         except Exception as exc:
             self._record_error(round_id, exc)
             raise
-        contribution = Contribution(egress=egress, weight=self.n_train, min_contributors=self.policy.min_contributors)
+        contribution = Contribution(egress=egress, weight=self.public_weight,
+                                    min_contributors=self.policy.min_contributors)
         return RoundOffer(site_id=self.id, contribution=contribution, epsilon_total=epsilon_total,
-                          train_loss=result.mean_loss, shapes=egress.shapes())
+                          train_loss=result.mean_loss, shapes=egress.shapes(),
+                          epsilon_nominal=self.ledger_is_nominal)
 
-    def _policy_refusal(self, *, secure: bool) -> str | None:
-        """Why the policy refuses this round, or ``None``."""
+    @property
+    def public_weight(self) -> int | None:
+        """The weight of this site's contributions: the public number the federation file
+        declares (``[weighting]``), never the exact count of its patients."""
+        return self.federation.weighting.weight_of(self.id)
+
+    @property
+    def ledger_is_nominal(self) -> bool:
+        """Whether any round in the ledger was a seeded simulation (its epsilon is then nominal)."""
+        return any(e.is_nominal for e in self.ledger.entries)
+
+    def _randomness(self, round_id: int) -> DPRandomness:
+        """The round's DP randomness: the OS CSPRNG, or a seeded simulation on synthetic data."""
+        if self.seeded_noise:
+            return DPRandomness.seeded_simulation(self.seed, site_id=self.id, round_id=round_id)
+        return DPRandomness.from_os_csprng()
+
+    def refusal(self, *, secure: bool) -> str | None:
+        """Why this site refuses to join a round, or ``None``.
+
+        Every check that could refuse a contribution later in the protocol runs here,
+        before the site reserves privacy budget or trains: the policy's federation and
+        coordinator, secure aggregation, a public weight within the federation's bound,
+        and group minimums the federation can meet.
+        """
         if self.policy.federation != self.federation.id:
             return f"policy allows federation {self.policy.federation!r} only"
         if self.federation.coordinator not in self.policy.coordinators:
             return f"coordinator {self.federation.coordinator!r} is not allowed by the policy"
         if self.policy.secure_aggregation_required and not secure:
             return "policy requires secure aggregation; this round would aggregate in plaintext"
+        weight = self.public_weight
+        if weight is None:
+            return ("the federation file declares no public weight for this site "
+                    "([weighting.sites]); its contributions could not be weighted")
+        if weight > self.federation.aggregation.max_weight:
+            return (f"the site's public weight {weight} exceeds the federation's max_weight "
+                    f"{self.federation.aggregation.max_weight}")
         return None
 
     def _record_error(self, round_id: int | None, exc: BaseException) -> None:
@@ -303,6 +370,29 @@ class SiteAgent:
         self.save_blocks()
         return self.evaluate()
 
+    def round_report(self, *, round_id: int, offer: RoundOffer,
+                     metrics: Mapping[str, Mapping[str, float]]) -> bytes | None:
+        """The round report this site sends to the coordinator, or ``None`` if its policy
+        keeps metrics in. It passes the egress guard
+        (:func:`~blossom_secure.egress.select_report`) and is written to the audit log
+        before it is returned; the coordinator learns nothing else about the round's
+        evaluation.
+
+        Raises:
+            AuditIntegrityError, OSError: the egress record could not be made durable (the
+                report must then not be sent).
+        """
+        report = select_report(
+            self.policy, site_id=self.id, round_id=round_id,
+            declined=offer.declined_kind if offer.declined else None, tasks=metrics,
+            majority_class_rate={t: self.chance_accuracy(t) for t in metrics},
+            epsilon_total=None if self.simulation_without_dp else offer.epsilon_total,
+            epsilon_nominal=offer.epsilon_nominal)
+        if report is None:
+            return None
+        self.record_egress(round_id, "report", (), report.payload)
+        return report.payload
+
     def evaluate(self) -> dict[str, dict[str, float]]:
         return evaluate(self.model, self.tensors.subset(self.test_idx))
 
@@ -315,6 +405,18 @@ class SiteAgent:
         if y_train.size == 0 or y_test.size == 0:
             return float("nan")
         return float((y_test == np.bincount(y_train).argmax()).mean())
+
+    def _reconciled_ledger(self) -> PrivacyLedger:
+        """The ledger file, checked to hold every round the verified audit log proves.
+
+        Raises:
+            LedgerError: the ledger is unreadable, or behind the audit log (deleted or
+                restored from an older copy); nothing is written.
+            AuditIntegrityError: the audit log no longer verifies.
+        """
+        _, records = self.audit.verified_records(events=(audit.TRAINING_FINISHED,))
+        return load_reconciled_ledger(self.config.state_dir / LEDGER_FILE, site_id=self.id,
+                                      terms=self.policy.privacy, records=records, audit_file=str(self.audit.path))
 
     def _record(self, event: str, round_id: int | None, details: dict) -> None:
         self.audit.append(event, round_id=round_id, details=details, policy_sha256=self.policy.sha256)

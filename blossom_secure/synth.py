@@ -65,6 +65,7 @@ __all__ = [
     "PATIENT_ID_COLUMN",
     "SynthSummary",
     "generate_site_data",
+    "public_feature_scaling",
 ]
 
 logger = logging.getLogger(__name__)
@@ -83,8 +84,8 @@ _MARKER_TEXT = (
     "This folder is replaced when the site is generated again.\n"
 )
 _MAX_PATIENTS = 100_000
-_PREFIX_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,15}$")
-_COLUMN_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+_PREFIX_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,15}")
+_COLUMN_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 
 # Noise levels of the generative model.
 _TABULAR_NOISE = 0.4  # sd of a feature's noise, in units of the feature's sd
@@ -138,6 +139,23 @@ _FEATURES: dict[str, _Feature] = {
     "lactate": _Feature("mmol/L", math.log(1.4), 0.4, 0.3, 20.0, 1, log_normal=True),
 }
 _GENERIC_FEATURE = _Feature("", 50.0, 10.0, -math.inf, math.inf, 2)
+
+
+def public_feature_scaling(name: str) -> tuple[float, float, float, float]:
+    """``(low, high, centre, scale)`` of a synthetic feature, from the generator's declared
+    population model (public: it is the same for every site, and no site's patients inform
+    it). What a federation of synthetic sites declares as its public scaling.
+
+    For a log-normal feature, ``centre`` and ``scale`` are the distribution's mean and
+    standard deviation. A feature the generator does not know gets ``[0, 100]`` around 50.
+    """
+    f = _FEATURES.get(name)
+    if f is None:
+        return (0.0, 100.0, _GENERIC_FEATURE.mean, _GENERIC_FEATURE.sd)
+    if f.log_normal:
+        mean = math.exp(f.mean + f.sd ** 2 / 2)
+        return (f.low, f.high, mean, mean * math.sqrt(math.expm1(f.sd ** 2)))
+    return (f.low, f.high, f.mean, f.sd)
 
 
 @dataclass(frozen=True)
@@ -415,14 +433,14 @@ def _check_args(
     feats = tuple(tabular_features) if "tabular" in mods else ()
     if "tabular" in mods and not feats:
         raise ValueError("the tabular modality needs at least one feature column")
-    if len(set(feats)) != len(feats) or not all(isinstance(f, str) and _COLUMN_RE.match(f) for f in feats):
+    if len(set(feats)) != len(feats) or not all(isinstance(f, str) and _COLUMN_RE.fullmatch(f) for f in feats):
         raise ValueError("tabular_features must be distinct column names (letters, digits, _)")
     if not tasks:
         raise ValueError("at least one task is needed")
     for task, column in tasks.items():
         if not is_valid_task_name(task):
             raise ValueError(f"invalid task name {task!r}")
-        if not isinstance(column, str) or not _COLUMN_RE.match(column):
+        if not isinstance(column, str) or not _COLUMN_RE.fullmatch(column):
             raise ValueError(f"task {task!r}: invalid label column name {column!r}")
         k = num_classes.get(task)
         if not _is_int(k) or not 2 <= k <= 100:  # type: ignore[operator]
@@ -452,7 +470,7 @@ def _check_args(
         if min(image_size[:2]) < _J2K_MIN_SIDE:
             # openjpeg (through pylibjpeg-openjpeg) always uses 6 wavelet resolutions.
             raise ValueError(f"jpeg2000 compression needs columns and rows of at least {_J2K_MIN_SIDE}")
-    if not isinstance(patient_prefix, str) or not _PREFIX_RE.match(patient_prefix):
+    if not isinstance(patient_prefix, str) or not _PREFIX_RE.fullmatch(patient_prefix):
         raise ValueError(f"patient_prefix must match {_PREFIX_RE.pattern}, not {patient_prefix!r}")
 
 

@@ -10,38 +10,44 @@ ledger can record the spend durably before any computation starts; after trainin
 is checked against the history Opacus's own accountant kept, and a mismatch is an error.
 
 Notes:
-    Opacus's ``secure_mode`` needs ``torchcsprng``, which cannot be installed for current
-    torch. Without it the DP noise comes from torch's Mersenne-Twister generator. Outside
-    simulations the generator is seeded from the operating system's CSPRNG for every
-    round (:func:`train_dp` with ``seed=None``), so the noise is not predictable from a
-    fixed or public seed; floating-point attacks on the Gaussian sampler (Mironov 2012 style)
-    are not mitigated. Simulations pass explicit seeds for reproducibility.
+    Batch sampling and noise come from :mod:`blossom_secure.dp_random`: a keyed AES-256-CTR
+    stream whose key is drawn from the OS CSPRNG for every round, never from torch's
+    Mersenne Twister (Opacus's ``secure_mode`` needs ``torchcsprng``, which cannot be
+    installed for current torch). A seeded simulation derives the key from its seed, so
+    its epsilon is nominal and is labelled so in the ledger and audit log.
+
+    Nothing computed from the patients of the site shapes the model input: tabular features
+    are clipped and scaled with the public values of the federation file
+    (:class:`~blossom_secure.config.FeatureScale`), images with the declared intensity window.
 """
 
 from __future__ import annotations
 
 import math
-import secrets
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import numpy as np
 import torch
+from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 
+from blossom_secure.config import FeatureScale, ModelLayout
+from blossom_secure.dp_random import DPRandomness, PoissonBatchSampler
 from blossom_secure.model import BlockModel
 from blossom_secure.policy import PrivacyTerms
 from blossom_secure.privacy import noise_for_target
 
 __all__ = ["RoundPlan", "SiteTensors", "TrainResult", "evaluate", "plan_round", "train_dp",
-           "train_without_dp_simulation_only"]
+           "scale_features", "train_without_dp_simulation_only"]
 
 
 @dataclass(frozen=True)
 class SiteTensors:
-    """A site's data as tensors, tabular features standardised with training statistics.
+    """A site's data as tensors, tabular features clipped and scaled with public values.
 
     Attributes:
         image, tabular: inputs (``None`` for a modality the site lacks).
@@ -59,16 +65,18 @@ class SiteTensors:
     extra_present: Mapping[str, torch.Tensor] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
-    def from_arrays(cls, arrays, train_idx: np.ndarray) -> SiteTensors:
-        """Build from :class:`blossom_secure.data.SiteArrays`; standardise the tabular
-        features with the mean and standard deviation of the *training* patients that have
-        them (held-out patients never inform the scaling)."""
+    def from_arrays(cls, arrays, layout: ModelLayout) -> SiteTensors:
+        """Build from :class:`blossom_secure.data.SiteArrays`, scaling every tabular
+        feature with the public values the federation layout declares
+        (:class:`~blossom_secure.config.FeatureScale`): clipped to the declared range, then
+        centred and scaled. No statistic of the site's patients is used, so one patient's
+        values never change another patient's model input."""
         tab = None
         if arrays.tabular is not None:
-            tab = _standardise(arrays.tabular, arrays.tabular_present, train_idx)
+            tab = scale_features(arrays.tabular, arrays.tabular_present, layout.tabular.scaling)
         img = torch.from_numpy(arrays.image.astype(np.float32)) if arrays.image is not None else None
         extra_present = getattr(arrays, "extra_tabular_present", {})
-        extra = {m: _standardise(x, extra_present[m], train_idx)
+        extra = {m: scale_features(x, extra_present[m], layout.extra_tabular[m].scaling)
                  for m, x in getattr(arrays, "extra_tabular", {}).items()}
         return cls(
             image=img,
@@ -100,28 +108,43 @@ class SiteTensors:
         return (self.image, self.image_present, self.tabular, self.tabular_present, self.extra, self.extra_present)
 
 
-def _standardise(x: np.ndarray, present: np.ndarray, train_idx: np.ndarray) -> torch.Tensor:
-    """Standardise columns with the training patients that have them; zeros where absent."""
-    x = x.astype(np.float32).copy()
-    rows = train_idx[present[train_idx]]
-    if rows.size:
-        mean = x[rows].mean(axis=0)
-        std = x[rows].std(axis=0)
-        std[std < 1e-6] = 1.0
-        x = (x - mean) / std
-    x[~present] = 0.0
-    return torch.from_numpy(x)
+def scale_features(x: np.ndarray, present: np.ndarray, scaling: Sequence[FeatureScale]) -> torch.Tensor:
+    """Clip every column to its declared range, then centre and scale it with the declared
+    public values; zeros where the modality is absent.
+
+    Raises:
+        ValueError: the number of declared scalings differs from the number of columns.
+    """
+    if len(scaling) != x.shape[1]:
+        raise ValueError(f"{x.shape[1]} feature columns but {len(scaling)} declared scalings")
+    low = np.array([s.low for s in scaling], dtype=np.float64)
+    high = np.array([s.high for s in scaling], dtype=np.float64)
+    centre = np.array([s.centre for s in scaling], dtype=np.float64)
+    scale = np.array([s.scale for s in scaling], dtype=np.float64)
+    out = ((np.clip(x.astype(np.float64), low, high) - centre) / scale).astype(np.float32)
+    out[~present] = 0.0
+    return torch.from_numpy(out)
 
 
 @dataclass(frozen=True)
 class RoundPlan:
-    """A round's DP-SGD parameters, fixed before training."""
+    """A round's DP-SGD parameters, fixed before training.
+
+    Attributes:
+        noise_multiplier, sample_rate, steps: What the ledger records and the accountant
+            composes (``steps`` over the whole round).
+        batch_size: The expected batch size the noisy gradient sum is divided by (public).
+        epochs: Passes of ``steps // epochs`` Poisson batches each.
+        sampling: ``public`` (rate and steps declared in the federation file) or
+            ``training-set size`` (derived from the site's count; see :func:`plan_round`).
+    """
 
     noise_multiplier: float
     sample_rate: float
     steps: int
     batch_size: int
     epochs: int
+    sampling: str = "public"
 
 
 @dataclass(frozen=True)
@@ -129,28 +152,41 @@ class TrainResult:
     steps: int
     mean_loss: float
     history: tuple[tuple[float, float, int], ...]
+    randomness: str | None = None  # dp_random kind; None when nothing was accounted
 
 
-def plan_round(n_train: int, *, batch_size: int, epochs: int, terms: PrivacyTerms) -> RoundPlan:
-    """Plan a round the way Opacus's Poisson data loader will run it.
+def plan_round(n_train: int, *, batch_size: int, epochs: int, terms: PrivacyTerms,
+               sample_rate: float | None = None, steps_per_round: int | None = None) -> RoundPlan:
+    """Plan a round's DP-SGD: Poisson sampling rate, steps and noise.
 
-    Opacus samples each example with rate ``1 / ceil(n / batch_size)`` and takes
-    ``ceil(n / batch_size)`` steps per epoch; the plan uses exactly those numbers.
+    With ``sample_rate`` and ``steps_per_round`` (the federation file's public values),
+    every number of the plan is public: each patient joins each of the ``steps_per_round``
+    batches with probability ``sample_rate``, and the noisy sum is divided by the public
+    ``batch_size``. Without them the plan is Opacus's default: rate ``1 / ceil(n /
+    batch_size)`` and ``ceil(n / batch_size)`` steps per epoch, which depend on the
+    training-set size ``n`` (only through ``ceil(n / batch_size)``).
 
     Raises:
-        ValueError: no training examples.
+        ValueError: no training examples, or only one of the two public values given.
     """
     if n_train < 1:
         raise ValueError("no training examples")
-    batches = math.ceil(n_train / batch_size)
-    sample_rate = 1.0 / batches
-    steps = batches * epochs
+    if (sample_rate is None) != (steps_per_round is None):
+        raise ValueError("give both sample_rate and steps_per_round, or neither")
+    sampling = "public"
+    if sample_rate is None:
+        batches = math.ceil(n_train / batch_size)
+        sample_rate = 1.0 / batches
+        steps = batches * epochs
+        sampling = "training-set size"
+    else:
+        steps, epochs = int(steps_per_round), 1
     noise = terms.noise_multiplier
     if noise is None:
         noise = noise_for_target(target_epsilon=terms.target_epsilon_per_round, delta=terms.delta,
                                  sample_rate=sample_rate, steps=steps, accountant=terms.accountant)
-    return RoundPlan(noise_multiplier=noise, sample_rate=sample_rate, steps=steps,
-                     batch_size=batch_size, epochs=epochs)
+    return RoundPlan(noise_multiplier=noise, sample_rate=float(sample_rate), steps=steps,
+                     batch_size=batch_size, epochs=epochs, sampling=sampling)
 
 
 def _loss(logits: Mapping[str, torch.Tensor], labels: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -164,7 +200,7 @@ def _loss(logits: Mapping[str, torch.Tensor], labels: Mapping[str, torch.Tensor]
 
 
 def train_dp(model: BlockModel, data: SiteTensors, plan: RoundPlan, *, max_grad_norm: float,
-             learning_rate: float, seed: int | None, momentum: float = 0.0) -> TrainResult:
+             learning_rate: float, randomness: DPRandomness, momentum: float = 0.0) -> TrainResult:
     """Train every block of ``model`` in place with DP-SGD for ``plan``.
 
     Args:
@@ -175,7 +211,9 @@ def train_dp(model: BlockModel, data: SiteTensors, plan: RoundPlan, *, max_grad_
         learning_rate: SGD step size.
         momentum: SGD momentum (post-processing of the noisy gradients: no privacy cost;
             the momentum buffer starts at zero every round).
-        seed: Seed for batch sampling and noise; ``None`` draws one from the OS CSPRNG.
+        randomness: The round's source of Poisson sampling and Gaussian noise
+            (:class:`~blossom_secure.dp_random.DPRandomness`): from the OS CSPRNG, or a
+            seeded simulation whose epsilon is nominal.
 
     Returns:
         Steps taken, mean loss, and the (noise, rate, steps) history Opacus accounted.
@@ -189,22 +227,36 @@ def train_dp(model: BlockModel, data: SiteTensors, plan: RoundPlan, *, max_grad_
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        return _train_dp(model, data, plan, max_grad_norm=max_grad_norm, learning_rate=learning_rate, seed=seed,
-                         momentum=momentum)
+        return _train_dp(model, data, plan, max_grad_norm=max_grad_norm, learning_rate=learning_rate,
+                         randomness=randomness, momentum=momentum)
 
 
 def _train_dp(model: BlockModel, data: SiteTensors, plan: RoundPlan, *, max_grad_norm: float,
-              learning_rate: float, seed: int | None, momentum: float) -> TrainResult:
+              learning_rate: float, randomness: DPRandomness, momentum: float) -> TrainResult:
     from opacus import PrivacyEngine
+    from opacus.data_loader import wrap_collate_with_empty
+    from torch.utils.data._utils.collate import default_collate
 
-    torch.manual_seed(secrets.randbits(63) if seed is None else seed)
     dataset, unpack = _dataset(model, data)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=plan.batch_size)
+    first = dataset[0]
+    sampler = PoissonBatchSampler(num_samples=len(dataset), sample_rate=plan.sample_rate,
+                                  steps=plan.steps // plan.epochs, randomness=randomness)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=wrap_collate_with_empty(
+        collate_fn=default_collate, sample_empty_shapes=[(0, *x.shape) for x in first],
+        dtypes=[x.dtype for x in first]))
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
     engine = PrivacyEngine(accountant="rdp")
-    dp_model, dp_opt, dp_loader = engine.make_private(
+    # Opacus wraps the model (per-sample gradients) and validates it; the loader is ours
+    # (Poisson sampling from the keyed stream), and so is the optimizer's noise.
+    dp_model, opacus_opt, dp_loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.noise_multiplier,
-        max_grad_norm=max_grad_norm, poisson_sampling=True)
+        max_grad_norm=max_grad_norm, poisson_sampling=False)
+    dp_model.forbid_grad_accumulation()
+    # The noisy sum is divided by the public expected batch size, never by a count of patients.
+    dp_opt = _KeyedNoiseDPOptimizer(
+        opacus_opt.original_optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=max_grad_norm,
+        expected_batch_size=plan.batch_size, randomness=randomness)
+    dp_opt.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
     dp_model.train()
     losses = []
     steps = 0
@@ -231,7 +283,26 @@ def _train_dp(model: BlockModel, data: SiteTensors, plan: RoundPlan, *, max_grad
         raise RuntimeError(f"Opacus accounted {history}, but the ledger recorded "
                            f"({plan.noise_multiplier}, {plan.sample_rate}, {plan.steps})")
     dp_model._close()
-    return TrainResult(steps=steps, mean_loss=float(np.mean(losses)) if losses else float("nan"), history=history)
+    return TrainResult(steps=steps, mean_loss=float(np.mean(losses)) if losses else float("nan"), history=history,
+                       randomness=randomness.kind)
+
+
+class _KeyedNoiseDPOptimizer(DPOptimizer):
+    """Opacus's DP optimizer with the Gaussian noise drawn from a :class:`DPRandomness`
+    stream instead of torch's generator; clipping, accumulation and scaling are Opacus's."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm: float,
+                 expected_batch_size: int, randomness: DPRandomness) -> None:
+        super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                         expected_batch_size=expected_batch_size, loss_reduction="mean")
+        self.randomness = randomness
+
+    def add_noise(self) -> None:
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            noise = self.randomness.gaussian_like(p.summed_grad, self.noise_multiplier * self.max_grad_norm)
+            p.grad = (p.summed_grad + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
 
 
 def _dataset(model: BlockModel, data: SiteTensors):

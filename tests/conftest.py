@@ -21,6 +21,8 @@ def make_tiny_federation(dest: Path, *, patients: int = 48, rounds: int = 2) -> 
     text = text.replace("size = [32, 32]", "size = [16, 16]").replace("channels = [4, 8, 8]", "channels = [4, 8]")
     text = re.sub(r"rounds = \d+", f"rounds = {rounds}", text)
     text = text.replace("batch_size = 64", "batch_size = 16")
+    text = text.replace("sample_rate = 0.125", "sample_rate = 0.34").replace("steps_per_round = 8",
+                                                                            "steps_per_round = 3")
     fed.write_text(text)
     for site in (dest / "sites").glob("*/site.toml"):
         site.write_text(re.sub(r"patients = \d+", f"patients = {patients}", site.read_text()))

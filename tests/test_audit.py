@@ -1301,3 +1301,88 @@ if __name__ == "__main__":
     VECTORS.parent.mkdir(parents=True, exist_ok=True)
     VECTORS.write_text(json.dumps(_generate_vectors(pem), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"wrote {VECTORS}")
+
+
+# ----------------------------------------------------------------------------------------
+# Re-verifying an open log (the site agent's ledger reconciliation reads through this)
+# ----------------------------------------------------------------------------------------
+
+
+def test_verified_records_reverifies_and_filters(log_path):
+    with AuditLog.open(log_path, site_id=SITE, signing_key=KEY) as log:
+        report, everything = log.verified_records()
+        assert report.records == len(sample_events()) == len(everything)
+        _, training = log.verified_records(events=(audit.TRAINING_FINISHED,))
+        assert [r["event"] for r in training] == ["training_finished"]
+        assert training[0] == everything[3]
+        record = log.append("training_finished", round_id=4, details=sample_events()[3][2], policy_sha256=POLICY)
+        _, training = log.verified_records(events=(audit.TRAINING_FINISHED,))
+        assert training[-1] == record
+
+
+def test_verified_records_refuses_a_log_rolled_back_while_open(log_path):
+    head = checkpoint_path(log_path)
+    with AuditLog.open(log_path, site_id=SITE, signing_key=KEY) as log:
+        old = log_path.read_bytes(), head.read_bytes()
+        log.append("round_joined", round_id=9, details={}, policy_sha256=POLICY)
+        # both files put back to their earlier, consistent and validly signed state
+        log_path.write_bytes(old[0])
+        head.write_bytes(old[1])
+        with pytest.raises(AuditIntegrityError, match="does not end at the record this site agent wrote last"):
+            log.verified_records()
+
+
+def test_verified_records_refuses_a_log_edited_while_open(log_path):
+    with AuditLog.open(log_path, site_id=SITE, signing_key=KEY) as log:
+        lines = lines_of(log_path)
+        lines[3] = lines[3].replace(b'"steps":120', b'"steps":12')
+        write_lines(log_path, lines)
+        with pytest.raises(AuditIntegrityError, match="signature does not verify"):
+            log.verified_records(events=(audit.TRAINING_FINISHED,))
+
+
+def test_verified_records_rejects_misuse(log_path):
+    log = AuditLog.open(log_path, site_id=SITE, signing_key=KEY)
+    with pytest.raises(ValueError, match="unknown event"):
+        log.verified_records(events=("training_done",))
+    log.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        log.verified_records()
+
+
+def ledger_rebuilt_details(**change) -> dict:
+    details = {
+        "rounds": 3, "rounds_proven": 2, "rounds_kept": 1, "epsilon_total": 2.5, "delta": 1e-5,
+        "accountant": "rdp", "ledger_sha256": "ef" * 32, "previous_ledger": "readable",
+        "previous_ledger_sha256": "01" * 32,
+    }
+    details.update(change)
+    return {k: v for k, v in details.items() if v is not None}
+
+
+def test_ledger_rebuilt_event_verifies(log_path):
+    with AuditLog.open(log_path, site_id=SITE, signing_key=KEY) as log:
+        log.append(audit.LEDGER_REBUILT, round_id=None, details=ledger_rebuilt_details(), policy_sha256=POLICY)
+        log.append(audit.LEDGER_REBUILT, round_id=None, policy_sha256=POLICY,
+                   details=ledger_rebuilt_details(previous_ledger="missing", previous_ledger_sha256=None))
+    assert verify_log(log_path, public_key=PUBLIC_KEY).records == len(sample_events()) + 2
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rounds": -1}, "details['rounds'] must be an integer >= 0"),
+    ({"ledger_sha256": None}, "miss key(s): ledger_sha256"),
+    ({"epsilon_total": float("inf")}, "details['epsilon_total']"),
+    ({"extra": 1}, "unknown key(s): 'extra'"),
+])
+def test_ledger_rebuilt_event_details_are_checked(change, message):
+    with pytest.raises(ValueError) as info:
+        build_record(seq=0, time_utc=time_at(0), site_id=SITE, round_id=None, event=audit.LEDGER_REBUILT,
+                     details=ledger_rebuilt_details(**change), policy_sha256=POLICY, prev_hash=GENESIS_SHA256,
+                     signing_key=KEY)
+    assert message in str(info.value)
+
+
+def test_ledger_rebuilt_event_needs_the_policy():
+    with pytest.raises(ValueError, match="needs the policy_sha256"):
+        build_record(seq=0, time_utc=time_at(0), site_id=SITE, round_id=None, event=audit.LEDGER_REBUILT,
+                     details=ledger_rebuilt_details(), policy_sha256=None, prev_hash=GENESIS_SHA256, signing_key=KEY)

@@ -275,3 +275,19 @@ def test_write_html_rejects_misuse(review, tmp_path):
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(OSError):
         write_html(review, tmp_path / "a-file" / "r.html", site_id=SITE, epsilon_budget=None)
+
+
+def test_ledger_rebuild_is_reviewed_as_an_incident(tmp_path):
+    rebuilt = {
+        "rounds": 2, "rounds_proven": 2, "rounds_kept": 0, "epsilon_total": 1.25, "delta": 1e-5,
+        "accountant": "rdp", "ledger_sha256": "ef" * 32, "previous_ledger": "missing",
+    }
+    records = make_records(tmp_path, EVENTS + [("ledger_rebuilt", None, rebuilt, NEW_POLICY)])
+    review = summarise(records)
+    (incident,) = [i for i in review.incidents if i.kind == "ledger_rebuilt"]
+    assert incident.round_id is None and incident.seq == len(EVENTS)
+    assert "2 rounds" in incident.text and "1.25" in incident.text and "previous ledger missing" in incident.text
+    Console(file=io.StringIO()).print(*review_table(review))
+    page = tmp_path / "review.html"
+    write_html(review, page, site_id=SITE, epsilon_budget=8.0)
+    assert "ledger_rebuilt" in page.read_text() and "previous ledger missing" in page.read_text()

@@ -47,7 +47,7 @@ def test_check_broken_policy_lists_every_problem(copy_sites):
     lines = [line.strip() for line in proc.stderr.splitlines()]
     assert any("standard.toml: sharing.shareable:" in l and "task heads never leave" in l for l in lines)
     assert any("standard.toml: privacy.delta: must be less than 0.01" in l for l in lines)
-    assert any("standard.toml: secure_aggregation.bogus: unknown key" in l for l in lines)
+    assert any("standard.toml: reporting.bogus: unknown key" in l for l in lines)
     assert "3 problems" in lines[0]
 
 

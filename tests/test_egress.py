@@ -79,3 +79,22 @@ def test_egress_holds_read_only_copies():
     assert np.all(egress["fusion"] == 0)
     with pytest.raises(ValueError):
         egress["fusion"][0] = 1
+
+
+def test_report_stays_in_unless_the_policy_lets_metrics_leave():
+    from dataclasses import replace
+
+    from blossom_secure.egress import SiteReport, select_report
+
+    args = dict(site_id="s", round_id=3, declined=None, tasks={"t": {"accuracy": 0.5, "macro_f1": 0.4, "n": 17}},
+                majority_class_rate={"t": 0.6}, epsilon_total=1.25, epsilon_nominal=False)
+    assert select_report(make_policy(["fusion"]), **args) is None  # default deny
+    report = select_report(replace(make_policy(["fusion"]), metrics_may_leave=True), **args)
+    assert isinstance(report, SiteReport)
+    import json
+
+    doc = json.loads(report.payload)
+    assert doc["tasks"] == {"t": {"accuracy": 0.5, "macro_f1": 0.4, "majority_class_rate": 0.6}}
+    assert "17" not in report.payload.decode()  # a count handed in never leaves
+    with pytest.raises(TypeError):
+        SiteReport(b"{}", "0" * 64)

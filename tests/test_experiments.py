@@ -376,16 +376,21 @@ def test_extra_tabular_modality_in_federation_and_site_files(copy_sites):
 
     sites = copy_sites()
     fed_path = sites / "federation.toml"
-    labs = '[model.extra_tabular.labs]\nfeatures = ["lactate", "albumin"]\nhidden = [4]\n\n'
+    labs = ('[model.extra_tabular.labs]\nfeatures = ["lactate", "albumin"]\nhidden = [4]\n\n'
+            '[model.extra_tabular.labs.scaling]\nlactate = { range = [0.0, 20.0] }\n'
+            'albumin = { range = [10.0, 60.0], centre = 38.0, scale = 5.0 }\n\n')
     fed_path.write_text(fed_path.read_text().replace("[model.tasks]", labs + "[model.tasks]"))
     fed = load_federation(fed_path)
     assert fed.layout.extra_tabular["labs"].features == ("lactate", "albumin")
+    lactate, albumin = fed.layout.extra_tabular["labs"].scaling
+    assert (lactate.centre, lactate.scale) == (10.0, 10.0)  # middle and half-width of the range by default
+    assert (albumin.low, albumin.high, albumin.centre, albumin.scale) == (10.0, 60.0, 38.0, 5.0)
     site = sites / "riverside" / "site.toml"
     site.write_text(site.read_text().replace('modalities = ["tabular"]', 'modalities = ["tabular", "labs"]'))
     assert load_site(sites / "riverside", federation=fed).blocks[:2] == ("encoder.tabular", "encoder.labs")
     # A column may belong to one modality only; built-in names cannot be redeclared.
     fed_path.write_text(fed_path.read_text().replace('features = ["lactate", "albumin"]', 'features = ["age"]')
-                        .replace("[model.extra_tabular.labs]", "[model.extra_tabular.labs]\n")
+                        .replace("lactate = { range = [0.0, 20.0] }\nalbumin", "age")
                         + "\n[model.extra_tabular.image]\nfeatures = [\"z\"]\n")
     with pytest.raises(PolicyError) as info:
         load_federation(fed_path)
@@ -421,3 +426,26 @@ def test_cached_rdp_epsilon_is_bit_for_bit_opacus():
         acct = create_accountant("rdp")
         acct.history = list(history)
         assert compute_epsilon(history, accountant="rdp", delta=1e-5) == acct.get_epsilon(delta=1e-5)
+
+
+def test_cell_federation_declares_public_groups_scaling_and_weights(tmp_path, tiny_config):
+    """A generated cell fixes in public what secure aggregation and DP rest on: each shared
+    block's group of holders (so a block held by a subset of sites can be aggregated with a
+    threshold that is a majority of its group), the feature scaling and the weights."""
+    from blossom_secure.config import load_federation
+    from blossom_secure.experiments.runner import build_cell
+
+    config = load_experiment(tiny_config)
+    cell = Cell("breast_cancer", "single", "exclusive", "iid", "private-head", "on", 0, "secure")
+    pools: dict = {}
+    build_data(config, cell, tmp_path, pools)
+    sites_root, _ = build_cell(config, cell, tmp_path, _pool_meta(pools["breast_cancer"]), _noise(config, tmp_path, cell))
+    fed = load_federation(sites_root / "federation.toml")
+    meta = json.loads((tmp_path / "data" / cell.data_key / "sites.json").read_text())["sites"]
+    holders = {m: sorted(n for n, s in meta.items() if m in s["modalities"]) for m in ("tabular", "se_worst")}
+    for modality, sites in holders.items():
+        if len(sites) >= 2:
+            assert list(fed.aggregation.groups[f"encoder.{modality}"]) == sites
+    assert fed.aggregation.max_sites == config.sites
+    assert len(fed.layout.tabular.scaling) == len(fed.layout.tabular.features)
+    assert fed.weighting.scheme == "declared" and set(fed.weighting.declared) == set(meta)

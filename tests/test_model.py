@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from blossom_secure.config import ImageConfig, ModelLayout, TabularConfig
+from blossom_secure.config import FeatureScale, ImageConfig, ModelLayout, TabularConfig
+from blossom_secure.dp_random import DPRandomness
 from blossom_secure.model import BlockModel, Fusion
 from blossom_secure.policy import PrivacyTerms
 from blossom_secure.training import SiteTensors, evaluate, plan_round, train_dp
@@ -19,7 +20,8 @@ def layout(spatial_dims: int = 2, arch: str = "cnn", norm: str = "group") -> Mod
     return ModelLayout(embedding_dim=8,
                        image=ImageConfig(spatial_dims=spatial_dims, size=size, window=None, architecture=arch,
                                          channels=(4, 8), norm=norm),
-                       tabular=TabularConfig(features=("a", "b", "c"), hidden=(8,)),
+                       tabular=TabularConfig(features=("a", "b", "c"), hidden=(8,),
+                                             scaling=(FeatureScale(low=-3.0, high=3.0, centre=0.0, scale=1.0),) * 3),
                        tasks={"malignancy": 2, "severity": 3})
 
 
@@ -93,13 +95,14 @@ def test_dp_training_runs_on_every_block(dims, arch, norm):
         tabular_present=rng.random(n) < 0.7,
         labels={"malignancy": rng.integers(0, 2, n), "severity": np.where(rng.random(n) < 0.3, -1, rng.integers(0, 3, n))},
     )
-    data = SiteTensors.from_arrays(arrays, np.arange(n))
+    data = SiteTensors.from_arrays(arrays, lay)
     m = BlockModel(lay, ("image", "tabular"), ("malignancy", "severity"))
     before = m.get_blocks()
     terms = PrivacyTerms(accountant="rdp", delta=1e-5, max_grad_norm=1.0, epsilon_budget=10.0,
                          noise_multiplier=1.0, target_epsilon_per_round=None)
     plan = plan_round(n, batch_size=8, epochs=1, terms=terms)
-    result = train_dp(m, data, plan, max_grad_norm=1.0, learning_rate=0.1, seed=1)
+    result = train_dp(m, data, plan, max_grad_norm=1.0, learning_rate=0.1,
+                      randomness=DPRandomness.seeded_simulation(1, site_id="s", round_id=0))
     assert result.steps == plan.steps == 3
     assert sum(s for _, _, s in result.history) == 3
     after = m.get_blocks()
@@ -111,17 +114,45 @@ def test_dp_training_runs_on_every_block(dims, arch, norm):
     # the same seed gives the same result (simulations are reproducible)
     m2 = BlockModel(lay, ("image", "tabular"), ("malignancy", "severity"))
     m2.set_blocks(before)
-    train_dp(m2, data, plan, max_grad_norm=1.0, learning_rate=0.1, seed=1)
+    train_dp(m2, data, plan, max_grad_norm=1.0, learning_rate=0.1,
+             randomness=DPRandomness.seeded_simulation(1, site_id="s", round_id=0))
     assert all(np.allclose(after[k], v) for k, v in m2.get_blocks().items())
 
 
-def test_tabular_scaling_uses_training_rows_only():
+def _one_column_layout(scale: FeatureScale) -> ModelLayout:
+    base = layout()
+    return ModelLayout(embedding_dim=8, image=base.image, tasks=base.tasks,
+                       tabular=TabularConfig(features=("crp",), hidden=(8,), scaling=(scale,)))
+
+
+def test_tabular_scaling_is_the_declared_public_one():
+    lay = _one_column_layout(FeatureScale(low=0.0, high=10.0, centre=2.0, scale=4.0))
     arrays = SimpleNamespace(image=None, image_present=np.zeros(4, bool),
-                             tabular=np.array([[0.0], [2.0], [100.0], [0.0]], np.float32),
+                             tabular=np.array([[2.0], [6.0], [100.0], [5.0]], np.float32),
                              tabular_present=np.array([True, True, True, False]), labels={"t": np.zeros(4, int)})
-    data = SiteTensors.from_arrays(arrays, np.array([0, 1]))
-    assert data.tabular[:2, 0].tolist() == [-1.0, 1.0]
+    data = SiteTensors.from_arrays(arrays, lay)
+    assert data.tabular[:3, 0].tolist() == [0.0, 1.0, 2.0]  # 100 is clipped to the declared 10
     assert data.tabular[3, 0].item() == 0.0  # absent rows stay zero
+
+
+def test_outlier_patient_does_not_change_other_patients_inputs():
+    """Attack (review, section 2): one added patient with crp = 1e5 shifted the training-set
+    mean and std, so every other patient's model input moved and a threshold on the released
+    update told whether that patient was in the data. With declared public scaling, adding
+    the patient leaves every other patient's input bit-identical."""
+    lay = _one_column_layout(FeatureScale(low=0.0, high=400.0, centre=13.0, scale=17.0))
+    rng = np.random.default_rng(4)
+    values = rng.lognormal(np.log(8.0), 1.0, size=(50, 1)).astype(np.float32)
+
+    def inputs(x: np.ndarray) -> torch.Tensor:
+        arrays = SimpleNamespace(image=None, image_present=np.zeros(len(x), bool), tabular=x,
+                                 tabular_present=np.ones(len(x), bool), labels={"t": np.zeros(len(x), int)})
+        return SiteTensors.from_arrays(arrays, lay).tabular
+
+    without = inputs(values)
+    with_outlier = inputs(np.vstack([values, [[1e5]]]).astype(np.float32))
+    assert torch.equal(with_outlier[:50], without)
+    assert with_outlier[50, 0].item() == pytest.approx((400.0 - 13.0) / 17.0)  # clipped to the range
 
 
 def test_empty_poisson_batches_are_stepped_and_accounted():
@@ -132,11 +163,12 @@ def test_empty_poisson_batches_are_stepped_and_accounted():
     arrays = SimpleNamespace(image=None, image_present=np.zeros(3, bool),
                              tabular=np.ones((3, 3), np.float32), tabular_present=np.ones(3, bool),
                              labels={"severity": np.array([0, 1, 2])})
-    data = SiteTensors.from_arrays(arrays, np.arange(3))
+    data = SiteTensors.from_arrays(arrays, lay)
     m = BlockModel(lay, ("tabular",), ("severity",))
     terms = PrivacyTerms(accountant="rdp", delta=1e-5, max_grad_norm=1.0, epsilon_budget=10.0,
                          noise_multiplier=1.0, target_epsilon_per_round=None)
     plan = plan_round(3, batch_size=1, epochs=10, terms=terms)
-    result = train_dp(m, data, plan, max_grad_norm=1.0, learning_rate=0.1, seed=3)
+    result = train_dp(m, data, plan, max_grad_norm=1.0, learning_rate=0.1,
+                      randomness=DPRandomness.seeded_simulation(3, site_id="s", round_id=0))
     assert result.steps == 30 and sum(s for _, _, s in result.history) == 30
     assert all(np.isfinite(v).all() for v in m.get_blocks().values())

@@ -4,6 +4,8 @@ what the egress guard cleared."""
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -20,8 +22,9 @@ SIZES = {"encoder.image": 50, "fusion": 7}
 
 def setup(drop_after=None):
     keys = {s: generate_identity_key() for s in SITES}
-    params = SecAggParams(ring_bits=32, clip=1.0, max_weight=1000, max_group_size=4, min_contributors=2)
-    agg = SecureAggregator(params=params, roster={s: identity_public_key(k) for s, k in keys.items()},
+    params = SecAggParams(ring_bits=32, clip=1.0, max_weight=1000, max_group_size=4, min_contributors=2)  # t = 3
+    agg = SecureAggregator(params=params, federation_sha256=hashlib.sha256(b"federation.toml").digest(),
+                           roster={s: identity_public_key(k) for s, k in keys.items()},
                            identity_keys=keys, drop_after=drop_after)
     rng = np.random.default_rng(1)
     contributions = {
@@ -46,7 +49,7 @@ def test_secure_mean_equals_plaintext_mean_within_bound():
         diff = np.abs(secure[block].mean_update.astype(np.float64) - plain[block].mean_update).max()
         assert diff <= 2.0 ** -(params.scale_bits + 1) + 1e-6
     assert {kind for _, kind, _, _ in sent} == {"secagg.advertise_keys", "secagg.share_keys",
-                                                 "secagg.masked_input", "secagg.unmask"}
+                                                 "secagg.masked_input", "secagg.consistency", "secagg.unmask"}
     assert not any(b.startswith("head.") for _, _, blocks, _ in sent for b in blocks)
     assert sum(len(p) for s, _, _, p in sent if s == "a") == agg.last_bytes_received["a"]
 
@@ -78,8 +81,72 @@ def test_too_many_dropouts_fail_the_block_cleanly():
         assert out[block].mean_update is None and out[block].failure
 
 
+def test_secagg_params_take_thresholds_and_max_sites_from_the_federation_file(tmp_path):
+    from blossom_secure.config import load_federation
+    from blossom_secure.secure_aggregator import federation_sha256, secagg_params
+    from tests.conftest import ROOT
+
+    from tests.test_config import DEMO_GROUPS, without_tables
+
+    path = tmp_path / "federation.toml"
+    text = (ROOT / "sites" / "federation.toml").read_text()
+    path.write_text(text)
+    fed = load_federation(path)
+    params = secagg_params(fed, roster_size=4)
+    assert params.max_group_size == 4 and params.threshold == 3
+    assert dict(params.block_groups) == DEMO_GROUPS
+    assert {b: params.block_threshold(b) for b in DEMO_GROUPS} == {b: 2 for b in DEMO_GROUPS}
+    text = without_tables(text, "groups", "thresholds")
+    assert federation_sha256(fed) == hashlib.sha256(path.read_bytes()).digest()
+    with pytest.raises(ValueError, match="more than max_sites"):
+        secagg_params(fed, roster_size=5)
+    path.write_text(text.replace("max_sites = 4 ", "max_sites = 5 ").replace("threshold = 3", "threshold = 4")
+                    + '\n[aggregation.thresholds]\n"fusion" = 5\n')
+    params = secagg_params(load_federation(path), roster_size=4)
+    assert params.max_group_size == 5 and params.block_threshold("fusion") == 5
+    assert params.block_threshold("encoder.image") == 4
+    # Without max_sites or threshold the roster's size stands in, with the default rule.
+    bare = "\n".join(line for line in text.splitlines() if not line.startswith(("max_sites", "threshold")))
+    path.write_text(bare)
+    params = secagg_params(load_federation(path), roster_size=6)
+    assert params.max_group_size == 6 and params.threshold == 5
+
+
+def test_a_federation_without_a_file_hash_cannot_aggregate_securely():
+    import dataclasses
+
+    from blossom_secure.config import load_federation
+    from blossom_secure.secure_aggregator import federation_sha256
+    from tests.conftest import ROOT
+
+    fed = load_federation(ROOT / "sites" / "federation.toml")
+    for bad in ("", "0" * 63, "G" * 64, fed.sha256.upper()):
+        with pytest.raises(ValueError, match="SHA-256"):
+            federation_sha256(dataclasses.replace(fed, sha256=bad))
+    with pytest.raises(ValueError, match="federation_sha256"):
+        SecureAggregator(params=SecAggParams(max_group_size=4), federation_sha256=b"\x00" * 31, roster={},
+                         identity_keys={})
+
+
 def test_only_an_egress_is_accepted():
     agg, _, contributions = setup()
     bad = {s: Contribution(egress={"fusion": np.zeros(7, np.float32)}, weight=1, min_contributors=2) for s in SITES}
     with pytest.raises(TypeError, match="only an Egress"):
         agg.aggregate(federation_id="f", round_id=0, contributions=bad, block_sizes=SIZES, on_egress=None)
+
+
+def test_site_outside_a_blocks_public_group_takes_no_part_and_the_others_go_on():
+    """d offers fusion, but the federation's public group of fusion is {a, b, c}: nothing of
+    d is sent, the reason is recorded, and a, b, c aggregate both blocks without it."""
+    keys = {s: generate_identity_key() for s in SITES}
+    params = SecAggParams(max_weight=1000, max_group_size=4, block_groups={"fusion": ("a", "b", "c")},
+                          block_thresholds={"fusion": 2})
+    agg = SecureAggregator(params=params, federation_sha256=hashlib.sha256(b"federation.toml").digest(),
+                           roster={s: identity_public_key(k) for s, k in keys.items()}, identity_keys=keys)
+    _, _, contributions = setup()
+    sent = []
+    out = agg.aggregate(federation_id="f", round_id=0, contributions=contributions, block_sizes=SIZES,
+                        on_egress=lambda site, *a: sent.append(site))
+    assert "public group of fusion" in agg.last_site_errors["d"]
+    assert "d" not in sent and "d" not in agg.last_bytes_received
+    assert out["fusion"].contributors == ("a", "b", "c") and out["encoder.image"].contributors == ("a", "b", "c")

@@ -5,9 +5,9 @@ Exit codes (the same for both commands, documented in docs/operator-guide.md):
 
 ====  ===========================================================================
 0     success
-1     the audit log failed verification (``blossom-site audit verify``)
+1     the audit log failed verification (``blossom-site audit verify``, ``ledger rebuild``)
 2     invalid input: command-line usage, policy, site or federation file, data,
-      key file, ledger, audit log that cannot be read
+      key file, ledger (corrupt, or behind the signed audit log), audit log that cannot be read
 3     the privacy budget does not allow the requested work
 4     a protocol failure with a peer (rejected, unauthenticated or malformed message)
 70    an internal error (a bug: please report it with the command and the log)

@@ -32,7 +32,9 @@ def _parser() -> ArgumentParser:
                      help="aggregation mode (default: the federation file's, normally blockwise)")
     sim.add_argument("--plaintext", action="store_true",
                      help="aggregate in the clear (sites whose policy requires secure aggregation decline)")
-    sim.add_argument("--seed", type=int, default=0, help="seed for initial values, sampling and DP noise")
+    sim.add_argument("--seed", type=int, default=None,
+                     help="seeded simulation: seeds initial values and, on synthetic sites only, DP sampling and "
+                          "noise (their epsilon is then nominal, and marked so); default: noise from the OS CSPRNG")
     sim.add_argument("--fresh", action="store_true",
                      help="first delete the example sites' previous state (ledger, audit log, blocks)")
     sim.add_argument("--allow-full-model", action="store_true",
@@ -150,16 +152,29 @@ def _simulate(args) -> int:
 
 
 def _round_table(report, agents) -> Table:
-    table = Table(title=f"round {report.round_id + 1}", title_justify="left")
+    """The round as the coordinator saw it: only what each site's report released."""
+    nominal = any(s["reported"] and s["epsilon_nominal"] for s in report.sites.values())
+    table = Table(title=f"round {report.round_id + 1}", title_justify="left", caption_justify="left",
+                  caption="epsilon*: nominal (seeded simulation: the noise is reproducible, not a privacy guarantee)"
+                  if nominal else None)
     for col in ("site", "task", "accuracy", "macro-F1", "chance", "epsilon", "status"):
         table.add_column(col, justify="right" if col in ("accuracy", "macro-F1", "chance", "epsilon") else "left")
     for agent in agents:
         s = report.sites[agent.id]
         status = "declined: " + s["declined"] if s["declined"] else "trained"
+        if not s["reported"]:
+            table.add_row(agent.id, "-", "-", "-", "-", "-", ("trained" if s["joined"] else "did not join")
+                          + "; report withheld by policy")
+            continue
+        eps = "-" if s["epsilon"] is None else f"{s['epsilon']:.2f}" + ("*" if s["epsilon_nominal"] else "")
         for task, m in sorted(s["tasks"].items()):
-            table.add_row(agent.id, task, f"{m['accuracy']:.3f}", f"{m['macro_f1']:.3f}",
-                          f"{agent.chance_accuracy(task):.3f}", f"{s['epsilon']:.2f}", status)
+            table.add_row(agent.id, task, _rate(m["accuracy"]), _rate(m["macro_f1"]),
+                          _rate(m["majority_class_rate"]), eps, status)
     return table
+
+
+def _rate(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def _synth(args) -> int:

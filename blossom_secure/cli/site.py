@@ -5,6 +5,7 @@
     blossom-site budget SITE_DIR          privacy spent per round and remaining
     blossom-site audit verify SITE_DIR    recompute the audit log's hash chain and signatures
     blossom-site audit review SITE_DIR [--round R] [--html FILE]
+    blossom-site ledger rebuild SITE_DIR  rebuild the privacy ledger from the verified audit log
 
 Every command takes ``--federation FILE`` when the site file does not name its federation.
 Exit codes: see :mod:`blossom_secure.cli`.
@@ -17,6 +18,8 @@ from pathlib import Path
 from rich.table import Table
 
 from blossom_secure.cli import EXIT_AUDIT_FAILED, EXIT_OK, ArgumentParser, UsageError, console, err_console, run
+
+_FINGERPRINT_HELP = "the key fingerprint recorded out of band; refuse if the site's key differs"
 
 
 def _parser() -> ArgumentParser:
@@ -37,11 +40,14 @@ def _parser() -> ArgumentParser:
     asub = audit.add_subparsers(dest="audit_command", required=True, parser_class=ArgumentParser)
     verify = site_cmd("verify", "recompute the hash chain and signatures; exit 1 if the log was altered", asub)
     review = site_cmd("review", "what left the site, per round and block, and the privacy spent", asub)
-    for cmd in (verify, review):
-        cmd.add_argument("--fingerprint", default=None,
-                         help="the key fingerprint recorded out of band; refuse if the site's key differs")
     review.add_argument("--round", type=int, default=None, dest="round_id", help="only this round")
     review.add_argument("--html", type=Path, default=None, help="also write a self-contained HTML report")
+    ledger = sub.add_parser("ledger", help="the site's privacy ledger")
+    lsub = ledger.add_subparsers(dest="ledger_command", required=True, parser_class=ArgumentParser)
+    rebuild = site_cmd("rebuild", "rebuild the privacy ledger from the verified audit log (keeping rounds it is "
+                                  "ahead); exit 1 if the log does not verify", lsub)
+    for cmd in (verify, review, rebuild):
+        cmd.add_argument("--fingerprint", default=None, help=_FINGERPRINT_HELP)
     return p
 
 
@@ -49,6 +55,8 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.command == "audit":
         handler = {"verify": _audit_verify, "review": _audit_review}[args.audit_command]
+    elif args.command == "ledger":
+        handler = {"rebuild": _ledger_rebuild}[args.ledger_command]
     else:
         handler = {"init": _init, "check": _check, "budget": _budget}[args.command]
     return handler(args)
@@ -129,26 +137,40 @@ def _check(args) -> int:
 
 
 def _budget(args) -> int:
-    from blossom_secure.privacy import PrivacyLedger, compute_epsilon
-    from blossom_secure.site_agent import LEDGER_FILE
+    from blossom_secure import audit
+    from blossom_secure.crypto import identity_public_key
+    from blossom_secure.privacy import PrivacyLedger, compute_epsilon, load_reconciled_ledger
+    from blossom_secure.site_agent import AUDIT_FILE, LEDGER_FILE
 
     _, site = _load(args)
     terms = site.policy.privacy
-    ledger = PrivacyLedger(site.state_dir / LEDGER_FILE, site_id=site.id, terms=terms)
+    log_path = site.state_dir / AUDIT_FILE
+    if log_path.exists() or audit.checkpoint_path(log_path).exists():
+        # The spend shown is never below what the signed audit log proves.
+        _, records = audit.read_verified_records(log_path, public_key=identity_public_key(_open_key(site)))
+        ledger = load_reconciled_ledger(site.state_dir / LEDGER_FILE, site_id=site.id, terms=terms,
+                                        records=records, audit_file=str(log_path))
+    else:
+        ledger = PrivacyLedger(site.state_dir / LEDGER_FILE, site_id=site.id, terms=terms)
     table = Table(title=f"privacy budget of {site.id} (delta {terms.delta:g}, {terms.accountant})", title_justify="left")
-    for col in ("round", "noise multiplier", "sample rate", "steps", "epsilon added", "epsilon total"):
-        table.add_column(col, justify="right")
+    for col in ("round", "noise multiplier", "sample rate", "steps", "epsilon added", "epsilon total", "noise"):
+        table.add_column(col, justify="right" if col != "noise" else "left")
     previous = 0.0
     for i, e in enumerate(ledger.entries):
         # recomputed from the history for the policy's current delta (the file's totals
         # were for the delta in force when each round was recorded)
         total = compute_epsilon(ledger.history[: i + 1], accountant=terms.accountant, delta=terms.delta)
         table.add_row(str(e.round_id), f"{e.noise_multiplier:.3f}", f"{e.sample_rate:.4f}", str(e.steps),
-                      f"{total - previous:.3f}", f"{total:.3f}")
+                      f"{total - previous:.3f}", f"{total:.3f}",
+                      "seeded simulation: epsilon NOMINAL" if e.is_nominal else "OS CSPRNG")
         previous = total
     console.print(table)
     spent = ledger.epsilon_spent
     console.print(f"spent {spent:.3f} of {terms.epsilon_budget:g}; remaining {max(0.0, terms.epsilon_budget - spent):.3f}")
+    nominal = sum(e.is_nominal for e in ledger.entries)
+    if nominal:
+        console.print(f"[bold]{nominal} of {len(ledger.entries)} round(s) were seeded simulations: their noise follows "
+                      "from a public seed, so their epsilon is nominal, not a privacy guarantee.[/bold]")
     return EXIT_OK
 
 
@@ -186,19 +208,32 @@ def _init(args) -> int:
     return EXIT_OK
 
 
-def _verified_records(args, site):
-    from blossom_secure import audit
+def _checked_key(args, site):
+    """The site's identity key and its fingerprint, or ``None`` (after saying why) if
+    ``--fingerprint`` was given and differs."""
     from blossom_secure.crypto import identity_public_key, key_fingerprint
-    from blossom_secure.errors import DataError, Problem
-    from blossom_secure.site_agent import AUDIT_FILE
 
-    public = identity_public_key(_open_key(site))
-    fingerprint = key_fingerprint(public)
+    key = _open_key(site)
+    fingerprint = key_fingerprint(identity_public_key(key))
     expected = getattr(args, "fingerprint", None)
     if expected is not None and expected.strip().lower() != fingerprint:
         err_console.print(f"error: the site's key has fingerprint {fingerprint}, not the expected {expected}: "
                           "the key was replaced, so its signatures prove nothing", markup=False)
         return None
+    return key, fingerprint
+
+
+def _verified_records(args, site):
+    from blossom_secure import audit
+    from blossom_secure.crypto import identity_public_key
+    from blossom_secure.errors import DataError, Problem
+    from blossom_secure.site_agent import AUDIT_FILE
+
+    checked = _checked_key(args, site)
+    if checked is None:
+        return None
+    key, fingerprint = checked
+    public = identity_public_key(key)
     path = site.state_dir / AUDIT_FILE
     if not path.exists():
         raise DataError([Problem(str(path), "", "no audit log (run `blossom-site init`)")])
@@ -233,11 +268,68 @@ def _audit_review(args) -> int:
         raise UsageError(str(exc)) from None
     for table in tables:
         console.print(table)
+    if review.nominal_rounds:
+        console.print(f"[bold]{review.nominal_rounds} round(s) were seeded simulations: their epsilon is nominal "
+                      "(the noise follows from a public seed), not a privacy guarantee.[/bold]")
     if args.html is not None:
         audit_report.write_html(review, args.html, site_id=site.id,
                                 epsilon_budget=site.policy.privacy.epsilon_budget)
         console.print(f"report: {args.html}")
     console.print(f"(log verified: {report.records} records, key {fingerprint})")
+    return EXIT_OK
+
+
+def _ledger_rebuild(args) -> int:
+    from blossom_secure import audit
+    from blossom_secure.errors import DataError, Problem
+    from blossom_secure.privacy import rebuild_ledger
+    from blossom_secure.site_agent import AUDIT_FILE, LEDGER_FILE
+
+    _, site = _load(args)
+    checked = _checked_key(args, site)
+    if checked is None:
+        return EXIT_AUDIT_FAILED
+    key, fingerprint = checked
+    log_path = site.state_dir / AUDIT_FILE
+    if not log_path.exists() and not audit.checkpoint_path(log_path).exists():
+        raise DataError([Problem(str(log_path), "", "no audit log: there is nothing to rebuild the ledger from")])
+    try:
+        log = audit.AuditLog.open(log_path, site_id=site.id, signing_key=key)  # verifies it; exit 1 if it does not
+    except RuntimeError as exc:
+        raise UsageError(f"{exc}: stop the site agent before rebuilding its ledger") from None
+    except ValueError as exc:
+        raise DataError([Problem(str(log_path), "", str(exc))]) from None
+    written: list[dict] = []
+
+    def record(details: dict) -> None:
+        written.append(log.append(audit.LEDGER_REBUILT, round_id=None, details=details,
+                                  policy_sha256=site.policy.sha256))
+
+    with log:
+        _, records = log.verified_records(events=(audit.TRAINING_FINISHED,))
+        result = rebuild_ledger(site.state_dir / LEDGER_FILE, site_id=site.id, terms=site.policy.privacy,
+                                records=records, audit_file=str(log_path), record_rebuild=record)
+    terms = site.policy.privacy
+    spend = (f"epsilon {result.epsilon_total:.3f} of the budget {terms.epsilon_budget:g} "
+             f"(delta {terms.delta:g}, {terms.accountant} accountant)")
+    if not result.changed:
+        console.print(f"ledger {result.path} already holds every round the audit log proves: "
+                      f"{len(result.entries)} rounds, {spend}; nothing changed", markup=False)
+        return EXIT_OK
+    console.print(f"rebuilt ledger {result.path} from the verified audit log {log_path} (key {fingerprint}):",
+                  markup=False)
+    kept = "round" if result.rounds_kept == 1 else "rounds"
+    console.print(f"  {len(result.entries)} rounds: {result.rounds_proven} proven by training_finished records, "
+                  f"{result.rounds_kept} reserved {kept} kept from the previous ledger")
+    console.print(f"  spent {spend}")
+    if result.previous == "missing":
+        console.print("  previous ledger: missing")
+    else:
+        why = f" ({result.previous_problem})" if result.previous_problem else ""
+        console.print(f"  previous ledger ({result.previous}{why}) kept as {result.backup}", markup=False)
+    console.print(f"  recorded in the audit log: ledger_rebuilt, seq {written[-1]['seq']}")
+    if result.epsilon_total >= terms.epsilon_budget:
+        console.print("  the budget is spent: the site will decline further rounds")
     return EXIT_OK
 
 

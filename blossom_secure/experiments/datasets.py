@@ -56,6 +56,9 @@ class Pool:
         values: Tabular modality -> ``(n, F)`` float values.
         studies: Folder of ``<patient_id>/`` DICOM studies when a modality is ``image``.
         image_size: The studies' size (when there are studies).
+        scaling: Tabular modality -> one ``(low, high, centre, scale)`` per column: the
+            public scaling its federation files declare (see the loaders for where each
+            comes from; never from one site's share of the pool).
     """
 
     name: str
@@ -68,6 +71,7 @@ class Pool:
     values: Mapping[str, np.ndarray]
     studies: Path | None = None
     image_size: tuple[int, ...] = field(default=())
+    scaling: Mapping[str, tuple[tuple[float, float, float, float], ...]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.patient_ids)
@@ -102,10 +106,19 @@ def _breast_cancer() -> Pool:
     n = x.shape[0]
     # scikit-learn's target: 0 = malignant, 1 = benign. Here 1 = malignant.
     y = (1 - np.asarray(data.target)).astype(np.int64)
+    values = {"tabular": x[:, [names.index(c) for c in a]], "se_worst": x[:, [names.index(c) for c in b]]}
     return Pool(name="breast_cancer", patient_ids=tuple(f"wdbc{i:04d}" for i in range(n)),
                 labels={"diagnosis": y}, num_classes={"diagnosis": 2}, modality_a="tabular",
-                modality_b="se_worst", columns={"tabular": a, "se_worst": b},
-                values={"tabular": x[:, [names.index(c) for c in a]], "se_worst": x[:, [names.index(c) for c in b]]})
+                modality_b="se_worst", columns={"tabular": a, "se_worst": b}, values=values,
+                scaling={m: _published_summary(v) for m, v in values.items()})
+
+
+def _published_summary(values: np.ndarray) -> tuple[tuple[float, float, float, float], ...]:
+    """Per column ``(min, max, mean, sd)`` of a whole public benchmark table: the summary
+    statistics its documentation publishes (scikit-learn's description of WDBC lists each
+    feature's min and max). The benchmark treats them as public knowledge, as a clinic
+    would treat published reference ranges; they are not computed from any one site's share."""
+    return tuple((float(c.min()), float(c.max()), float(c.mean()), float(c.std()) or 1.0) for c in values.T)
 
 
 def _digits() -> Pool:
@@ -119,11 +132,13 @@ def _digits() -> Pool:
     return Pool(name="digits", patient_ids=tuple(f"digit{i:05d}" for i in range(n)),
                 labels={"digit": np.asarray(data.target, dtype=np.int64)}, num_classes={"digit": 10},
                 modality_a="tabular", modality_b="lower_half", columns={"tabular": top, "lower_half": bottom},
-                values={"tabular": img[:, :4, :].reshape(n, 32), "lower_half": img[:, 4:, :].reshape(n, 32)})
+                values={"tabular": img[:, :4, :].reshape(n, 32), "lower_half": img[:, 4:, :].reshape(n, 32)},
+                # Pixels are 0..16 by the data set's definition (4x4 blocks of 0/1 counted).
+                scaling={m: ((0.0, 16.0, 8.0, 8.0),) * 32 for m in ("tabular", "lower_half")})
 
 
 def _synthetic(work_dir: Path, *, patients: int, image_size: tuple[int, int]) -> Pool:
-    from blossom_secure.synth import generate_site_data
+    from blossom_secure.synth import generate_site_data, public_feature_scaling
 
     root = work_dir / "pools" / f"synthetic-{patients}-{image_size[0]}x{image_size[1]}"
     data = root / "data"
@@ -140,7 +155,8 @@ def _synthetic(work_dir: Path, *, patients: int, image_size: tuple[int, int]) ->
     labels = {t: np.array([int(r[t]) for r in rows], dtype=np.int64) for t in SYNTH_TASKS}
     return Pool(name="synthetic", patient_ids=ids, labels=labels, num_classes=dict(SYNTH_TASKS),
                 modality_a="image", modality_b="tabular", columns={"tabular": SYNTH_FEATURES},
-                values={"tabular": values}, studies=data / "dicom", image_size=tuple(image_size))
+                values={"tabular": values}, studies=data / "dicom", image_size=tuple(image_size),
+                scaling={"tabular": tuple(public_feature_scaling(c) for c in SYNTH_FEATURES)})
 
 
 def load_pool(name: str, work_dir: Path, *, synthetic_patients: int = 1200,

@@ -239,10 +239,12 @@ def _federation_toml(config: ExperimentConfig, pool_meta: dict, cell: Cell) -> s
         f"window = {_toml_list(_SYNTH_WINDOW)}", 'architecture = "cnn"', f"channels = {_toml_list(channels)}",
         'norm = "group"', "",
         "[model.tabular]", f"features = {_toml_list(ds['columns']['tabular'])}", f"hidden = {h}", "",
+        *_scaling_toml("model.tabular", ds["columns"]["tabular"], ds["scaling"]["tabular"]),
     ]
     for m, cols in ds["columns"].items():
         if m != "tabular":
-            lines += [f"[model.extra_tabular.{m}]", f"features = {_toml_list(cols)}", f"hidden = {h}", ""]
+            lines += [f"[model.extra_tabular.{m}]", f"features = {_toml_list(cols)}", f"hidden = {h}", "",
+                      *_scaling_toml(f"model.extra_tabular.{m}", cols, ds["scaling"][m])]
     lines += ["[model.tasks]"] + [f"{t} = {k}" for t, k in ds["num_classes"].items()] + [""]
     lines += [
         "[training]", f"rounds = {config.rounds}", f"local_epochs = {config.local_epochs}",
@@ -250,9 +252,18 @@ def _federation_toml(config: ExperimentConfig, pool_meta: dict, cell: Cell) -> s
         f"momentum = {config.momentum!r}", f"holdout_fraction = {config.holdout_fraction!r}",
         f"split_seed = {cell.seed}", "",
         "[aggregation]", f'mode = "{_MODES[cell.scheme]}"', f"secure = {str(cell.aggregation == 'secure').lower()}",
-        "min_contributors = 2", "clip = 1.0", "ring_bits = 32", "max_weight = 10000", "",
+        "min_contributors = 2", "clip = 1.0", "ring_bits = 32", "max_weight = 10000",
+        f"max_sites = {config.sites}   # every site of the cell",
+        "",
     ]
     return "\n".join(lines)
+
+
+def _scaling_toml(prefix: str, columns: list, scaling: list) -> list[str]:
+    lines = [f"[{prefix}.scaling]"]
+    for col, (low, high, centre, scale) in zip(columns, scaling, strict=True):
+        lines.append(f"{col} = {{ range = [{low!r}, {high!r}], centre = {centre!r}, scale = {scale!r} }}")
+    return lines + [""]
 
 
 def _policy_toml(config: ExperimentConfig, cell: Cell, noise: float) -> str:
@@ -264,12 +275,13 @@ def _policy_toml(config: ExperimentConfig, cell: Cell, noise: float) -> str:
         f"max_grad_norm = {config.max_grad_norm!r}", f"noise_multiplier = {noise!r}",
         f"epsilon_budget = {config.target_epsilon!r}", "",
         "[secure_aggregation]", f"required = {str(cell.aggregation != 'plaintext').lower()}", "min_contributors = 2",
-        "",
+        "", "[reporting]", "metrics = true", "",
     ])
 
 
 def _pool_meta(pool: Pool) -> dict:
-    return {"columns": {m: list(c) for m, c in pool.columns.items()}, "num_classes": dict(pool.num_classes)}
+    return {"columns": {m: list(c) for m, c in pool.columns.items()}, "num_classes": dict(pool.num_classes),
+            "scaling": {m: [list(s) for s in v] for m, v in pool.scaling.items()}}
 
 
 def build_cell(config: ExperimentConfig, cell: Cell, work_dir: Path, pool_meta: dict,
@@ -284,7 +296,32 @@ def build_cell(config: ExperimentConfig, cell: Cell, work_dir: Path, pool_meta: 
     sites_root = cell_dir / "sites"
     sites_root.mkdir(parents=True)
     (cell_dir / "policies").mkdir()
-    (sites_root / "federation.toml").write_text(_federation_toml(config, pool_meta, cell))
+    # The benchmark's partition sizes are part of its public design, so the cell declares them
+    # as the sites' public weights (FedAvg weighting); a real federation declares agreed,
+    # rounded numbers or equal weights, never the exact counts.
+    weights = ["", "[weighting]", 'scheme = "declared"', "", "[weighting.sites]"]
+    weights += [f"{name} = {site['n_train']}" for name, site in meta["sites"].items()]
+    # Block-wise cells declare public block groups: for every block the scheme shares, the
+    # sites that hold it (encoder.<m>: those with modality m; fusion: all). Each block then
+    # gets the default threshold of its group, a strict majority of its holders, instead of
+    # a majority of all the cell's sites, with which a block held by half of them (encoder A
+    # in the "exclusive" split) could never be aggregated. Heads never enter secure
+    # aggregation; the other modes use none of it. A block held by one site gets no group.
+    groups = []
+    if _MODES[cell.scheme] == "blockwise":
+        from blossom_secure.blocks import FUSION, encoder_block, match_patterns
+
+        holders = {FUSION: sorted(meta["sites"])}
+        for name, site in sorted(meta["sites"].items()):
+            for modality in site["modalities"]:
+                holders.setdefault(encoder_block(modality), []).append(name)
+        groups = ["", "[aggregation.groups]   # the sites of this cell that hold each shared block"]
+        for block, members in sorted(holders.items()):
+            if match_patterns(block, _SHARES[cell.scheme]):
+                groups.append(f'"{block}" = {_toml_list(members)}' if len(members) >= 2
+                              else f"# {block}: held by {len(members)} site(s), never aggregated")
+    (sites_root / "federation.toml").write_text(_federation_toml(config, pool_meta, cell)
+                                                + "\n".join(groups + weights) + "\n")
     planned = {}
     for name, site in meta["sites"].items():
         batches = math.ceil(site["n_train"] / config.batch_size)
@@ -295,7 +332,8 @@ def build_cell(config: ExperimentConfig, cell: Cell, work_dir: Path, pool_meta: 
         data_rel = f"../../../../data/{cell.data_key}/{name}"
         lines = [
             "[site]", f'id = "{name}"', f'name = "{name} ({site["role"]})"', f'policy = "../../policies/{name}.toml"',
-            'federation = "../federation.toml"', "",
+            'federation = "../federation.toml"',
+            f'data_origin = "{"synthetic" if cell.dataset == "synthetic" else "public-benchmark"}"', "",
             "[data]", f"modalities = {_toml_list(site['modalities'])}",
         ]
         if "image" in site["modalities"]:

@@ -1,9 +1,12 @@
 """The coordinator's side of secure aggregation: an explicit stage machine.
 
 The coordinator routes messages between sites, which never talk to each other directly,
-and in the end removes the masks from each block's sum. It is trusted to run the protocol
-(honest but curious), not with any single site's update: it sees masked vectors, signed
-public keys, ciphertexts it cannot open, and at most one kind of share per peer.
+and in the end removes the masks from each block's sum. It is not trusted with any single
+site's update: it sees masked vectors, signed public keys, ciphertexts it cannot open, and
+at most one kind of share per peer. Nor do the sites trust it to tell them all the same
+thing: thresholds are public, and before unmasking every survivor signs the survivor set
+it was told (the consistency check of Bonawitz et al. 2017, section 4), so a coordinator
+that lies gets refusals, not secrets. This machine is the honest coordinator.
 
 Use: call :meth:`CoordinatorStageMachine.receive` with each site message of the current
 stage as it arrives, then :meth:`CoordinatorStageMachine.close_stage` (at the runtime's
@@ -42,10 +45,15 @@ from blossom_secure.secagg.groups import (
     share_x_coordinates,
     validate_block_sizes,
     validate_roster,
+    verify_offer,
 )
 from blossom_secure.secagg.masking import apply_masks, apply_masks_split
 from blossom_secure.secagg.messages import (
     AdvertiseKeys,
+    BlockSignatures,
+    BlockSurvivors,
+    ConsistencyRequest,
+    ConsistencyResponse,
     EncryptedShare,
     EncryptedShares,
     KeyBundle,
@@ -53,6 +61,7 @@ from blossom_secure.secagg.messages import (
     MessageType,
     ShareDelivery,
     ShareKind,
+    SiteSignature,
     UnmaskRequest,
     UnmaskResponse,
     decode_site_message,
@@ -96,17 +105,19 @@ class _Stage(IntEnum):
     ADVERTISE = 0
     SHARE_KEYS = 1
     MASKED_INPUT = 2
-    UNMASK = 3
-    DONE = 4
+    CONSISTENCY = 3
+    UNMASK = 4
+    DONE = 5
 
 
 _STAGE_OF_TYPE = {
     MessageType.ADVERTISE_KEYS: _Stage.ADVERTISE,
     MessageType.ENCRYPTED_SHARES: _Stage.SHARE_KEYS,
     MessageType.MASKED_INPUT: _Stage.MASKED_INPUT,
+    MessageType.CONSISTENCY_RESPONSE: _Stage.CONSISTENCY,
     MessageType.UNMASK_RESPONSE: _Stage.UNMASK,
 }
-_STAGE_NAMES = ("advertise_keys", "share_keys", "masked_input", "unmask", "done")
+_STAGE_NAMES = ("advertise_keys", "share_keys", "masked_input", "consistency", "unmask", "done")
 
 
 class _BlockFailure(Exception):
@@ -118,8 +129,9 @@ class CoordinatorStageMachine:
 
     Args:
         federation_id: The federation's id.
+        federation_sha256: The SHA-256 (32 bytes) of the federation file.
         round_id: The round.
-        roster: Site id to raw Ed25519 public key.
+        roster: Site id to raw Ed25519 public key; at most ``params.max_group_size`` sites.
         block_sizes: The federation's layout: block name to number of float32 values.
         params: The round's protocol parameters.
         unmask_executor: Optional process pool that removes masks in parallel with this
@@ -129,8 +141,9 @@ class CoordinatorStageMachine:
             (typically the number of cores).
 
     Raises:
-        ValueError: a bad roster, layout or id, a layout whose masked input would not fit
-            in ``params.max_message_bytes``, or ``unmask_slices`` < 1.
+        ValueError: a bad roster (or one larger than ``params.max_group_size``), layout,
+            id or federation hash, a layout whose masked input would not fit in
+            ``params.max_message_bytes``, or ``unmask_slices`` < 1.
 
     Notes:
         The coordinator only relays ciphertexts it cannot open (the share keys come from
@@ -138,12 +151,16 @@ class CoordinatorStageMachine:
         shares or mask-key shares, never both (Bonawitz et al. 2017, section 4). Every
         secret it rebuilds is checked against the signed advertisement (seed commitment,
         mask public key), so a bad share yields a failed block, never a wrong sum.
+        It refuses an advertisement of a block by a site outside the block's public group
+        (``params.block_group``), as every honest site would refuse a bundle holding
+        one, so it never forms a group with an outsider.
     """
 
     def __init__(
         self,
         *,
         federation_id: str,
+        federation_sha256: bytes,
         round_id: int,
         roster: Mapping[str, bytes],
         block_sizes: Mapping[str, int],
@@ -155,8 +172,15 @@ class CoordinatorStageMachine:
         validate_block_sizes(block_sizes)
         if not is_valid_identifier(federation_id):
             raise ValueError("federation_id is not a valid identifier")
+        if not isinstance(federation_sha256, bytes) or len(federation_sha256) != kdf.FEDERATION_SHA256_BYTES:
+            raise ValueError("federation_sha256 must be the 32-byte SHA-256 of the federation file")
         if not isinstance(round_id, int) or isinstance(round_id, bool) or not 0 <= round_id < 1 << 64:
             raise ValueError("round_id must be an int in 0..2**64-1")
+        if len(roster) > params.max_group_size:
+            raise ValueError(
+                f"the roster has {len(roster)} sites, more than max_group_size ({params.max_group_size}, the "
+                "federation's max_sites)"
+            )
         largest = _MESSAGE_OVERHEAD_BYTES + sum(
             (size + 1) * params.ring_bytes + _PER_BLOCK_OVERHEAD_BYTES
             for block, size in block_sizes.items()
@@ -169,6 +193,7 @@ class CoordinatorStageMachine:
         self._executor = unmask_executor
         self._slices = unmask_slices
         self._federation_id = federation_id
+        self._federation_sha256 = federation_sha256
         self._round_id = round_id
         self._roster = dict(roster)
         self._block_sizes = dict(block_sizes)
@@ -184,6 +209,9 @@ class CoordinatorStageMachine:
         self._failures: dict[str, str] = {}
         self._sums: dict[str, np.ndarray] = {}
         self._masked_senders: set[str] = set()
+        self._survivor_sets: dict[str, tuple[str, ...]] = {}  # block -> survivors sent for signing
+        self._signatures: dict[str, dict[str, bytes]] = {}  # block -> signer -> signature
+        self._signers: set[str] = set()
         self._responses: dict[str, dict[tuple[str, str], int]] = {}
         self._responders: set[str] = set()
         self._results: dict[str, BlockResult] = {}
@@ -209,6 +237,11 @@ class CoordinatorStageMachine:
     def masked_input_senders(self) -> tuple[str, ...]:
         """Sites whose masked input was accepted."""
         return tuple(sorted(self._masked_senders))
+
+    @property
+    def consistency_signers(self) -> tuple[str, ...]:
+        """Sites whose consistency-check signatures were accepted."""
+        return tuple(sorted(self._signers))
 
     @property
     def unmask_responders(self) -> tuple[str, ...]:
@@ -241,14 +274,20 @@ class CoordinatorStageMachine:
             UnknownFieldError: not a canonical site message within the size limit.
             UnknownSenderError: the sender is outside the roster or not a participant
                 of this stage.
-            AuthenticationError: missing or invalid signature.
-            WrongFederationError, WrongRoundError: another federation or round.
+            AuthenticationError: missing or invalid signature (of the message, or of a
+                survivor set in the consistency check).
+            WrongFederationError: another federation, or another version of its file.
+            WrongRoundError: another round.
             StageOrderError: a message of another stage.
             ReplayedMessageError: the sender already sent this stage's message.
             DuplicatePublicKeyError: an advertised key equals one already advertised.
             AllZeroSharedSecretError: an advertised key is a low-order point.
+            OutsideBlockGroupError: an advertisement of a block whose public group
+                ``params.block_group(block)`` does not hold the sender (no group is ever
+                formed with an outsider).
             InconsistentMessageError: content that contradicts the round (unknown
-                blocks, wrong recipients or blocks, wrong vector sizes, wrong shares).
+                blocks, wrong recipients or blocks, wrong vector sizes, signatures for
+                the wrong blocks, wrong shares).
         """
         message_type = peek_message_type(untrusted_message, max_bytes=self._params.max_message_bytes)
         if message_type not in _STAGE_OF_TYPE:
@@ -256,6 +295,7 @@ class CoordinatorStageMachine:
         message = decode_site_message(
             untrusted_message,
             federation_id=self._federation_id,
+            federation_sha256=self._federation_sha256,
             round_id=self._round_id,
             roster=self._roster,
             max_bytes=self._params.max_message_bytes,
@@ -268,6 +308,8 @@ class CoordinatorStageMachine:
             self._accept_shares(message)
         elif isinstance(message, MaskedInput):
             self._accept_masked_input(message)
+        elif isinstance(message, ConsistencyResponse):
+            self._accept_consistency_response(message)
         else:
             self._accept_unmask_response(message)
         return message.site_id
@@ -280,13 +322,14 @@ class CoordinatorStageMachine:
             raise StageOrderError(f"{_STAGE_NAMES[stage]} message from {sender}: that stage is {when}")
 
     def _senders(self, stage: _Stage) -> Mapping[str, object] | set[str]:
-        return (self._adverts, self._shares, self._masked_senders, self._responders, set())[stage]
+        return (self._adverts, self._shares, self._masked_senders, self._signers, self._responders, set())[stage]
 
     def _accept_advertisement(self, message: AdvertiseKeys, raw: bytes) -> None:
         keys = [message.share_public_key, *(entry.mask_public_key for entry in message.blocks)]
         for entry in message.blocks:
             if entry.block not in self._block_sizes:
                 raise InconsistentMessageError(f"{message.site_id} advertised block {entry.block} outside the layout")
+        verify_offer(message.site_id, (entry.block for entry in message.blocks), self._params)
         if len(set(keys)) != len(keys) or any(key in self._public_keys for key in keys):
             raise DuplicatePublicKeyError(f"{message.site_id} advertised a public key already in use")
         if any(crypto.is_low_order_x25519_public_key(key) for key in keys):
@@ -323,10 +366,32 @@ class CoordinatorStageMachine:
             np.add(accumulator, entry.vector, out=accumulator)
         self._masked_senders.add(sender)
 
+    def _blocks_to_sign(self, site: str) -> tuple[str, ...]:
+        return tuple(block for block, survivors in sorted(self._survivor_sets.items()) if site in survivors)
+
+    def _accept_consistency_response(self, message: ConsistencyResponse) -> None:
+        sender = message.site_id
+        if sender not in self._masked_senders:
+            raise UnknownSenderError(f"{sender} sent no masked input this round")
+        if tuple(entry.block for entry in message.signatures) != self._blocks_to_sign(sender):
+            raise InconsistentMessageError(f"{sender} signed the survivor sets of other blocks than it was sent")
+        for entry in message.signatures:
+            payload = kdf.consistency_payload(
+                federation_id=self._federation_id,
+                federation_sha256=self._federation_sha256,
+                round_id=self._round_id,
+                block=entry.block,
+                survivors=self._survivor_sets[entry.block],
+            )
+            crypto.verify_signature(self._roster[sender], payload, entry.signature)
+        for entry in message.signatures:
+            self._signatures.setdefault(entry.block, {})[sender] = entry.signature
+        self._signers.add(sender)
+
     def _expected_reveals(self, site: str) -> list[tuple[str, str, ShareKind]]:
         expected = []
         for block, group in sorted(self._mask_groups.items()):
-            if site not in group or block in self._failures:
+            if block in self._failures or site not in self._signatures.get(block, {}):
                 continue
             for peer in group:
                 kind = ShareKind.SELF_MASK_SEED if peer in self._masked_senders else ShareKind.MASK_KEY
@@ -335,8 +400,8 @@ class CoordinatorStageMachine:
 
     def _accept_unmask_response(self, message: UnmaskResponse) -> None:
         sender = message.site_id
-        if sender not in self._masked_senders:
-            raise UnknownSenderError(f"{sender} sent no masked input this round")
+        if sender not in self._signers:
+            raise UnknownSenderError(f"{sender} signed no survivor set this round")
         got = [(share.peer, share.block, share.kind) for share in message.shares]
         if got != self._expected_reveals(sender):
             raise InconsistentMessageError(f"{sender} revealed other shares than the protocol asks for")
@@ -367,6 +432,8 @@ class CoordinatorStageMachine:
             messages = self._close_share_keys()
         elif self._stage is _Stage.MASKED_INPUT:
             messages = self._close_masked_input()
+        elif self._stage is _Stage.CONSISTENCY:
+            messages = self._close_consistency()
         elif self._stage is _Stage.UNMASK:
             messages = self._close_unmask()
         else:
@@ -394,7 +461,11 @@ class CoordinatorStageMachine:
         return {
             site: encode_coordinator_message(
                 KeyBundle(
-                    federation_id=self._federation_id, round_id=self._round_id, recipient=site, advertisements=bundle
+                    federation_id=self._federation_id,
+                    federation_sha256=self._federation_sha256,
+                    round_id=self._round_id,
+                    recipient=site,
+                    advertisements=bundle,
                 )
             )
             for site in sorted(self._adverts)
@@ -421,6 +492,7 @@ class CoordinatorStageMachine:
             site: encode_coordinator_message(
                 ShareDelivery(
                     federation_id=self._federation_id,
+                    federation_sha256=self._federation_sha256,
                     round_id=self._round_id,
                     recipient=site,
                     share_senders=senders,
@@ -441,20 +513,55 @@ class CoordinatorStageMachine:
             )
             if reason is not None:
                 self._failures[block] = reason
+            else:
+                self._survivor_sets[block] = contributors
         logger.info(
             "round %d: %d masked input(s), %d dropped after sharing keys", self._round_id, len(survivors), len(dropped)
         )
         return {
             site: encode_coordinator_message(
+                ConsistencyRequest(
+                    federation_id=self._federation_id,
+                    federation_sha256=self._federation_sha256,
+                    round_id=self._round_id,
+                    recipient=site,
+                    blocks=tuple(
+                        BlockSurvivors(block, self._survivor_sets[block]) for block in self._blocks_to_sign(site)
+                    ),
+                )
+            )
+            for site in survivors
+        }
+
+    def _close_consistency(self) -> dict[str, bytes]:
+        survivors = tuple(sorted(self._masked_senders))
+        dropped = tuple(sorted(set(self._shares) - self._masked_senders))
+        for block in sorted(self._survivor_sets):
+            signed = len(self._signatures.get(block, {}))
+            threshold = self._require_plan().thresholds[block]
+            if signed < threshold:
+                self._failures[block] = (
+                    f"fewer than t survivors: {signed} signed the consistency check, t = {threshold}"
+                )
+        proofs = {
+            block: BlockSignatures(block, tuple(SiteSignature(s, sig) for s, sig in sorted(by_site.items())))
+            for block, by_site in sorted(self._signatures.items())
+            if block not in self._failures
+        }
+        logger.info("round %d: %d site(s) signed the consistency check", self._round_id, len(self._signers))
+        return {
+            site: encode_coordinator_message(
                 UnmaskRequest(
                     federation_id=self._federation_id,
+                    federation_sha256=self._federation_sha256,
                     round_id=self._round_id,
                     recipient=site,
                     survivors=survivors,
                     dropped=dropped,
+                    consistency=tuple(proof for block, proof in proofs.items() if site in self._signatures[block]),
                 )
             )
-            for site in survivors
+            for site in sorted(self._signers)
         }
 
     def _close_unmask(self) -> dict[str, bytes]:
@@ -469,6 +576,7 @@ class CoordinatorStageMachine:
         """Drop the revealed shares and masked sums once the results are computed."""
         self._responses = {}
         self._sums = {}
+        self._signatures = {}
 
     # ----------------------------------------------------------------- unmask
 
@@ -490,7 +598,7 @@ class CoordinatorStageMachine:
         group = self._mask_groups[block]
         contributors = tuple(site for site in group if site in self._masked_senders)
         dropped = tuple(site for site in group if site not in self._masked_senders)
-        responders = [site for site in contributors if site in self._responses]
+        responders = [site for site in contributors if site in self._responses and site in self._signatures[block]]
         threshold = plan.thresholds[block]
         if len(responders) < threshold:
             raise _BlockFailure(f"fewer than t survivors: {len(responders)} answered unmask, t = {threshold}")

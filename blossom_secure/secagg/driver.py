@@ -4,7 +4,9 @@ The driver builds one :class:`SiteStageMachine` per simulated site and one
 :class:`CoordinatorStageMachine`, and moves the *encoded* bytes between them, so every
 message goes through encoding, the size limit, decoding and verification exactly as it
 would over a network. Sites can be made to stop responding after a given stage, and every
-outbound site message is first shown to an egress hook (the site's audit log).
+outbound site message is first shown to an egress hook (the site's audit log). A site whose
+own stage machine fails (whatever the exception) stops, as a dropout would; the others go
+on.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ _EGRESS_NAMES = {
     MessageType.ADVERTISE_KEYS: "secagg.advertise_keys",
     MessageType.ENCRYPTED_SHARES: "secagg.share_keys",
     MessageType.MASKED_INPUT: "secagg.masked_input",
+    MessageType.CONSISTENCY_RESPONSE: "secagg.consistency",
     MessageType.UNMASK_RESPONSE: "secagg.unmask",
 }
 
@@ -56,8 +59,9 @@ class SecAggResult:
         blocks: Every layout block's :class:`BlockResult`, by name.
         dropped: Contributing sites that stopped before the end (dropout, egress hook
             failure, or a protocol error), sorted.
-        site_errors: Site id to the error that stopped it (egress hook or protocol), for
-            sites stopped by an error rather than by ``drop_after``.
+        site_errors: Site id to the error that stopped it (egress hook, protocol, or any
+            failure of its own stage machine), for sites stopped by an error rather than
+            by ``drop_after``.
         bytes_received: Site id to the total bytes of its messages the coordinator took
             delivery of (counted on the coordinator's side, independently of the sites'
             audit logs, which must account for the same bytes).
@@ -82,12 +86,17 @@ class _SiteRunner:
         self.bytes_delivered = 0
 
     def step(self, stage: str, produce: Callable[[], bytes]) -> bytes | None:
-        """Run one stage; returns the message to deliver, or ``None`` if the site stopped."""
+        """Run one stage; returns the message to deliver, or ``None`` if the site stopped.
+
+        Any exception from the site's own stage machine (a refusal of the coordinator's
+        message, or a failure of the site itself, such as a ``ValueError`` from its
+        update) stops this site only: it counts as dropped, and the others go on.
+        """
         if not self.alive:
             return None
         try:
             message = produce()
-        except BlossomError as exc:
+        except Exception as exc:  # noqa: BLE001 - one site's failure is that site's dropout, recorded
             self.stop(f"{stage}: {type(exc).__name__}: {exc}")
             return None
         if not self._egress(message):
@@ -117,6 +126,7 @@ class _SiteRunner:
 def run_secure_aggregation(
     *,
     federation_id: str,
+    federation_sha256: bytes,
     round_id: int,
     roster: Mapping[str, bytes],
     identity_keys: Mapping[str, Ed25519PrivateKey],
@@ -130,8 +140,11 @@ def run_secure_aggregation(
 
     Args:
         federation_id: The federation's id.
+        federation_sha256: The SHA-256 (32 bytes) of the federation file, bound into
+            every message of the round.
         round_id: The round.
-        roster: Site id to raw Ed25519 public key (32 bytes).
+        roster: Site id to raw Ed25519 public key (32 bytes); at most
+            ``params.max_group_size`` sites.
         identity_keys: Private identity keys of the simulated sites.
         contributions: Site id to its contribution; the sites that take part.
         block_sizes: The layout: block name to number of float32 values.
@@ -141,15 +154,18 @@ def run_secure_aggregation(
         on_egress: Called as ``on_egress(site_id, message_type, block_names, payload)``
             for every message a site sends, before delivery. If it raises, the message is
             not delivered, the site counts as dropped from then on, and the error is in
-            ``SecAggResult.site_errors``.
+            ``SecAggResult.site_errors``. Likewise if the site's own stage machine raises.
 
     Returns:
         The outcome of every layout block. ``weighted_sum / weight_sum`` is the weighted
         mean of the contributors' clipped updates.
 
     Raises:
-        ValueError: inconsistent arguments (a contributor without an identity key or
-            outside the roster, a bad drop point, bad layout or updates).
+        ValueError: inconsistent arguments, found before anything is sent (a contributor
+            without an identity key or outside the roster, a roster larger than
+            ``params.max_group_size``, a bad drop point, layout, federation hash or
+            updates, or a contribution to a block whose public group does not hold the
+            site).
 
     Notes:
         Messages between the machines are always the encoded bytes, so this runs the same
@@ -167,13 +183,19 @@ def run_secure_aggregation(
         if site not in identity_keys:
             raise ValueError(f"no identity key for contributing site {site!r}")
     coordinator = CoordinatorStageMachine(
-        federation_id=federation_id, round_id=round_id, roster=roster, block_sizes=block_sizes, params=params
+        federation_id=federation_id,
+        federation_sha256=federation_sha256,
+        round_id=round_id,
+        roster=roster,
+        block_sizes=block_sizes,
+        params=params,
     )
     runners = {
         site: _SiteRunner(
             SiteStageMachine(
                 site_id=site,
                 federation_id=federation_id,
+                federation_sha256=federation_sha256,
                 round_id=round_id,
                 roster=roster,
                 identity_key=identity_keys[site],
@@ -191,6 +213,8 @@ def run_secure_aggregation(
     _deliver(coordinator, runners, "share_keys", requests)
     requests = coordinator.close_stage()
     _deliver(coordinator, runners, "masked_input", requests)
+    requests = coordinator.close_stage()
+    _deliver(coordinator, runners, "consistency", requests)
     requests = coordinator.close_stage()
     _deliver(coordinator, runners, "unmask", requests)
     coordinator.close_stage()
@@ -227,6 +251,8 @@ def _produce(machine: SiteStageMachine, stage: str, request: bytes | None) -> by
         return machine.share_keys(request)
     if stage == "masked_input":
         return machine.masked_input(request)
+    if stage == "consistency":
+        return machine.consistency_check(request)
     return machine.unmask(request)
 
 

@@ -14,10 +14,12 @@ __all__ = [
     "AllZeroSharedSecretError",
     "AuthenticationError",
     "BothSharesRequestedError",
+    "ConsistencyCheckError",
     "DuplicatePublicKeyError",
     "InconsistentMessageError",
     "MalformedMessageError",
     "MessageTooLargeError",
+    "OutsideBlockGroupError",
     "ProtocolError",
     "ReplayedMessageError",
     "StageOrderError",
@@ -82,6 +84,21 @@ class BothSharesRequestedError(ProtocolError):
     """The coordinator asked for both the self-mask share and the mask-key share of one peer."""
 
 
+class ConsistencyCheckError(ProtocolError):
+    """The consistency check failed: an unmask request without ``t_b`` signatures of
+    distinct group members over the survivor set this site signed, or a survivor/dropped
+    split that contradicts that set (Bonawitz et al. 2017, section 4, ConsistencyCheck).
+    An invalid signature is the opaque ``AuthenticationError`` instead."""
+
+
 class InconsistentMessageError(ProtocolError):
     """The message is well formed but contradicts the protocol state (missing or
     unexpected shares, blocks, recipients or survivors)."""
+
+
+class OutsideBlockGroupError(InconsistentMessageError):
+    """A site outside a block's public group ``P_b`` (the federation file's
+    ``[aggregation.groups]``) appears where only members may: an advertisement of the
+    block, a block group, a survivor set, or a consistency signer. Only members of
+    ``P_b`` can sign for block ``b``, which is what lets ``2 t_b > |P_b|`` stand in for
+    ``2 t_b > max_sites``."""

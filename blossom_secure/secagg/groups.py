@@ -3,12 +3,18 @@
 Pure functions over site ids, shared by the site and coordinator stage machines so that
 both reach the same decisions from the same signed advertisements.
 
+* The *public group* ``P_b`` of a block, where the federation file declares one
+  (``params.block_group(b)``), is the set of sites allowed to contribute it. An
+  advertisement of the block by any other site is refused (:func:`verify_offer`), so
+  every group below lies within it, and so does every survivor set and signer.
 * The *advertised group* of a block is every site that advertised it.
 * The *effective group* ``E_b`` drops, until nothing changes, every member whose own
   policy minimum exceeds the group's size (that site withholds the block); the block is
-  not aggregated if fewer than ``params.min_contributors`` remain, or more than
-  ``params.max_group_size`` (its sum could wrap). ``E_b`` fixes the block's Shamir
-  threshold ``t_b = params.threshold(|E_b|)`` and who holds shares of whose secrets.
+  not aggregated if fewer than ``params.min_contributors`` or than its public threshold
+  ``t_b = params.block_threshold(b)`` remain, or more than ``params.max_group_size`` (its
+  sum could wrap). The effective group fixes who holds shares of whose secrets; ``t_b``
+  never depends on it, so a coordinator that shows a site a smaller group cannot lower
+  the threshold.
 * The *mask group* ``M_b`` is ``E_b`` less the sites that sent no shares; the
   *contributors* ``C_b`` are ``M_b`` less the sites that sent no masked input. Each must
   still have at least ``t_b`` members and meet every remaining member's minimum, else the
@@ -21,6 +27,7 @@ from collections.abc import Iterable, Mapping
 
 from blossom_secure import crypto
 from blossom_secure.blocks import is_valid_block_name
+from blossom_secure.secagg.errors import OutsideBlockGroupError
 from blossom_secure.secagg.messages import is_valid_identifier
 from blossom_secure.secagg.params import SecAggParams
 
@@ -32,6 +39,7 @@ __all__ = [
     "share_x_coordinates",
     "validate_block_sizes",
     "validate_roster",
+    "verify_offer",
 ]
 
 
@@ -73,6 +81,20 @@ def _required(members: Iterable[str], minimums: Mapping[str, int], params: SecAg
     return max([params.min_contributors, *(minimums[site] for site in members)])
 
 
+def verify_offer(site: str, blocks: Iterable[str], params: SecAggParams) -> None:
+    """Check that ``site`` may contribute every one of ``blocks``: each is either without
+    a declared group or has ``site`` in its public group ``P_b``.
+
+    Raises:
+        OutsideBlockGroupError: a block whose public group does not hold ``site``.
+    """
+    for block in blocks:
+        if not params.is_group_member(block, site):
+            raise OutsideBlockGroupError(
+                f"{site} offers {block}, but is not in its public group (the federation file's [aggregation.groups])"
+            )
+
+
 def plan_blocks(offers: Mapping[str, Iterable[str]], minimums: Mapping[str, int], params: SecAggParams) -> BlockPlan:
     """Form the effective group of every advertised block.
 
@@ -84,14 +106,28 @@ def plan_blocks(offers: Mapping[str, Iterable[str]], minimums: Mapping[str, int]
     Returns:
         The plan: groups and thresholds of the blocks that go ahead, reasons for the rest.
 
+    Raises:
+        OutsideBlockGroupError: a site offers a block whose public group does not hold
+            it (an honest coordinator refuses such an advertisement, so a site seeing one
+            refuses the round).
+
     Notes:
         Masking only within a block's group restricts the graph of pairwise masks, as the
         sparse neighbourhoods of Bell et al. 2020 do; here each group is a complete graph
         with its own keys, seeds and threshold, so each block is an independent instance
         of Bonawitz et al. 2017 and shares revealed for one block never help with another.
+        The threshold comes from the public ``params`` alone: the group a site sees is
+        whatever the coordinator put in its key bundle, and a group smaller than ``t_b``
+        (a group of two, say, where the coordinator holds one accomplice's view) is
+        refused, never shared with a lower threshold. ``params`` guarantees ``2 t_b >
+        max_group_size``, and the stage machines refuse a roster larger than that, so
+        ``t_b`` is more than half of any group a site can be shown; for a block with a
+        declared group ``P_b``, ``2 t_b > |P_b|`` and every group is refused unless it
+        lies within ``P_b``, so again ``t_b`` is more than half of any group.
     """
     advertised: dict[str, list[str]] = {}
     for site in sorted(offers):
+        verify_offer(site, offers[site], params)
         for block in offers[site]:
             advertised.setdefault(block, []).append(site)
     groups: dict[str, tuple[str, ...]] = {}
@@ -104,10 +140,15 @@ def plan_blocks(offers: Mapping[str, Iterable[str]], minimums: Mapping[str, int]
             if kept == members:
                 break
             members = kept
+        threshold = params.block_threshold(block)
         if len(members) < params.min_contributors:
             failures[block] = (
                 f"fewer than min_contributors: {len(advertised[block])} site(s) offered it, "
                 "not enough to meet the federation's and the sites' minimums"
+            )
+        elif len(members) < threshold:
+            failures[block] = (
+                f"fewer than t: a group of {len(members)} site(s), the federation's threshold is t = {threshold}"
             )
         elif len(members) > params.max_group_size:
             failures[block] = (
@@ -115,7 +156,7 @@ def plan_blocks(offers: Mapping[str, Iterable[str]], minimums: Mapping[str, int]
             )
         else:
             groups[block] = tuple(members)
-            thresholds[block] = params.threshold(len(members))
+            thresholds[block] = threshold
     return BlockPlan(groups, thresholds, failures, {s: int(minimums[s]) for s in offers})
 
 

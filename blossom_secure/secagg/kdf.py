@@ -18,8 +18,10 @@ from enum import Enum
 from blossom_secure import crypto
 
 __all__ = [
+    "FEDERATION_SHA256_BYTES",
     "PROTOCOL_LABEL",
     "Purpose",
+    "consistency_payload",
     "kdf_label",
     "pairwise_mask_key",
     "round_salt",
@@ -32,6 +34,8 @@ __all__ = [
 
 #: Names the protocol and its version in every label.
 PROTOCOL_LABEL = b"blossom-secagg/v1"
+#: Length of the federation file's SHA-256, bound into every signed or encrypted value.
+FEDERATION_SHA256_BYTES = 32
 _U16_MAX = 0xFFFF
 _U64_MAX = (1 << 64) - 1
 
@@ -46,6 +50,7 @@ class Purpose(str, Enum):
     SHARE_ASSOCIATED_DATA = "share-associated-data"
     SEED_COMMITMENT = "seed-commitment"
     SITE_MESSAGE_SIGNATURE = "site-message-signature"
+    CONSISTENCY_CHECK = "consistency-check"
 
 
 def _length_prefixed(text: str) -> bytes:
@@ -58,6 +63,12 @@ def _length_prefixed(text: str) -> bytes:
 def _check_round(round_id: int) -> None:
     if not isinstance(round_id, int) or isinstance(round_id, bool) or not 0 <= round_id <= _U64_MAX:
         raise ValueError("round_id must be an int in 0..2**64-1")
+
+
+def _check_federation_sha256(federation_sha256: bytes) -> bytes:
+    if not isinstance(federation_sha256, bytes) or len(federation_sha256) != FEDERATION_SHA256_BYTES:
+        raise ValueError("federation_sha256 must be the 32-byte SHA-256 of the federation file")
+    return federation_sha256
 
 
 def kdf_label(*, purpose: Purpose, federation_id: str, round_id: int, block: str, parties: Sequence[str]) -> bytes:
@@ -138,15 +149,55 @@ def share_encryption_key(
     return crypto.hkdf_sha256(shared_secret, salt=round_salt(federation_id=federation_id, round_id=round_id), info=info)
 
 
-def share_associated_data(*, federation_id: str, round_id: int, sender: str, recipient: str) -> bytes:
-    """AEAD associated data binding federation, round, sender and recipient."""
-    return kdf_label(
+def share_associated_data(
+    *, federation_id: str, federation_sha256: bytes, round_id: int, sender: str, recipient: str
+) -> bytes:
+    """AEAD associated data binding federation, the federation file's hash, round, sender
+    and recipient: the label followed by the 32-byte hash.
+
+    Raises:
+        ValueError: ``federation_sha256`` is not 32 bytes, or a label field is invalid.
+
+    Notes:
+        The label is self-delimiting (every field length-prefixed), so appending the
+        fixed-length hash keeps the encoding injective. A site holding another version of
+        the federation file (other thresholds, say) derives other associated data and
+        cannot decrypt, so shares never cross federation terms.
+    """
+    label = kdf_label(
         purpose=Purpose.SHARE_ASSOCIATED_DATA,
         federation_id=federation_id,
         round_id=round_id,
         block="",
         parties=(sender, recipient),
     )
+    return label + _check_federation_sha256(federation_sha256)
+
+
+def consistency_payload(
+    *, federation_id: str, federation_sha256: bytes, round_id: int, block: str, survivors: Sequence[str]
+) -> bytes:
+    """The bytes a site signs in the consistency check: the ``consistency-check`` label of
+    (federation, round, block, sorted survivor set) followed by the federation file's hash.
+
+    Raises:
+        ValueError: ``survivors`` is empty or repeats a site, ``federation_sha256`` is not
+            32 bytes, or a label field is invalid.
+
+    Notes:
+        Bonawitz et al. 2017, section 4 (ConsistencyCheck): each surviving user signs the
+        set ``U3`` the server claims survived, and a user unmasks only with ``t`` such
+        signatures over the same set. Here the set is per block group. The purpose label
+        separates these signatures from the site-message signatures made with the same
+        identity key.
+    """
+    ordered = tuple(sorted(survivors))
+    if not ordered or len(set(ordered)) != len(ordered):
+        raise ValueError("a survivor set is non-empty and names each site once")
+    label = kdf_label(
+        purpose=Purpose.CONSISTENCY_CHECK, federation_id=federation_id, round_id=round_id, block=block, parties=ordered
+    )
+    return label + _check_federation_sha256(federation_sha256)
 
 
 def seed_commitment(seed: bytes, *, federation_id: str, round_id: int, block: str, site: str) -> bytes:

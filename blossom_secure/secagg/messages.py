@@ -2,9 +2,15 @@
 
 Wire format (all integers big-endian, except ring vectors which are little-endian)::
 
-    message  = "BSSA" version:u16 type:u8 field* [signature]
+    message  = "BSSA" version:u16 type:u8 envelope field* [signature]
+    envelope = 1 federation-id:text 2 federation-sha256:32 bytes 3 round:u64 4 party:text
     field    = tag:u8 value            (every field of the type, once, in tag order)
     signature= 0xFF ed25519-signature:64 bytes  (site-to-coordinator messages only)
+
+The envelope (tags 1-4) is the same for every type and defined once, in ``_ENVELOPE``;
+``federation-sha256`` is the SHA-256 of the federation file, so every message, signed
+ones included, is bound to the exact public terms (thresholds, quantisation, layout) of
+the federation it belongs to.
 
 A value is one of: ``u16``/``u64``; ``text`` (u16 length, UTF-8); ``fixed`` (raw bytes of
 a length set by the field); ``blob`` (u32 length, bytes); ``list`` (u32 count, then the
@@ -46,7 +52,7 @@ from blossom_secure.secagg.errors import (
     WrongRecipientError,
     WrongRoundError,
 )
-from blossom_secure.secagg.kdf import signature_payload
+from blossom_secure.secagg.kdf import FEDERATION_SHA256_BYTES, signature_payload
 from blossom_secure.secagg.shamir import SHARE_BYTES
 
 __all__ = [
@@ -55,6 +61,11 @@ __all__ = [
     "AdvertiseKeys",
     "BlockKeys",
     "BlockShares",
+    "BlockSignature",
+    "BlockSignatures",
+    "BlockSurvivors",
+    "ConsistencyRequest",
+    "ConsistencyResponse",
     "EncryptedShare",
     "EncryptedShares",
     "KeyBundle",
@@ -65,6 +76,7 @@ __all__ = [
     "ShareDelivery",
     "ShareKind",
     "SharePlaintext",
+    "SiteSignature",
     "UnmaskRequest",
     "UnmaskResponse",
     "decode_coordinator_message",
@@ -78,19 +90,21 @@ __all__ = [
 ]
 
 MAGIC = b"BSSA"
-WIRE_VERSION = 1
+#: Version 2 added the federation file's hash to the envelope and the consistency check.
+WIRE_VERSION = 2
 _HEADER = struct.Struct(">4sHB")
 _SIGNATURE_TAG = 0xFF
 _SIGNATURE_TRAILER_BYTES = 1 + crypto.ED25519_SIGNATURE_BYTES
-_IDENTIFIER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_IDENTIFIER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _NONCE_BYTES = crypto.AEAD_NONCE_BYTES
 _MAX_CIPHERTEXT_BYTES = 1 << 20
 
 
 def is_valid_identifier(value: object) -> bool:
     """Whether ``value`` can be a site or federation id: 1-64 characters from
-    ``[A-Za-z0-9._-]``, starting with a letter or digit."""
-    return isinstance(value, str) and _IDENTIFIER_RE.match(value) is not None
+    ``[A-Za-z0-9._-]``, starting with a letter or digit (the whole string: a trailing
+    newline is refused)."""
+    return isinstance(value, str) and _IDENTIFIER_RE.fullmatch(value) is not None
 
 
 class MessageType(IntEnum):
@@ -104,6 +118,8 @@ class MessageType(IntEnum):
     UNMASK_REQUEST = 6
     UNMASK_RESPONSE = 7
     SHARE_PLAINTEXT = 8
+    CONSISTENCY_REQUEST = 9
+    CONSISTENCY_RESPONSE = 10
 
 
 class ShareKind(IntEnum):
@@ -307,8 +323,22 @@ def _require_sorted_unique(keys: list, what: str) -> None:
 
 def _require_envelope(message: Any, party_field: str) -> None:
     _require_identifier(message.federation_id, "federation_id")
+    _require(
+        isinstance(message.federation_sha256, bytes) and len(message.federation_sha256) == FEDERATION_SHA256_BYTES,
+        "federation_sha256 must be 32 bytes",
+    )
     _require(isinstance(message.round_id, int) and 0 <= message.round_id < 1 << 64, "round_id out of range")
     _require_identifier(getattr(message, party_field), party_field)
+
+
+def _require_signature(value: object) -> None:
+    _require(isinstance(value, bytes) and len(value) == crypto.ED25519_SIGNATURE_BYTES, "a signature is 64 bytes")
+
+
+def _require_site_set(sites: tuple, what: str) -> None:
+    for site in sites:
+        _require_identifier(site, what)
+    _require_sorted_unique(list(sites), what)
 
 
 # ------------------------------------------------------------------------- messages
@@ -337,7 +367,8 @@ class AdvertiseKeys:
     """Stage 1, site to coordinator: fresh public keys for this round, signed.
 
     Attributes:
-        federation_id, round_id, site_id: Where it belongs and who sends it.
+        federation_id, federation_sha256, round_id, site_id: Where it belongs (the
+            federation, the hash of its federation file, the round) and who sends it.
         share_public_key: X25519 public key used to encrypt shares to this site.
         min_contributors: The site's own policy minimum for a block group.
         blocks: One entry per contributed block, sorted by block name.
@@ -345,6 +376,7 @@ class AdvertiseKeys:
 
     TYPE: ClassVar[MessageType] = MessageType.ADVERTISE_KEYS
     federation_id: str
+    federation_sha256: bytes
     round_id: int
     site_id: str
     share_public_key: bytes
@@ -367,6 +399,7 @@ class KeyBundle:
 
     TYPE: ClassVar[MessageType] = MessageType.KEY_BUNDLE
     federation_id: str
+    federation_sha256: bytes
     round_id: int
     recipient: str
     advertisements: tuple[bytes, ...]
@@ -395,6 +428,7 @@ class EncryptedShares:
 
     TYPE: ClassVar[MessageType] = MessageType.ENCRYPTED_SHARES
     federation_id: str
+    federation_sha256: bytes
     round_id: int
     site_id: str
     shares: tuple[EncryptedShare, ...]
@@ -411,6 +445,7 @@ class ShareDelivery:
 
     TYPE: ClassVar[MessageType] = MessageType.SHARE_DELIVERY
     federation_id: str
+    federation_sha256: bytes
     round_id: int
     recipient: str
     share_senders: tuple[str, ...]
@@ -447,6 +482,7 @@ class MaskedInput:
 
     TYPE: ClassVar[MessageType] = MessageType.MASKED_INPUT
     federation_id: str
+    federation_sha256: bytes
     round_id: int
     site_id: str
     blocks: tuple[MaskedBlock, ...]
@@ -457,23 +493,109 @@ class MaskedInput:
 
 
 @dataclass(frozen=True)
+class BlockSurvivors:
+    """One block's survivor set (``U3`` of its group), as the coordinator claims it."""
+
+    block: str
+    survivors: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        _require_block(self.block)
+        _require(len(self.survivors) > 0, "a survivor set is not empty")
+        _require_site_set(self.survivors, "survivors")
+
+
+@dataclass(frozen=True)
+class ConsistencyRequest:
+    """Stage 4 request, coordinator to site: per block the site sent masked input for,
+    the set of group members whose masked input arrived, for the site to sign."""
+
+    TYPE: ClassVar[MessageType] = MessageType.CONSISTENCY_REQUEST
+    federation_id: str
+    federation_sha256: bytes
+    round_id: int
+    recipient: str
+    blocks: tuple[BlockSurvivors, ...]
+
+    def __post_init__(self) -> None:
+        _require_envelope(self, "recipient")
+        _require_sorted_unique([b.block for b in self.blocks], "blocks")
+
+
+@dataclass(frozen=True)
+class BlockSignature:
+    """A site's Ed25519 signature over one block's survivor set
+    (:func:`blossom_secure.secagg.kdf.consistency_payload`)."""
+
+    block: str
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        _require_block(self.block)
+        _require_signature(self.signature)
+
+
+@dataclass(frozen=True)
+class ConsistencyResponse:
+    """Stage 4, site to coordinator: its signatures over the survivor sets, sorted by
+    block."""
+
+    TYPE: ClassVar[MessageType] = MessageType.CONSISTENCY_RESPONSE
+    federation_id: str
+    federation_sha256: bytes
+    round_id: int
+    site_id: str
+    signatures: tuple[BlockSignature, ...]
+
+    def __post_init__(self) -> None:
+        _require_envelope(self, "site_id")
+        _require_sorted_unique([s.block for s in self.signatures], "signatures")
+
+
+@dataclass(frozen=True)
+class SiteSignature:
+    """One site's consistency-check signature, as the coordinator forwards it."""
+
+    site: str
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        _require_identifier(self.site, "site")
+        _require_signature(self.signature)
+
+
+@dataclass(frozen=True)
+class BlockSignatures:
+    """The consistency-check signatures collected for one block, sorted by signer."""
+
+    block: str
+    signatures: tuple[SiteSignature, ...]
+
+    def __post_init__(self) -> None:
+        _require_block(self.block)
+        _require_sorted_unique([s.site for s in self.signatures], "signatures")
+
+
+@dataclass(frozen=True)
 class UnmaskRequest:
-    """Stage 4 request, coordinator to site: the sites whose masked input arrived
-    (``survivors``) and those that shared keys but sent no masked input (``dropped``)."""
+    """Stage 5 request, coordinator to site: the sites whose masked input arrived
+    (``survivors``), those that shared keys but sent no masked input (``dropped``), and
+    per block the consistency-check signatures collected over the block's survivor set."""
 
     TYPE: ClassVar[MessageType] = MessageType.UNMASK_REQUEST
     federation_id: str
+    federation_sha256: bytes
     round_id: int
     recipient: str
     survivors: tuple[str, ...]
     dropped: tuple[str, ...]
+    consistency: tuple[BlockSignatures, ...]
 
     def __post_init__(self) -> None:
         _require_envelope(self, "recipient")
-        for site in (*self.survivors, *self.dropped):
-            _require_identifier(site, "site")
-        _require_sorted_unique(list(self.survivors), "survivors")
-        _require_sorted_unique(list(self.dropped), "dropped")
+        _require_site_set(self.survivors, "survivors")
+        _require_site_set(self.dropped, "dropped")
+        _require_sorted_unique([b.block for b in self.consistency], "consistency")
 
 
 @dataclass(frozen=True)
@@ -493,10 +615,11 @@ class RevealedShare:
 
 @dataclass(frozen=True)
 class UnmaskResponse:
-    """Stage 4, site to coordinator: the revealed shares, sorted by (peer, block)."""
+    """Stage 5, site to coordinator: the revealed shares, sorted by (peer, block)."""
 
     TYPE: ClassVar[MessageType] = MessageType.UNMASK_RESPONSE
     federation_id: str
+    federation_sha256: bytes
     round_id: int
     site_id: str
     shares: tuple[RevealedShare, ...]
@@ -525,6 +648,7 @@ class SharePlaintext:
 
     TYPE: ClassVar[MessageType] = MessageType.SHARE_PLAINTEXT
     federation_id: str
+    federation_sha256: bytes
     round_id: int
     sender: str
     recipient: str
@@ -541,8 +665,10 @@ _U16 = _UInt(2)
 _U64 = _UInt(8)
 _KEY = _Fixed(crypto.X25519_KEY_BYTES)
 _DIGEST = _Fixed(32)
+_SIGNATURE = _Fixed(crypto.ED25519_SIGNATURE_BYTES)
 _SHARE = _Fixed(SHARE_BYTES)
 _ENCRYPTED_SHARE = _Record(EncryptedShare, (_TEXT, _Fixed(_NONCE_BYTES), _Blob(_MAX_CIPHERTEXT_BYTES)))
+_BLOCK_SIGNATURES = _Record(BlockSignatures, (_TEXT, _List(_Record(SiteSignature, (_TEXT, _SIGNATURE)))))
 
 
 class _KindCodec(_Codec):
@@ -556,37 +682,53 @@ class _KindCodec(_Codec):
             raise MalformedMessageError("unknown share kind") from None
 
 
-#: Per type: the body fields (tag, attribute, codec), after the envelope fields 1-3.
+#: The envelope, fields 1-4 of every message: (tag, attribute, codec); the attribute of
+#: field 4 (the party) is ``_ENVELOPE_PARTY[type]``.
+_ENVELOPE: tuple[tuple[int, str | None, _Codec], ...] = (
+    (1, "federation_id", _TEXT),
+    (2, "federation_sha256", _DIGEST),
+    (3, "round_id", _U64),
+    (4, None, _TEXT),
+)
+#: Per type: the body fields (tag, attribute, codec), after the envelope.
 _BODY: dict[type, tuple[tuple[int, str, _Codec], ...]] = {
     AdvertiseKeys: (
-        (4, "share_public_key", _KEY),
-        (5, "min_contributors", _U16),
-        (6, "blocks", _List(_Record(BlockKeys, (_TEXT, _KEY, _DIGEST)))),
+        (5, "share_public_key", _KEY),
+        (6, "min_contributors", _U16),
+        (7, "blocks", _List(_Record(BlockKeys, (_TEXT, _KEY, _DIGEST)))),
     ),
-    KeyBundle: ((4, "advertisements", _List(_Blob(1 << 16))),),
-    EncryptedShares: ((4, "shares", _List(_ENCRYPTED_SHARE)),),
-    ShareDelivery: ((4, "share_senders", _List(_TEXT)), (5, "shares", _List(_ENCRYPTED_SHARE))),
-    MaskedInput: ((4, "blocks", _List(_Record(MaskedBlock, (_TEXT, _RingVector())))),),
-    UnmaskRequest: ((4, "survivors", _List(_TEXT)), (5, "dropped", _List(_TEXT))),
-    UnmaskResponse: ((4, "shares", _List(_Record(RevealedShare, (_TEXT, _TEXT, _KindCodec(), _SHARE)))),),
-    SharePlaintext: ((4, "recipient", _TEXT), (5, "blocks", _List(_Record(BlockShares, (_TEXT, _SHARE, _SHARE))))),
+    KeyBundle: ((5, "advertisements", _List(_Blob(1 << 16))),),
+    EncryptedShares: ((5, "shares", _List(_ENCRYPTED_SHARE)),),
+    ShareDelivery: ((5, "share_senders", _List(_TEXT)), (6, "shares", _List(_ENCRYPTED_SHARE))),
+    MaskedInput: ((5, "blocks", _List(_Record(MaskedBlock, (_TEXT, _RingVector())))),),
+    ConsistencyRequest: ((5, "blocks", _List(_Record(BlockSurvivors, (_TEXT, _List(_TEXT))))),),
+    ConsistencyResponse: ((5, "signatures", _List(_Record(BlockSignature, (_TEXT, _SIGNATURE)))),),
+    UnmaskRequest: (
+        (5, "survivors", _List(_TEXT)),
+        (6, "dropped", _List(_TEXT)),
+        (7, "consistency", _List(_BLOCK_SIGNATURES)),
+    ),
+    UnmaskResponse: ((5, "shares", _List(_Record(RevealedShare, (_TEXT, _TEXT, _KindCodec(), _SHARE)))),),
+    SharePlaintext: ((5, "recipient", _TEXT), (6, "blocks", _List(_Record(BlockShares, (_TEXT, _SHARE, _SHARE))))),
 }
 _ENVELOPE_PARTY = {
     AdvertiseKeys: "site_id",
     EncryptedShares: "site_id",
     MaskedInput: "site_id",
+    ConsistencyResponse: "site_id",
     UnmaskResponse: "site_id",
     KeyBundle: "recipient",
     ShareDelivery: "recipient",
+    ConsistencyRequest: "recipient",
     UnmaskRequest: "recipient",
     SharePlaintext: "sender",
 }
-_SITE_MESSAGES = (AdvertiseKeys, EncryptedShares, MaskedInput, UnmaskResponse)
-_COORDINATOR_MESSAGES = (KeyBundle, ShareDelivery, UnmaskRequest)
+_SITE_MESSAGES = (AdvertiseKeys, EncryptedShares, MaskedInput, ConsistencyResponse, UnmaskResponse)
+_COORDINATOR_MESSAGES = (KeyBundle, ShareDelivery, ConsistencyRequest, UnmaskRequest)
 _BY_TYPE: dict[int, type] = {cls.TYPE: cls for cls in _BODY}
 
-SiteMessage = AdvertiseKeys | EncryptedShares | MaskedInput | UnmaskResponse
-CoordinatorMessage = KeyBundle | ShareDelivery | UnmaskRequest
+SiteMessage = AdvertiseKeys | EncryptedShares | MaskedInput | ConsistencyResponse | UnmaskResponse
+CoordinatorMessage = KeyBundle | ShareDelivery | ConsistencyRequest | UnmaskRequest
 
 
 # --------------------------------------------------------------------- encode/decode
@@ -596,10 +738,9 @@ def _encode_unsigned(message: Any) -> bytes:
     cls = type(message)
     writer = _Writer()
     writer.raw(_HEADER.pack(MAGIC, WIRE_VERSION, int(cls.TYPE)))
-    envelope = ((1, "federation_id", _TEXT), (2, "round_id", _U64), (3, _ENVELOPE_PARTY[cls], _TEXT))
-    for tag, name, codec in (*envelope, *_BODY[cls]):
+    for tag, name, codec in (*_ENVELOPE, *_BODY[cls]):
         writer.raw(bytes([tag]))
-        codec.write(writer, getattr(message, name))
+        codec.write(writer, getattr(message, name or _ENVELOPE_PARTY[cls]))
     return writer.getvalue()
 
 
@@ -667,8 +808,12 @@ def _read_header(view: memoryview) -> int:
     return type_code
 
 
+def _known_tags(cls: type) -> set[int]:
+    return {*(t for t, _, _ in _ENVELOPE), *(t for t, _, _ in _BODY[cls])}
+
+
 def _read_field(reader: _Reader, cls: type, tag: int, codec: _Codec) -> Any:
-    known = {1, 2, 3, *(t for t, _, _ in _BODY[cls])}
+    known = _known_tags(cls)
     got = reader.take(1)[0]
     if got != tag:
         if got not in known:
@@ -677,27 +822,32 @@ def _read_field(reader: _Reader, cls: type, tag: int, codec: _Codec) -> Any:
     return codec.read(reader)
 
 
-def _read_envelope(reader: _Reader, cls: type) -> tuple[str, int, str]:
-    federation_id = _read_field(reader, cls, 1, _TEXT)
-    round_id = _read_field(reader, cls, 2, _U64)
-    party = _read_field(reader, cls, 3, _TEXT)
-    return federation_id, round_id, party
+def _read_envelope(reader: _Reader, cls: type) -> tuple[str, bytes, int, str]:
+    federation_id, federation_sha256, round_id, party = (
+        _read_field(reader, cls, tag, codec) for tag, _name, codec in _ENVELOPE
+    )
+    return federation_id, federation_sha256, round_id, party
 
 
-def _check_context(federation_id: str, round_id: int, *, expected_federation: str, expected_round: int) -> None:
+def _check_context(
+    envelope: tuple[str, bytes, int, str], *, expected_federation: str, expected_sha256: bytes, expected_round: int
+) -> None:
+    federation_id, federation_sha256, round_id, _party = envelope
     if federation_id != expected_federation:
         raise WrongFederationError("message belongs to another federation")
+    if federation_sha256 != expected_sha256:
+        raise WrongFederationError("message is bound to another version of the federation file (its SHA-256 differs)")
     if round_id != expected_round:
         raise WrongRoundError(f"message belongs to round {round_id}, not {expected_round}")
 
 
-def _read_body(reader: _Reader, cls: type, envelope: tuple[str, int, str]) -> Any:
+def _read_body(reader: _Reader, cls: type, envelope: tuple[str, bytes, int, str]) -> Any:
     values = list(envelope)
     for tag, _name, codec in _BODY[cls]:
         values.append(_read_field(reader, cls, tag, codec))
     if reader.remaining():
         extra = reader.take(1)[0]
-        if extra not in {1, 2, 3, *(t for t, _, _ in _BODY[cls])}:
+        if extra not in _known_tags(cls):
             raise UnknownFieldError(f"unknown field tag {extra} in {cls.__name__}")
         raise MalformedMessageError(f"repeated field or trailing bytes after {cls.__name__}")
     return _construct(cls, values)
@@ -707,6 +857,7 @@ def decode_site_message(
     untrusted_message: bytes,
     *,
     federation_id: str,
+    federation_sha256: bytes,
     round_id: int,
     roster: Mapping[str, bytes],
     max_bytes: int,
@@ -714,11 +865,13 @@ def decode_site_message(
     """Check and decode a signed site-to-coordinator message.
 
     Order of checks: length limit; header (magic, version, type); envelope (federation,
-    round, sender); sender in ``roster``; signature; federation and round; body.
+    federation file hash, round, sender); sender in ``roster``; signature; federation,
+    federation file hash and round; body.
 
     Args:
         untrusted_message: The bytes as received.
-        federation_id, round_id: The expected context.
+        federation_id, federation_sha256, round_id: The expected context (the federation,
+            the SHA-256 of its federation file, the round).
         roster: Site id to raw Ed25519 public key.
         max_bytes: Length limit.
 
@@ -729,7 +882,8 @@ def decode_site_message(
         UnknownFieldError: a field tag this type does not define.
         UnknownSenderError: the sender is not in the roster.
         AuthenticationError: missing or invalid signature.
-        WrongFederationError, WrongRoundError: another federation or round.
+        WrongFederationError: another federation, or another version of its file.
+        WrongRoundError: another round.
 
     Notes:
         Like Fernet checking its MAC before decrypting, the signature is checked before
@@ -744,14 +898,16 @@ def decode_site_message(
         raise MalformedMessageError(f"{cls.__name__} is not a site message")
     reader = _Reader(view, _HEADER.size, view.nbytes)
     envelope = _read_envelope(reader, cls)
-    sender = envelope[2]
+    sender = envelope[3]
     if sender not in roster:
         raise UnknownSenderError("sender is not in the federation roster")
     body_end = view.nbytes - _SIGNATURE_TRAILER_BYTES
     if body_end < reader.pos or view[body_end] != _SIGNATURE_TAG:
         raise AuthenticationError()
     crypto.verify_signature(roster[sender], signature_payload(view[:body_end]), bytes(view[body_end + 1 :]))
-    _check_context(envelope[0], envelope[1], expected_federation=federation_id, expected_round=round_id)
+    _check_context(
+        envelope, expected_federation=federation_id, expected_sha256=federation_sha256, expected_round=round_id
+    )
     reader.end = body_end
     return _read_body(reader, cls, envelope)
 
@@ -760,6 +916,7 @@ def decode_coordinator_message(
     untrusted_message: bytes,
     *,
     federation_id: str,
+    federation_sha256: bytes,
     round_id: int,
     recipient: str,
     max_bytes: int,
@@ -769,7 +926,8 @@ def decode_coordinator_message(
     Raises:
         MessageTooLargeError, UnsupportedVersionError, MalformedMessageError,
         UnknownFieldError: as for :func:`decode_site_message`.
-        WrongFederationError, WrongRoundError: another federation or round.
+        WrongFederationError: another federation, or another version of its file.
+        WrongRoundError: another round.
         WrongRecipientError: addressed to another site.
     """
     view = _checked_view(untrusted_message, max_bytes)
@@ -778,21 +936,30 @@ def decode_coordinator_message(
         raise MalformedMessageError(f"{cls.__name__} is not a coordinator message")
     reader = _Reader(view, _HEADER.size, view.nbytes)
     envelope = _read_envelope(reader, cls)
-    _check_context(envelope[0], envelope[1], expected_federation=federation_id, expected_round=round_id)
-    if envelope[2] != recipient:
+    _check_context(
+        envelope, expected_federation=federation_id, expected_sha256=federation_sha256, expected_round=round_id
+    )
+    if envelope[3] != recipient:
         raise WrongRecipientError("message is addressed to another site")
     return _read_body(reader, cls, envelope)
 
 
 def decode_share_plaintext(
-    untrusted_plaintext: bytes, *, federation_id: str, round_id: int, sender: str, recipient: str
+    untrusted_plaintext: bytes,
+    *,
+    federation_id: str,
+    federation_sha256: bytes,
+    round_id: int,
+    sender: str,
+    recipient: str,
 ) -> SharePlaintext:
     """Decode a decrypted share plaintext and check its context.
 
     Raises:
         MalformedMessageError: not a canonical share plaintext, or its sender or recipient
             differ from those the ciphertext was authenticated for.
-        WrongFederationError, WrongRoundError: another federation or round.
+        WrongFederationError: another federation, or another version of its file.
+        WrongRoundError: another round.
     """
     view = _checked_view(untrusted_plaintext, _MAX_CIPHERTEXT_BYTES)
     cls = _BY_TYPE[_read_header(view)]
@@ -800,7 +967,9 @@ def decode_share_plaintext(
         raise MalformedMessageError("not a share plaintext")
     reader = _Reader(view, _HEADER.size, view.nbytes)
     envelope = _read_envelope(reader, cls)
-    _check_context(envelope[0], envelope[1], expected_federation=federation_id, expected_round=round_id)
+    _check_context(
+        envelope, expected_federation=federation_id, expected_sha256=federation_sha256, expected_round=round_id
+    )
     message = _read_body(reader, cls, envelope)
     if message.sender != sender or message.recipient != recipient:
         raise MalformedMessageError("share plaintext names other parties than its ciphertext")

@@ -4,19 +4,29 @@ Each method takes the untrusted bytes the coordinator sent and returns the bytes
 back; nothing here does I/O, so the same machine runs in-process and under a deployment
 runtime. A method that raises leaves the machine exactly as it was.
 
-Stages (Bonawitz et al. 2017, section 4, extended to block groups):
+Stages (Bonawitz et al. 2017, section 4, malicious-server variant, extended to block
+groups):
 
 1. :meth:`SiteStageMachine.advertise_keys`: fresh X25519 keys (one to receive shares,
    one per contributed block for pairwise masks) and a 256-bit self-mask seed per block,
    committed to, all signed with the site's identity key.
 2. :meth:`SiteStageMachine.share_keys`: verify every advertisement against the roster,
-   form the block groups, Shamir-share each block's mask private key and seed among its
-   group, and encrypt each neighbour's shares to it.
+   form the block groups (refusing any group smaller than the block's public threshold,
+   and any advertisement of a block by a site outside the block's public group),
+   Shamir-share each block's mask private key and seed among its group with that
+   threshold, and encrypt each neighbour's shares to it.
 3. :meth:`SiteStageMachine.masked_input`: decrypt the shares received, then send each
    block's quantised, weighted update plus its self mask and its pairwise masks.
-4. :meth:`SiteStageMachine.unmask`: for each peer, reveal the share of its seed (it
-   sent its input) or of its mask key (it did not), never both, and only for blocks whose
-   survivors still meet the threshold and every minimum.
+4. :meth:`SiteStageMachine.consistency_check`: sign, per block, the survivor set the
+   coordinator claims; each site signs one set per block and round.
+5. :meth:`SiteStageMachine.unmask`: with ``t_b`` valid signatures of group members over
+   the set it signed, and a survivor/dropped split that agrees with it, reveal for each
+   peer the share of its seed (it survived) or of its mask key (it dropped), never both.
+
+The thresholds ``t_b`` and the public block groups ``P_b`` come from
+:class:`SecAggParams` (the federation file, whose SHA-256 every message carries) and
+never from what the coordinator shows. A site contributes only blocks whose public group
+holds it, and refuses any group, survivor set or consistency signer outside ``P_b``.
 """
 
 from __future__ import annotations
@@ -38,9 +48,11 @@ from blossom_secure.secagg import kdf, shamir
 from blossom_secure.secagg.errors import (
     AllZeroSharedSecretError,
     BothSharesRequestedError,
+    ConsistencyCheckError,
     DuplicatePublicKeyError,
     InconsistentMessageError,
     MalformedMessageError,
+    OutsideBlockGroupError,
     ReplayedMessageError,
     StageOrderError,
     UnknownSenderError,
@@ -53,12 +65,16 @@ from blossom_secure.secagg.groups import (
     share_x_coordinates,
     validate_block_sizes,
     validate_roster,
+    verify_offer,
 )
 from blossom_secure.secagg.masking import masked_ring_vector
 from blossom_secure.secagg.messages import (
     AdvertiseKeys,
     BlockKeys,
     BlockShares,
+    BlockSignature,
+    ConsistencyRequest,
+    ConsistencyResponse,
     EncryptedShare,
     EncryptedShares,
     KeyBundle,
@@ -69,6 +85,7 @@ from blossom_secure.secagg.messages import (
     ShareDelivery,
     ShareKind,
     SharePlaintext,
+    SiteSignature,
     UnmaskRequest,
     UnmaskResponse,
     decode_coordinator_message,
@@ -92,7 +109,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: The protocol's stages, in order (the names ``drop_after`` and logs use).
-STAGE_NAMES = ("advertise_keys", "share_keys", "masked_input", "unmask")
+STAGE_NAMES = ("advertise_keys", "share_keys", "masked_input", "consistency", "unmask")
 _SEED_BYTES = 32
 
 
@@ -142,16 +159,20 @@ class _Stage(IntEnum):
     ADVERTISED = 1
     SHARED = 2
     MASKED = 3
-    DONE = 4
+    CHECKED = 4
+    DONE = 5
 
 
-_CoordinatorMessageT = TypeVar("_CoordinatorMessageT", KeyBundle, ShareDelivery, UnmaskRequest)
+_CoordinatorMessageT = TypeVar(
+    "_CoordinatorMessageT", KeyBundle, ShareDelivery, ConsistencyRequest, UnmaskRequest
+)
 
-#: The coordinator message each stage expects, and the stage it moves to.
+#: The coordinator message each stage expects (the stage that must be done before it).
 _EXPECTED = {
     MessageType.KEY_BUNDLE: _Stage.ADVERTISED,
     MessageType.SHARE_DELIVERY: _Stage.SHARED,
-    MessageType.UNMASK_REQUEST: _Stage.MASKED,
+    MessageType.CONSISTENCY_REQUEST: _Stage.MASKED,
+    MessageType.UNMASK_REQUEST: _Stage.CHECKED,
 }
 
 
@@ -175,6 +196,7 @@ class _MaskedState:
     share_senders: frozenset[str]
     held: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)  # (peer, block) -> shares
     mask_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # blocks actually sent
+    signed: dict[str, tuple[str, ...]] = field(default_factory=dict)  # block -> survivor set signed
 
 
 def mask_block(
@@ -228,8 +250,11 @@ class SiteStageMachine:
     Args:
         site_id: This site's id (in ``roster``).
         federation_id: The federation's id.
+        federation_sha256: The SHA-256 (32 bytes) of the federation file, bound into every
+            message, share encryption and consistency signature of the round.
         round_id: The round.
-        roster: Site id to raw Ed25519 public key, distributed out of band.
+        roster: Site id to raw Ed25519 public key, distributed out of band; at most
+            ``params.max_group_size`` sites.
         identity_key: This site's long-term Ed25519 private key (matches the roster).
         block_sizes: The federation's layout: block name to number of float32 values.
         params: The round's protocol parameters.
@@ -237,12 +262,24 @@ class SiteStageMachine:
 
     Raises:
         ValueError: inconsistent arguments (unknown site, key not matching the roster,
-            update sizes not matching the layout, weight above ``params.max_weight``).
+            a roster larger than ``params.max_group_size``, a federation hash that is not
+            32 bytes, update sizes not matching the layout, weight above
+            ``params.max_weight``, or a contribution to a block whose public group
+            ``params.block_group(block)`` does not hold this site).
 
     Notes:
         A site never trusts the coordinator with a secret: shares travel encrypted to
         their recipients, and the only secrets it reveals are the shares the protocol
-        needs, one kind per peer (Bonawitz et al. 2017, section 4).
+        needs, one kind per peer over the whole round (Bonawitz et al. 2017, section 4).
+        Nor does it trust the coordinator's view of the round: thresholds are public,
+        and it reveals shares only for a survivor set that ``t_b`` group members signed.
+        A roster larger than ``params.max_group_size`` is refused because the thresholds
+        are a majority of that bound: more sites could form two disjoint signing sets.
+        For a block with a declared group ``P_b`` the bound is ``|P_b|`` instead, which
+        holds only if no site outside ``P_b`` ever contributes, is grouped with, or
+        signs for the block: this machine refuses to contribute such a block itself
+        (before advertising anything) and refuses any message that puts an outsider
+        there.
     """
 
     def __init__(
@@ -250,6 +287,7 @@ class SiteStageMachine:
         *,
         site_id: str,
         federation_id: str,
+        federation_sha256: bytes,
         round_id: int,
         roster: Mapping[str, bytes],
         identity_key: Ed25519PrivateKey,
@@ -261,8 +299,15 @@ class SiteStageMachine:
         validate_block_sizes(block_sizes)
         if not is_valid_identifier(federation_id):
             raise ValueError("federation_id is not a valid identifier")
+        if not isinstance(federation_sha256, bytes) or len(federation_sha256) != kdf.FEDERATION_SHA256_BYTES:
+            raise ValueError("federation_sha256 must be the 32-byte SHA-256 of the federation file")
         if not isinstance(round_id, int) or isinstance(round_id, bool) or not 0 <= round_id < 1 << 64:
             raise ValueError("round_id must be an int in 0..2**64-1")
+        if len(roster) > params.max_group_size:
+            raise ValueError(
+                f"the roster has {len(roster)} sites, more than max_group_size ({params.max_group_size}, the "
+                "federation's max_sites): its thresholds would no longer be a majority of the sites"
+            )
         if site_id not in roster:
             raise ValueError(f"site {site_id!r} is not in the roster")
         if crypto.identity_public_key(identity_key) != roster[site_id]:
@@ -271,9 +316,15 @@ class SiteStageMachine:
             if block not in block_sizes:
                 raise ValueError(f"block {block} is not in the federation layout")
             validate_update(update, name=block, size=block_sizes[block])
+            if not params.is_group_member(block, site_id):
+                raise ValueError(
+                    f"site {site_id!r} is not in the public group of block {block} (the federation file's "
+                    "[aggregation.groups]): it may not contribute it"
+                )
         check_weight(contribution.weight, params)
         self._site_id = site_id
         self._federation_id = federation_id
+        self._federation_sha256 = federation_sha256
         self._round_id = round_id
         self._roster = dict(roster)
         self._identity_key = identity_key
@@ -287,6 +338,7 @@ class SiteStageMachine:
         self._secrets: dict[str, _BlockSecrets] = {}
         self._shared: _SharedState | None = None
         self._masked: _MaskedState | None = None
+        self._revealed: dict[tuple[str, str], ShareKind] = {}  # (peer, block) -> kind revealed this round
         self._last_blocks: tuple[str, ...] = ()
 
     @property
@@ -297,7 +349,7 @@ class SiteStageMachine:
     @property
     def last_message_blocks(self) -> tuple[str, ...]:
         """The blocks the last message this machine produced is about (for the audit log):
-        the blocks advertised, then those shared, masked, and unmasked."""
+        the blocks advertised, then those shared, masked, signed, and unmasked."""
         return self._last_blocks
 
     @property
@@ -325,6 +377,7 @@ class SiteStageMachine:
             secrets_by_block[block] = _BlockSecrets(private_key, public_key, seed, commitment)
         message = AdvertiseKeys(
             federation_id=self._federation_id,
+            federation_sha256=self._federation_sha256,
             round_id=self._round_id,
             site_id=self._site_id,
             share_public_key=share_public_key,
@@ -358,6 +411,8 @@ class SiteStageMachine:
             AuthenticationError: an advertisement's signature does not verify.
             InconsistentMessageError: this site's own advertisement is missing or
                 altered, or a block outside the layout is advertised.
+            OutsideBlockGroupError: an advertisement of a block by a site outside the
+                block's public group (a group with an outsider is never formed).
             DuplicatePublicKeyError: two advertised public keys are equal.
             AllZeroSharedSecretError: a neighbour's share key is a low-order point.
         """
@@ -370,7 +425,11 @@ class SiteStageMachine:
         )
         own_shares, ciphertexts = self._make_shares(plan, adverts)
         message = EncryptedShares(
-            federation_id=self._federation_id, round_id=self._round_id, site_id=self._site_id, shares=tuple(ciphertexts)
+            federation_id=self._federation_id,
+            federation_sha256=self._federation_sha256,
+            round_id=self._round_id,
+            site_id=self._site_id,
+            shares=tuple(ciphertexts),
         )
         encoded = encode_site_message(message, self._identity_key)
         self._shared = _SharedState(plan, adverts, own_shares)
@@ -392,6 +451,7 @@ class SiteStageMachine:
             advert = decode_site_message(
                 untrusted_advert,
                 federation_id=self._federation_id,
+                federation_sha256=self._federation_sha256,
                 round_id=self._round_id,
                 roster=self._roster,
                 max_bytes=self._params.max_message_bytes,
@@ -405,6 +465,7 @@ class SiteStageMachine:
                     raise InconsistentMessageError(
                         f"{advert.site_id} advertised block {entry.block} outside the layout"
                     )
+            verify_offer(advert.site_id, (entry.block for entry in advert.blocks), self._params)
             if advert.site_id == self._site_id:
                 if untrusted_advert != self._advertisement:
                     raise InconsistentMessageError("key bundle alters this site's advertisement")
@@ -436,6 +497,7 @@ class SiteStageMachine:
         for peer in neighbours(self._site_id, plan):
             plaintext = SharePlaintext(
                 federation_id=self._federation_id,
+                federation_sha256=self._federation_sha256,
                 round_id=self._round_id,
                 sender=self._site_id,
                 recipient=peer,
@@ -444,7 +506,11 @@ class SiteStageMachine:
             key = self._share_key(adverts[peer].share_public_key, sender=self._site_id, recipient=peer)
             nonce = os.urandom(crypto.AEAD_NONCE_BYTES)
             associated = kdf.share_associated_data(
-                federation_id=self._federation_id, round_id=self._round_id, sender=self._site_id, recipient=peer
+                federation_id=self._federation_id,
+                federation_sha256=self._federation_sha256,
+                round_id=self._round_id,
+                sender=self._site_id,
+                recipient=peer,
             )
             ciphertexts.append(
                 EncryptedShare(
@@ -490,7 +556,11 @@ class SiteStageMachine:
             blocks.append(MaskedBlock(block, self._mask_block(shared, block, group)))
             state.mask_groups[block] = group
         message = MaskedInput(
-            federation_id=self._federation_id, round_id=self._round_id, site_id=self._site_id, blocks=tuple(blocks)
+            federation_id=self._federation_id,
+            federation_sha256=self._federation_sha256,
+            round_id=self._round_id,
+            site_id=self._site_id,
+            blocks=tuple(blocks),
         )
         encoded = encode_site_message(message, self._identity_key)
         self._masked = state
@@ -519,11 +589,16 @@ class SiteStageMachine:
                 shared.adverts[share.peer].share_public_key, sender=share.peer, recipient=self._site_id
             )
             associated = kdf.share_associated_data(
-                federation_id=self._federation_id, round_id=self._round_id, sender=share.peer, recipient=self._site_id
+                federation_id=self._federation_id,
+                federation_sha256=self._federation_sha256,
+                round_id=self._round_id,
+                sender=share.peer,
+                recipient=self._site_id,
             )
             plaintext = decode_share_plaintext(
                 crypto.aead_decrypt(key, share.nonce, share.ciphertext, associated),
                 federation_id=self._federation_id,
+                federation_sha256=self._federation_sha256,
                 round_id=self._round_id,
                 sender=share.peer,
                 recipient=self._site_id,
@@ -562,26 +637,126 @@ class SiteStageMachine:
 
     # ----------------------------------------------------------------- stage 4
 
-    def unmask(self, untrusted_unmask_request: bytes) -> bytes:
-        """Stage 4: reveal, for each peer of each block sent, the share of its self-mask
-        seed (it survived) or of its mask key (it dropped), never both; answered once.
+    def consistency_check(self, untrusted_consistency_request: bytes) -> bytes:
+        """Stage 4: sign, per block this site sent masked input for, the survivor set the
+        coordinator claims, and return the signatures.
+
+        A block is signed only if its set holds this site, lies within the block's group
+        as this site formed it (less the sites it was told did not share keys), and still
+        meets the block's threshold and every minimum; blocks the request omits or that
+        fall short are not signed, and nothing is ever revealed for them. Answered once:
+        a site signs one set per block and round.
 
         Raises:
             StageOrderError: not the message this stage expects, or no masked input sent.
-            ReplayedMessageError: an unmask request was already answered.
+            ReplayedMessageError: a consistency request was already answered.
             MalformedMessageError: (and subclasses) a malformed request.
             WrongFederationError, WrongRoundError, WrongRecipientError: wrong context.
-            BothSharesRequestedError: a site is named both survivor and dropped.
+            InconsistentMessageError: a block this site sent no masked input for, a set
+                without this site, or a set naming sites outside the block's group.
+            OutsideBlockGroupError: a set naming a site outside the block's public
+                group ``P_b``.
+
+        Notes:
+            Bonawitz et al. 2017, section 4, ConsistencyCheck round (malicious server):
+            because every honest site signs at most one set per block and ``2 t_b >
+            max_group_size`` (or ``2 t_b > |P_b|`` for a block with a declared group,
+            whose sets never hold an outsider), two different sets can never both carry
+            ``t_b`` honest signatures, so all honest sites that later reveal shares of
+            a block do so for the same set.
+        """
+        request = self._decode(untrusted_consistency_request, ConsistencyRequest)
+        shared, masked = self._shared_state(), self._masked_state()
+        signed: dict[str, tuple[str, ...]] = {}
+        for entry in request.blocks:
+            group = masked.mask_groups.get(entry.block)
+            if group is None:
+                raise InconsistentMessageError(
+                    f"consistency request names {entry.block}, for which this site sent no masked input"
+                )
+            if self._site_id not in entry.survivors:
+                raise InconsistentMessageError(f"survivor set of {entry.block} does not hold this site")
+            if not all(self._params.is_group_member(entry.block, site) for site in entry.survivors):
+                raise OutsideBlockGroupError(
+                    f"survivor set of {entry.block} names a site outside the block's public group"
+                )
+            if not set(entry.survivors) <= set(group):
+                raise InconsistentMessageError(
+                    f"survivor set of {entry.block} names sites outside the group this site masked with"
+                )
+            if block_shortfall(
+                entry.survivors, plan=shared.plan, block=entry.block, params=self._params, stage="survived"
+            ):
+                continue
+            signed[entry.block] = entry.survivors
+        signatures = tuple(
+            BlockSignature(block, crypto.sign(self._identity_key, self._consistency_payload(block, survivors)))
+            for block, survivors in sorted(signed.items())
+        )
+        message = ConsistencyResponse(
+            federation_id=self._federation_id,
+            federation_sha256=self._federation_sha256,
+            round_id=self._round_id,
+            site_id=self._site_id,
+            signatures=signatures,
+        )
+        encoded = encode_site_message(message, self._identity_key)
+        masked.signed = signed
+        self._last_blocks = tuple(sorted(signed))
+        self._stage = _Stage.CHECKED
+        logger.info(
+            "site %s signed the survivor sets of %d block(s) in round %d", self._site_id, len(signed), self._round_id
+        )
+        return encoded
+
+    def _consistency_payload(self, block: str, survivors: Iterable[str]) -> bytes:
+        return kdf.consistency_payload(
+            federation_id=self._federation_id,
+            federation_sha256=self._federation_sha256,
+            round_id=self._round_id,
+            block=block,
+            survivors=tuple(survivors),
+        )
+
+    # ----------------------------------------------------------------- stage 5
+
+    def unmask(self, untrusted_unmask_request: bytes) -> bytes:
+        """Stage 5: reveal, for each peer of each block signed in the consistency check,
+        the share of its self-mask seed (it survived) or of its mask key (it dropped),
+        never both; answered once.
+
+        Raises:
+            StageOrderError: not the message this stage expects, or no consistency check.
+            ReplayedMessageError: an unmask request was already answered.
+            BothSharesRequestedError: a site is named both survivor and dropped, or (in a
+                second request) a peer is asked for the other kind of share than the one
+                already revealed.
+            MalformedMessageError: (and subclasses) a malformed request.
+            WrongFederationError, WrongRoundError, WrongRecipientError: wrong context.
             InconsistentMessageError: the survivors and dropped sites are not exactly the
-                sites that shared keys, or this site is not among the survivors.
+                sites that shared keys, this site is not among the survivors, or
+                signatures are given for a block this site did not sign.
+            ConsistencyCheckError: fewer than ``t_b`` signatures of distinct members of a
+                signed set, or a survivor/dropped split that contradicts the set signed.
+            OutsideBlockGroupError: a consistency signer outside the block's public
+                group ``P_b``.
+            AuthenticationError: a forwarded consistency signature does not verify over
+                the set this site signed.
 
         Notes:
             Revealing both shares of one peer would let the coordinator strip every mask
-            from that peer's input. The partition check, the single answer per round and
-            the threshold ``t > n/2`` over each group together prevent it (Bonawitz et
-            al. 2017, section 4). Seeds of a block are revealed only when its survivors
-            meet every minimum, so a sum over fewer sites is never unmasked.
+            from that peer's input. A survivor reveals only for the set it signed, with
+            ``t_b`` signatures of group members over that same set: since ``2 t_b >
+            max_group_size`` (``2 t_b > |P_b|`` where the block's group is declared, and
+            then every signer must be in ``P_b``) and each honest site signs one set per
+            block, every honest site that answers reveals seed shares for the same peers
+            and mask-key shares for the same others, so the coordinator never collects
+            ``t_b`` shares of both kinds for one peer (Bonawitz et al. 2017, section 4, ConsistencyCheck and
+            Unmasking rounds; section 6, active adversary). A site answers once and keeps
+            what it revealed for the whole round.
         """
+        if self._stage is _Stage.DONE:
+            self._refuse_second_request(untrusted_unmask_request)
         request = self._decode(untrusted_unmask_request, UnmaskRequest)
         shared, masked = self._shared_state(), self._masked_state()
         survivors, dropped = set(request.survivors), set(request.dropped)
@@ -591,29 +766,80 @@ class SiteStageMachine:
             raise InconsistentMessageError("survivors and dropped sites must be exactly the sites that shared keys")
         if self._site_id not in survivors:
             raise InconsistentMessageError("unmask request does not count this site as a survivor")
+        proofs = {entry.block: entry.signatures for entry in request.consistency}
+        unsigned = set(proofs) - set(masked.signed)
+        if unsigned:
+            raise InconsistentMessageError("unmask request carries signatures for a block this site did not sign")
+        for block, signed_set in sorted(masked.signed.items()):
+            group = masked.mask_groups[block]
+            if tuple(s for s in group if s in survivors) != signed_set:
+                raise ConsistencyCheckError(f"unmask request's survivors of {block} differ from the set signed")
         revealed = []
-        for block, group in sorted(masked.mask_groups.items()):
-            contributors = tuple(s for s in group if s in survivors)
-            if block_shortfall(
-                contributors, plan=shared.plan, block=block, params=self._params, stage="sent masked input"
-            ):
+        for block, signed_set in sorted(masked.signed.items()):
+            if block not in proofs:
                 continue
-            for peer in group:
+            self._verify_consistency(block, signed_set, proofs[block], shared.plan.thresholds[block])
+            for peer in masked.mask_groups[block]:
                 key_share, seed_share = masked.held[(peer, block)]
                 kind, value = (
-                    (ShareKind.SELF_MASK_SEED, seed_share) if peer in survivors else (ShareKind.MASK_KEY, key_share)
+                    (ShareKind.SELF_MASK_SEED, seed_share) if peer in signed_set else (ShareKind.MASK_KEY, key_share)
                 )
                 revealed.append(RevealedShare(peer, block, kind, shamir.share_to_bytes(value)))
         revealed.sort(key=lambda s: (s.peer, s.block))
         message = UnmaskResponse(
-            federation_id=self._federation_id, round_id=self._round_id, site_id=self._site_id, shares=tuple(revealed)
+            federation_id=self._federation_id,
+            federation_sha256=self._federation_sha256,
+            round_id=self._round_id,
+            site_id=self._site_id,
+            shares=tuple(revealed),
         )
         encoded = encode_site_message(message, self._identity_key)
         self._stage = _Stage.DONE
+        self._revealed = {(share.peer, share.block): share.kind for share in revealed}
         self._last_blocks = tuple(sorted({share.block for share in revealed}))
         self._forget_secrets()
         logger.info("site %s revealed %d share(s) in round %d", self._site_id, len(revealed), self._round_id)
         return encoded
+
+    def _verify_consistency(
+        self, block: str, signed_set: tuple[str, ...], signatures: tuple[SiteSignature, ...], threshold: int
+    ) -> None:
+        signers = [entry.site for entry in signatures]
+        if len(set(signers)) != len(signers):
+            raise ConsistencyCheckError(f"a site signed the survivor set of {block} twice")
+        if not all(self._params.is_group_member(block, site) for site in signers):
+            raise OutsideBlockGroupError(f"a signature over the survivor set of {block} from outside its public group")
+        outsiders = set(signers) - set(signed_set)
+        if outsiders:
+            raise ConsistencyCheckError(f"signatures over the survivor set of {block} from sites outside it")
+        if len(signers) < threshold:
+            raise ConsistencyCheckError(
+                f"{len(signers)} signature(s) over the survivor set of {block}, t = {threshold} required"
+            )
+        payload = self._consistency_payload(block, signed_set)
+        for entry in signatures:
+            crypto.verify_signature(self._roster[entry.site], payload, entry.signature)
+
+    def _refuse_second_request(self, untrusted_unmask_request: bytes) -> None:
+        """After answering: refuse any further unmask request, naming the contradiction if
+        it asks for the other kind of share of a peer than the one revealed."""
+        request = decode_coordinator_message(
+            untrusted_unmask_request,
+            federation_id=self._federation_id,
+            federation_sha256=self._federation_sha256,
+            round_id=self._round_id,
+            recipient=self._site_id,
+            max_bytes=self._params.max_message_bytes,
+        )
+        if isinstance(request, UnmaskRequest):
+            survivors, dropped = set(request.survivors), set(request.dropped)
+            for (peer, _block), kind in sorted(self._revealed.items()):
+                other = peer in dropped if kind is ShareKind.SELF_MASK_SEED else peer in survivors
+                if other:
+                    raise BothSharesRequestedError(
+                        f"a second unmask request asks for the other share of {peer}, already revealed this round"
+                    )
+        raise ReplayedMessageError("unmask: that stage is already done")
 
     # ----------------------------------------------------------------- helpers
 
@@ -653,6 +879,7 @@ class SiteStageMachine:
         message = decode_coordinator_message(
             untrusted_message,
             federation_id=self._federation_id,
+            federation_sha256=self._federation_sha256,
             round_id=self._round_id,
             recipient=self._site_id,
             max_bytes=self._params.max_message_bytes,

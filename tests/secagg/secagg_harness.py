@@ -6,6 +6,7 @@ redirect them, the way an attacker on the coordinator's side could.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 import numpy as np
@@ -19,6 +20,8 @@ from blossom_secure.secagg import (
 )
 
 FEDERATION = "fed-test"
+#: Stands for the SHA-256 of the federation file (any 32 bytes will do in tests).
+FEDERATION_SHA256 = hashlib.sha256(b"fed-test federation file").digest()
 ROUND = 4
 SIZES = {"encoder.image": 6, "encoder.tabular": 3, "fusion": 2}
 
@@ -48,7 +51,8 @@ class Federation:
         minimums: Mapping[str, int] | None = None,
     ) -> None:
         sites = dict(sites or {f"s{i}": ("encoder.image", "fusion") for i in range(4)})
-        self.params = params or SecAggParams(max_weight=100, max_group_size=16)
+        # Five sites at most (t = 3 is a strict majority of max_sites = 5).
+        self.params = params or SecAggParams(max_weight=100, max_group_size=5, threshold=3)
         self.sizes = dict(sizes)
         self.round_id = round_id
         self.keys, self.roster = keys or make_keys(sorted(sites))
@@ -67,6 +71,8 @@ class Federation:
         self.shares: dict[str, bytes] = {}
         self.deliveries: dict[str, bytes] = {}
         self.masked: dict[str, bytes] = {}
+        self.consistency_requests: dict[str, bytes] = {}
+        self.signatures: dict[str, bytes] = {}
         self.unmask_requests: dict[str, bytes] = {}
         self.responses: dict[str, bytes] = {}
 
@@ -74,6 +80,7 @@ class Federation:
         arguments = dict(
             site_id=site,
             federation_id=FEDERATION,
+            federation_sha256=FEDERATION_SHA256,
             round_id=self.round_id,
             roster=self.roster,
             identity_key=self.keys[site],
@@ -87,6 +94,7 @@ class Federation:
     def new_coordinator(self, **overrides: object) -> CoordinatorStageMachine:
         arguments = dict(
             federation_id=FEDERATION,
+            federation_sha256=FEDERATION_SHA256,
             round_id=self.round_id,
             roster=self.roster,
             block_sizes=self.sizes,
@@ -114,6 +122,13 @@ class Federation:
             if site not in skip:
                 self.masked[site] = self.sites[site].masked_input(delivery)
                 self.coordinator.receive(self.masked[site])
+        self.consistency_requests = self.coordinator.close_stage()
+
+    def check(self, skip: tuple[str, ...] = ()) -> None:
+        for site, request in self.consistency_requests.items():
+            if site not in skip:
+                self.signatures[site] = self.sites[site].consistency_check(request)
+                self.coordinator.receive(self.signatures[site])
         self.unmask_requests = self.coordinator.close_stage()
 
     def unmask(self, skip: tuple[str, ...] = ()) -> None:
@@ -127,6 +142,7 @@ class Federation:
         self.advertise()
         self.share()
         self.mask()
+        self.check()
         self.unmask()
         return self.coordinator.results()
 

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from secagg_harness import FEDERATION, ROUND, Federation, make_keys
+from secagg_harness import FEDERATION, FEDERATION_SHA256, ROUND, Federation, make_keys
 
 from blossom_secure import crypto
 from blossom_secure.errors import ProtocolError
 from blossom_secure.secagg import (
     AllZeroSharedSecretError,
     BothSharesRequestedError,
+    ConsistencyCheckError,
     DuplicatePublicKeyError,
     InconsistentMessageError,
     MalformedMessageError,
@@ -48,13 +49,23 @@ LOW_ORDER_POINT = bytes(32)  # the X25519 point 0: every agreement with it is al
 
 def decode_from_site(federation: Federation, data: bytes):
     return decode_site_message(
-        data, federation_id=FEDERATION, round_id=federation.round_id, roster=federation.roster, max_bytes=1 << 24
+        data,
+        federation_id=FEDERATION,
+        federation_sha256=FEDERATION_SHA256,
+        round_id=federation.round_id,
+        roster=federation.roster,
+        max_bytes=1 << 24,
     )
 
 
 def decode_for(federation: Federation, site: str, data: bytes):
     return decode_coordinator_message(
-        data, federation_id=FEDERATION, round_id=federation.round_id, recipient=site, max_bytes=1 << 24
+        data,
+        federation_id=FEDERATION,
+        federation_sha256=FEDERATION_SHA256,
+        round_id=federation.round_id,
+        recipient=site,
+        max_bytes=1 << 24,
     )
 
 
@@ -125,17 +136,20 @@ def test_replayed_share_delivery_rejected(federation: Federation) -> None:
         federation.sites["s0"].masked_input(federation.bundles["s0"])
 
 
-@pytest.mark.parametrize("stage", ["share", "mask", "unmask"])
+@pytest.mark.parametrize("stage", ["share", "mask", "check", "unmask"])
 def test_replayed_site_message_rejected_by_coordinator(federation: Federation, stage: str) -> None:
     federation.advertise()
-    if stage in ("mask", "unmask"):
+    if stage in ("mask", "check", "unmask"):
         federation.share()
-    if stage == "unmask":
+    if stage in ("check", "unmask"):
         federation.mask()
+    if stage == "unmask":
+        federation.check()
     site = "s0"
     produce = {
         "share": lambda: federation.sites[site].share_keys(federation.bundles[site]),
         "mask": lambda: federation.sites[site].masked_input(federation.deliveries[site]),
+        "check": lambda: federation.sites[site].consistency_check(federation.consistency_requests[site]),
         "unmask": lambda: federation.sites[site].unmask(federation.unmask_requests[site]),
     }[stage]
     message = produce()
@@ -169,7 +183,7 @@ def test_stage_out_of_order_rejected_by_site(federation: Federation) -> None:
         fresh.share_keys(federation.bundles["s0"])
     fresh.advertise_keys()
     with pytest.raises(StageOrderError):
-        fresh.share_keys(federation.unmask_requests["s0"])
+        fresh.share_keys(federation.consistency_requests["s0"])
     with pytest.raises(StageOrderError):
         fresh.masked_input(federation.deliveries["s0"])
 
@@ -419,6 +433,7 @@ def test_rejected_message_changes_nothing(federation: Federation) -> None:
         )
     assert federation.sites["s0"].stage == "share_keys"
     federation.mask()
+    federation.check()
     federation.unmask()
     assert federation.coordinator.results()["fusion"].failure is None
 
@@ -430,6 +445,7 @@ def unmask_ready(federation: Federation, skip: tuple[str, ...] = ("s3",)) -> Non
     federation.advertise()
     federation.share()
     federation.mask(skip=skip)
+    federation.check()
 
 
 def test_coordinator_requests_both_shares_of_one_peer_refused(federation: Federation) -> None:
@@ -445,8 +461,10 @@ def test_second_unmask_request_refused_even_with_another_partition(federation: F
     unmask_ready(federation, skip=())
     federation.sites["s0"].unmask(federation.unmask_requests["s0"])  # reveals seed shares of all four
     other = recode(federation, "s0", federation.unmask_requests["s0"], survivors=("s0", "s1", "s2"), dropped=("s3",))
-    with pytest.raises(ReplayedMessageError):
+    with pytest.raises(BothSharesRequestedError):
         federation.sites["s0"].unmask(other)  # would reveal s3's mask-key share as well
+    with pytest.raises(ReplayedMessageError):
+        federation.sites["s0"].unmask(federation.unmask_requests["s0"])
 
 
 def test_unmask_request_omitting_a_peer_refused(federation: Federation) -> None:
@@ -463,11 +481,11 @@ def test_unmask_request_not_counting_the_recipient_as_survivor_refused(federatio
         federation.sites["s0"].unmask(request)
 
 
-def test_unmask_request_shrinking_the_group_below_threshold_reveals_nothing(federation: Federation) -> None:
+def test_unmask_request_shrinking_the_group_below_threshold_refused(federation: Federation) -> None:
     unmask_ready(federation, skip=())
     request = recode(federation, "s0", federation.unmask_requests["s0"], survivors=("s0", "s1"), dropped=("s2", "s3"))
-    response = decode_from_site(federation, federation.sites["s0"].unmask(request))
-    assert response.shares == ()  # t = 3 for a group of 4: no share of any kind
+    with pytest.raises(ConsistencyCheckError):  # s0 signed {s0, s1, s2, s3}, not {s0, s1}
+        federation.sites["s0"].unmask(request)
 
 
 def test_survivor_never_reveals_both_shares_of_a_peer(federation: Federation) -> None:
@@ -677,17 +695,25 @@ def test_block_with_a_single_contributor_is_not_aggregated() -> None:
 
 
 def test_site_policy_minimum_withholds_its_block() -> None:
-    federation = Federation({f"s{i}": ("fusion",) for i in range(3)}, minimums={"s2": 4})
+    federation = Federation({f"s{i}": ("fusion",) for i in range(4)}, minimums={"s3": 5})
     results = federation.run()
-    assert results["fusion"].contributors == ("s0", "s1")
-    assert decode_from_site(federation, federation.masked["s2"]).blocks == ()
+    assert results["fusion"].contributors == ("s0", "s1", "s2")
+    assert decode_from_site(federation, federation.masked["s3"]).blocks == ()
+
+
+def test_roster_larger_than_max_sites_refused() -> None:
+    """Thresholds are a majority of max_sites; a larger roster could split into two
+    disjoint sets that each reach t."""
+    with pytest.raises(ValueError, match="max_group_size"):
+        Federation({f"s{i}": ("fusion",) for i in range(4)}, params=SecAggParams(max_group_size=3, max_weight=10))
 
 
 def test_block_group_larger_than_max_group_size_is_not_aggregated() -> None:
-    federation = Federation(
-        {f"s{i}": ("fusion",) for i in range(4)}, params=SecAggParams(max_group_size=3, max_weight=10)
-    )
-    assert "max_group_size" in federation.run()["fusion"].failure
+    from blossom_secure.secagg.groups import plan_blocks
+
+    params = SecAggParams(max_group_size=3, max_weight=10)
+    plan = plan_blocks({f"s{i}": ("fusion",) for i in range(4)}, {f"s{i}": 2 for i in range(4)}, params)
+    assert "max_group_size" in plan.failures["fusion"]
 
 
 def test_dropouts_shrinking_a_group_below_policy_minimum_stop_the_block() -> None:
@@ -695,6 +721,7 @@ def test_dropouts_shrinking_a_group_below_policy_minimum_stop_the_block() -> Non
     federation.advertise()
     federation.share()
     federation.mask(skip=("s3", "s4"))  # 3 survivors < s0's minimum of 4
+    federation.check()
     federation.unmask()
     assert federation.coordinator.results()["fusion"].failure.startswith("fewer than min_contributors survivors")
     assert all(decode_from_site(federation, r).shares == () for r in federation.responses.values())

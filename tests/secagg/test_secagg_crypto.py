@@ -113,3 +113,22 @@ def test_pairwise_keys_are_symmetric_and_share_keys_directional() -> None:
     assert kdf.share_encryption_key(secret, sender="a", recipient="b", **context) != kdf.share_encryption_key(
         secret, sender="b", recipient="a", **context
     )
+
+
+def test_federation_bound_values_refuse_a_bad_hash_and_bad_survivor_sets() -> None:
+    digest = bytes(32)
+    context = dict(federation_id="f", round_id=1)
+    for bad in (b"", bytes(31), bytes(33), "00" * 32):
+        with pytest.raises(ValueError):
+            kdf.share_associated_data(federation_sha256=bad, sender="a", recipient="b", **context)
+        with pytest.raises(ValueError):
+            kdf.consistency_payload(federation_sha256=bad, block="fusion", survivors=("a", "b"), **context)
+    for survivors in ((), ("a", "a")):
+        with pytest.raises(ValueError):
+            kdf.consistency_payload(federation_sha256=digest, block="fusion", survivors=survivors, **context)
+    one = kdf.consistency_payload(federation_sha256=digest, block="fusion", survivors=("b", "a"), **context)
+    assert one == kdf.consistency_payload(federation_sha256=digest, block="fusion", survivors=("a", "b"), **context)
+    assert one != kdf.consistency_payload(federation_sha256=bytes([1]) + digest[1:], block="fusion",
+                                          survivors=("a", "b"), **context)
+    assert one != kdf.consistency_payload(federation_sha256=digest, block="fusion", survivors=("a", "b", "c"),
+                                          **context)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import struct
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from secagg_harness import FEDERATION, ROUND, Federation, make_keys
+from secagg_harness import FEDERATION, FEDERATION_SHA256, ROUND, Federation, make_keys
 
+from blossom_secure import crypto
 from blossom_secure.errors import ProtocolError
 from blossom_secure.secagg.errors import (
     AuthenticationError,
@@ -24,9 +26,15 @@ from blossom_secure.secagg.errors import (
     WrongRoundError,
 )
 from blossom_secure.secagg.messages import (
+    WIRE_VERSION,
     AdvertiseKeys,
     BlockKeys,
     BlockShares,
+    BlockSignature,
+    BlockSignatures,
+    BlockSurvivors,
+    ConsistencyRequest,
+    ConsistencyResponse,
     EncryptedShare,
     EncryptedShares,
     KeyBundle,
@@ -37,6 +45,7 @@ from blossom_secure.secagg.messages import (
     ShareDelivery,
     ShareKind,
     SharePlaintext,
+    SiteSignature,
     UnmaskRequest,
     UnmaskResponse,
     decode_coordinator_message,
@@ -48,6 +57,7 @@ from blossom_secure.secagg.messages import (
     is_valid_identifier,
     peek_message_type,
 )
+from blossom_secure.secagg.kdf import signature_payload
 
 KEYS, ROSTER = make_keys(["a", "b"])
 LIMIT = 1 << 20
@@ -55,53 +65,62 @@ LIMIT = 1 << 20
 
 def site_messages() -> list:
     vector = np.arange(7, dtype="<u4")
+    context = dict(federation_id=FEDERATION, federation_sha256=FEDERATION_SHA256, round_id=ROUND, site_id="a")
     return [
         AdvertiseKeys(
-            federation_id=FEDERATION,
-            round_id=ROUND,
-            site_id="a",
+            **context,
             share_public_key=bytes(range(32)),
             min_contributors=3,
             blocks=(BlockKeys("encoder.image", bytes(32), bytes(32)), BlockKeys("fusion", b"\x01" * 32, b"\x02" * 32)),
         ),
-        EncryptedShares(
-            federation_id=FEDERATION, round_id=ROUND, site_id="a", shares=(EncryptedShare("b", bytes(12), b"ct" * 20),)
-        ),
-        MaskedInput(federation_id=FEDERATION, round_id=ROUND, site_id="a", blocks=(MaskedBlock("fusion", vector),)),
+        EncryptedShares(**context, shares=(EncryptedShare("b", bytes(12), b"ct" * 20),)),
+        MaskedInput(**context, blocks=(MaskedBlock("fusion", vector),)),
         UnmaskResponse(
-            federation_id=FEDERATION,
-            round_id=ROUND,
-            site_id="a",
+            **context,
             shares=(
                 RevealedShare("a", "fusion", ShareKind.SELF_MASK_SEED, bytes(66)),
                 RevealedShare("b", "fusion", ShareKind.MASK_KEY, b"\x01" * 66),
             ),
         ),
+        ConsistencyResponse(
+            **context,
+            signatures=(BlockSignature("encoder.image", b"\x03" * 64), BlockSignature("fusion", b"\x04" * 64)),
+        ),
     ]
 
 
 def coordinator_messages() -> list:
+    context = dict(federation_id=FEDERATION, federation_sha256=FEDERATION_SHA256, round_id=ROUND, recipient="b")
     return [
-        KeyBundle(federation_id=FEDERATION, round_id=ROUND, recipient="b", advertisements=(b"x", b"y")),
-        ShareDelivery(
-            federation_id=FEDERATION,
-            round_id=ROUND,
-            recipient="b",
-            share_senders=("a", "b"),
-            shares=(EncryptedShare("a", bytes(12), b"c" * 30),),
+        KeyBundle(**context, advertisements=(b"x", b"y")),
+        ShareDelivery(**context, share_senders=("a", "b"), shares=(EncryptedShare("a", bytes(12), b"c" * 30),)),
+        UnmaskRequest(
+            **context,
+            survivors=("a", "b"),
+            dropped=("c",),
+            consistency=(
+                BlockSignatures("fusion", (SiteSignature("a", b"\x05" * 64), SiteSignature("b", b"\x06" * 64))),
+            ),
         ),
-        UnmaskRequest(federation_id=FEDERATION, round_id=ROUND, recipient="b", survivors=("a", "b"), dropped=("c",)),
+        ConsistencyRequest(
+            **context,
+            blocks=(BlockSurvivors("encoder.image", ("a", "b")), BlockSurvivors("fusion", ("a", "b", "c"))),
+        ),
     ]
 
 
 def decode_site(data: bytes, **overrides: object) -> object:
-    arguments = dict(federation_id=FEDERATION, round_id=ROUND, roster=ROSTER, max_bytes=LIMIT)
+    arguments = dict(
+        federation_id=FEDERATION, federation_sha256=FEDERATION_SHA256, round_id=ROUND, roster=ROSTER, max_bytes=LIMIT
+    )
     arguments.update(overrides)
     return decode_site_message(data, **arguments)
 
 
 def decode_coordinator(data: bytes, **overrides: object) -> object:
-    arguments = dict(federation_id=FEDERATION, round_id=ROUND, recipient="b", max_bytes=LIMIT)
+    arguments = dict(
+        federation_id=FEDERATION, federation_sha256=FEDERATION_SHA256, round_id=ROUND, recipient="b", max_bytes=LIMIT
+    )
     arguments.update(overrides)
     return decode_coordinator_message(data, **arguments)
 
@@ -125,19 +144,21 @@ def test_coordinator_messages_round_trip(message: object) -> None:
 def test_share_plaintext_round_trip_and_party_binding() -> None:
     plaintext = SharePlaintext(
         federation_id=FEDERATION,
+        federation_sha256=FEDERATION_SHA256,
         round_id=ROUND,
         sender="a",
         recipient="b",
         blocks=(BlockShares("fusion", bytes(66), bytes(66)),),
     )
     data = encode_share_plaintext(plaintext)
-    assert (
-        decode_share_plaintext(data, federation_id=FEDERATION, round_id=ROUND, sender="a", recipient="b") == plaintext
-    )
+    context = dict(federation_id=FEDERATION, federation_sha256=FEDERATION_SHA256, round_id=ROUND)
+    assert decode_share_plaintext(data, **context, sender="a", recipient="b") == plaintext
     with pytest.raises(MalformedMessageError):
-        decode_share_plaintext(data, federation_id=FEDERATION, round_id=ROUND, sender="a", recipient="c")
+        decode_share_plaintext(data, **context, sender="a", recipient="c")
     with pytest.raises(WrongRoundError):
-        decode_share_plaintext(data, federation_id=FEDERATION, round_id=ROUND + 1, sender="a", recipient="b")
+        decode_share_plaintext(data, **{**context, "round_id": ROUND + 1}, sender="a", recipient="b")
+    with pytest.raises(WrongFederationError):
+        decode_share_plaintext(data, **{**context, "federation_sha256": bytes(32)}, sender="a", recipient="b")
 
 
 def test_encoding_is_deterministic() -> None:
@@ -155,7 +176,7 @@ def test_oversized_message_rejected_before_parsing() -> None:
 
 def test_wrong_version_rejected() -> None:
     data = bytearray(encode_coordinator_message(coordinator_messages()[2]))
-    struct.pack_into(">H", data, 4, 2)
+    struct.pack_into(">H", data, 4, WIRE_VERSION + 1)
     with pytest.raises(UnsupportedVersionError):
         decode_coordinator(bytes(data))
 
@@ -202,10 +223,12 @@ def test_non_canonical_lists_rejected() -> None:
         forged = UnmaskRequest.__new__(UnmaskRequest)
         for name, value in (
             ("federation_id", FEDERATION),
+            ("federation_sha256", FEDERATION_SHA256),
             ("round_id", ROUND),
             ("recipient", "b"),
             ("survivors", survivors),
             ("dropped", ()),
+            ("consistency", ()),
         ):
             object.__setattr__(forged, name, value)
         with pytest.raises(MalformedMessageError, match="canonical"):
@@ -214,10 +237,65 @@ def test_non_canonical_lists_rejected() -> None:
 
 
 def test_invalid_identifiers_rejected() -> None:
-    for bad in ("", "-a", "a b", "é", "a" * 65, "a/b"):
+    for bad in ("", "-a", "a b", "é", "a" * 65, "a/b", "st-mary\n", "st-mary\r\n", "\nst-mary"):
         assert not is_valid_identifier(bad)
         with pytest.raises(ValueError):
-            UnmaskRequest(federation_id=FEDERATION, round_id=ROUND, recipient=bad, survivors=(), dropped=())
+            UnmaskRequest(
+                federation_id=FEDERATION,
+                federation_sha256=FEDERATION_SHA256,
+                round_id=ROUND,
+                recipient=bad,
+                survivors=(),
+                dropped=(),
+                consistency=(),
+            )
+
+
+def test_site_id_with_a_trailing_newline_refused_in_a_message() -> None:
+    """``re.match`` with ``$`` would accept ``'st-mary\\n'``; identifiers are matched whole."""
+    keys, roster = make_keys(["st-mary"])
+    roster = {**roster, "st-mary\n": ROSTER["a"]}  # a roster entry only the attacker would add
+    assert is_valid_identifier("st-mary") and not is_valid_identifier("st-mary\n")
+    good = dataclasses.replace(site_messages()[2], site_id="st-mary")
+    data = encode_site_message(good, keys["st-mary"])
+    forged = data.replace(b"\x00\x07st-mary", b"\x00\x08st-mary\n", 1)
+    forged = forged[:-65] + b"\xff" + crypto.sign(KEYS["a"], signature_payload(forged[:-65]))
+    with pytest.raises(MalformedMessageError):
+        decode_site(forged, roster=roster)
+    with pytest.raises(ValueError):
+        dataclasses.replace(good, site_id="st-mary\n")
+    request = encode_coordinator_message(coordinator_messages()[2])
+    survivors = request.replace(b"\x00\x01a\x00\x01b", b"\x00\x01a\x00\x02b\n", 1)
+    with pytest.raises(MalformedMessageError):
+        decode_coordinator(survivors)
+
+
+def test_message_bound_to_another_federation_file_rejected() -> None:
+    other = bytes(32)
+    for message in site_messages():
+        data = encode_site_message(message, KEYS["a"])
+        with pytest.raises(WrongFederationError, match="SHA-256"):
+            decode_site(data, federation_sha256=other)
+    for message in coordinator_messages():
+        with pytest.raises(WrongFederationError, match="SHA-256"):
+            decode_coordinator(encode_coordinator_message(message), federation_sha256=other)
+    with pytest.raises(ValueError):
+        dataclasses.replace(coordinator_messages()[0], federation_sha256=b"short")
+
+
+def test_consistency_messages_refuse_non_canonical_sets() -> None:
+    with pytest.raises(ValueError):
+        BlockSurvivors("fusion", ("b", "a"))
+    with pytest.raises(ValueError):
+        BlockSurvivors("fusion", ())
+    with pytest.raises(ValueError):
+        BlockSurvivors("head.mortality", ("a",))
+    with pytest.raises(ValueError):
+        BlockSignatures("fusion", (SiteSignature("a", bytes(64)), SiteSignature("a", bytes(64))))
+    with pytest.raises(ValueError):
+        encode_site_message(
+            dataclasses.replace(site_messages()[4], signatures=(BlockSignature("fusion", bytes(63)),)), KEYS["a"]
+        )
 
 
 def test_head_blocks_cannot_be_encoded() -> None:
@@ -297,4 +375,5 @@ def test_fuzzed_messages_raise_only_protocol_errors(index: int, data: st.DataObj
 
 
 def test_message_types_are_stable() -> None:
-    assert [t.value for t in MessageType] == list(range(1, 9))
+    assert [t.value for t in MessageType] == list(range(1, 11))
+    assert MessageType.CONSISTENCY_REQUEST == 9 and MessageType.CONSISTENCY_RESPONSE == 10

@@ -10,8 +10,11 @@ from hypothesis import strategies as st
 
 from blossom_secure.secagg.params import (
     SecAggParams,
+    default_group_threshold,
+    default_threshold,
     largest_safe_scale_bits,
     max_abs_quantized,
+    min_threshold,
 )
 
 
@@ -60,7 +63,8 @@ def test_every_problem_is_reported_at_once() -> None:
             clip=float("nan"),
             max_weight=0,
             max_group_size=1,
-            threshold_fraction=1.0,
+            threshold="3",
+            block_thresholds={"head.mortality": 3},
             min_contributors=1,
             max_message_bytes=10,
         )
@@ -70,7 +74,8 @@ def test_every_problem_is_reported_at_once() -> None:
         "clip",
         "max_weight",
         "max_group_size",
-        "threshold_fraction",
+        "threshold",
+        "block_thresholds",
         "min_contributors",
         "max_message_bytes",
     ):
@@ -89,7 +94,16 @@ def test_every_problem_is_reported_at_once() -> None:
         {"scale_bits": -1},
         {"scale_bits": 1.5},
         {"max_weight": True},
-        {"threshold_fraction": 0.49},
+        {"threshold": 50},
+        {"threshold": 101},
+        {"threshold": True},
+        {"max_group_size": 6, "threshold": 3},
+        {"max_group_size": 6, "min_contributors": 5, "threshold": 4},
+        {"max_group_size": 6, "block_thresholds": {"fusion": 3}},
+        {"max_group_size": 6, "block_thresholds": {"fusion": 7}},
+        {"max_group_size": 6, "block_thresholds": {"head.mortality": 4}},
+        {"max_group_size": 6, "block_thresholds": {"Fusion": 4}},
+        {"max_group_size": 6, "block_thresholds": [("fusion", 4)]},
         {"min_contributors": 200},
         {"max_message_bytes": 2**31},
     ],
@@ -104,20 +118,96 @@ def test_construction_is_keyword_only() -> None:
         SecAggParams(32)  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("fraction", [0.5, 0.6, 2 / 3, 0.75, 0.99])
-def test_threshold_is_a_strict_majority_and_at_least_two(fraction: float) -> None:
-    params = SecAggParams(threshold_fraction=fraction)
-    for n in range(2, 60):
-        t = params.threshold(n)
-        assert t >= 2 and 2 * t > n and t <= n
-
-
-def test_threshold_refuses_groups_of_one() -> None:
+def test_default_threshold_is_two_thirds_of_max_sites_plus_one() -> None:
+    for n in range(2, 200):
+        t = default_threshold(n)
+        assert t == (2 * n) // 3 + 1 and 2 * t > n and t <= n and t >= 2
+        assert SecAggParams(max_group_size=n, max_weight=10).threshold == t
+        assert min_threshold(n) == n // 2 + 1 <= t
+    assert SecAggParams(max_group_size=4, max_weight=10).threshold == 3
+    assert default_threshold(6, min_contributors=6) == 6
     with pytest.raises(ValueError):
-        SecAggParams().threshold(1)
+        default_threshold(1)
+
+
+@settings(max_examples=80, deadline=None)
+@given(max_sites=st.integers(2, 300), data=st.data())
+def test_every_accepted_threshold_is_a_strict_majority_of_max_sites(max_sites: int, data: st.DataObject) -> None:
+    threshold = data.draw(st.integers(2, max_sites + 2))
+    kwargs = dict(max_group_size=max_sites, max_weight=10, threshold=threshold)
+    if max_sites // 2 + 1 <= threshold <= max_sites:
+        params = SecAggParams(**kwargs)
+        assert params.block_threshold("fusion") == threshold
+        assert 2 * params.block_threshold("fusion") > max_sites
+    else:
+        with pytest.raises(ValueError, match="threshold"):
+            SecAggParams(**kwargs)
+
+
+def test_block_thresholds_override_the_federation_threshold() -> None:
+    params = SecAggParams(max_group_size=6, max_weight=10, threshold=4, block_thresholds={"fusion": 6})
+    assert params.threshold == 4
+    assert params.block_threshold("fusion") == 6
+    assert params.block_threshold("encoder.image") == 4
+    with pytest.raises(TypeError):
+        params.block_thresholds["fusion"] = 2  # type: ignore[index]
+
+
+def test_threshold_below_a_majority_is_refused_naming_why() -> None:
+    with pytest.raises(ValueError, match="more than half of max_group_size"):
+        SecAggParams(max_group_size=4, max_weight=10, threshold=2)
 
 
 def test_ring_dtypes() -> None:
     assert SecAggParams().ring_dtype.str == "<u4"
     assert SecAggParams(ring_bits=64).ring_dtype.str == "<u8"
     assert SecAggParams().quantisation_step() == 2.0**-14
+
+
+# ---------------------------------------------------------------- block groups
+
+
+@pytest.mark.parametrize(
+    ("groups", "match"),
+    [
+        ({"head.mortality": ("a", "b")}, "not a shareable block"),
+        ({"Fusion": ("a", "b")}, "not a shareable block"),
+        ({"fusion": "ab"}, "sequence of site ids"),
+        ({"fusion": ("a", "b c")}, "not a valid site id"),
+        ({"fusion": ("a", "a", "b")}, "names a site twice"),
+        ({"fusion": ("a",)}, "at least 2 sites"),
+        ({"fusion": tuple("abcdefg")}, "more sites than max_group_size"),
+        ([("fusion", ("a", "b"))], "block_groups must be a mapping"),
+    ],
+)
+def test_bad_block_groups_refused(groups: object, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SecAggParams(max_group_size=6, max_weight=10, block_groups=groups)
+
+
+def test_group_thresholds_are_checked_against_the_group() -> None:
+    groups = {"fusion": ("a", "b", "c", "d")}
+    assert SecAggParams(max_group_size=10, max_weight=10, block_groups=groups, block_thresholds={"fusion": 3})
+    for bad, match in ((2, "more than half of .P_b. of fusion .4., at least 3"), (5, "must not exceed .P_b.")):
+        with pytest.raises(ValueError, match=match):
+            SecAggParams(max_group_size=10, max_weight=10, block_groups=groups, block_thresholds={"fusion": bad})
+    with pytest.raises(ValueError, match="at least min_contributors"):
+        SecAggParams(max_group_size=10, max_weight=10, min_contributors=4, block_groups=groups,
+                     block_thresholds={"fusion": 3})
+
+
+def test_group_default_threshold_and_membership() -> None:
+    params = SecAggParams(max_group_size=10, max_weight=10, block_groups={"fusion": ["e", "a", "c", "b", "d"]})
+    assert params.block_groups["fusion"] == ("a", "b", "c", "d", "e")
+    assert params.block_threshold("fusion") == default_group_threshold(5) == 4
+    assert params.block_threshold("encoder.image") == params.threshold == 7
+    assert params.is_group_member("fusion", "a") and not params.is_group_member("fusion", "z")
+    assert params.is_group_member("encoder.image", "z") and params.block_group("encoder.image") is None
+    with pytest.raises(TypeError):
+        params.block_groups["fusion"] = ("a", "b")  # type: ignore[index]
+    for n in range(2, 60):
+        t = default_group_threshold(n)
+        assert t == (2 * n) // 3 + 1 and 2 * t > n and t <= n
+    assert default_group_threshold(3, min_contributors=5) == 3  # capped: such a block never aggregates
+    with pytest.raises(ValueError):
+        default_group_threshold(1)

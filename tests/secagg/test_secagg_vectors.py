@@ -70,6 +70,20 @@ def test_key_derivations_match_vectors() -> None:
     assert (
         kdf.seed_commitment(secret, block=case["block"], site=case["site"], **context).hex() == case["seed_commitment"]
     )
+    digest = bytes.fromhex(case["federation_sha256"])
+    assert (
+        kdf.share_associated_data(
+            federation_sha256=digest, sender=case["sender"], recipient=case["recipient"], **context
+        ).hex()
+        == case["share_associated_data"]
+    )
+    assert (
+        kdf.consistency_payload(
+            federation_sha256=digest, block=case["block"], survivors=tuple(case["survivors"]), **context
+        ).hex()
+        == case["consistency_payload"]
+    )
+    assert case["consistency_payload"].endswith(case["federation_sha256"])
 
 
 def test_labels_differ_for_every_context_field() -> None:

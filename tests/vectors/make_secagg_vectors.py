@@ -85,6 +85,7 @@ def kdf_vectors() -> dict:
         ("share-associated-data", "f", 12, "", ["a", "b"]),
         ("seed-commitment", "fed-a", 3, "encoder.tabular", ["x"]),
         ("round-salt", "fed-a", 3, "", []),
+        ("consistency-check", "fed-a", 3, "fusion", ["s1", "s2", "s3"]),
     ]
     for purpose, federation, round_id, block, parties in contexts:
         label = ref.label_reference(purpose, federation, round_id, block, parties)
@@ -144,6 +145,27 @@ def kdf_vectors() -> dict:
         derived["seed_commitment"],
         kdf.seed_commitment(secret, federation_id="fed-a", round_id=5, block="fusion", site="s1"),
     )
+    # Wire format v2: the federation file's SHA-256 follows the label in the share AEAD's
+    # associated data and in the consistency-check signature payload.
+    federation_sha256 = hashlib.sha256(b"federation.toml of fed-a").digest()
+    derived["share_associated_data"] = _check(
+        "share associated data",
+        ref.label_reference("share-associated-data", "fed-a", 5, "", ["s2", "s1"]) + federation_sha256,
+        kdf.share_associated_data(
+            federation_id="fed-a", federation_sha256=federation_sha256, round_id=5, sender="s2", recipient="s1"
+        ),
+    )
+    derived["consistency_payload"] = _check(
+        "consistency payload",
+        ref.label_reference("consistency-check", "fed-a", 5, "fusion", ["s1", "s2", "s3"]) + federation_sha256,
+        kdf.consistency_payload(
+            federation_id="fed-a",
+            federation_sha256=federation_sha256,
+            round_id=5,
+            block="fusion",
+            survivors=("s3", "s1", "s2"),
+        ),
+    )
     return {
         "how": HOW,
         "rfc5869": rfc5869,
@@ -157,6 +179,8 @@ def kdf_vectors() -> dict:
             "sender": "s2",
             "recipient": "s1",
             "site": "s1",
+            "federation_sha256": federation_sha256.hex(),
+            "survivors": ["s3", "s1", "s2"],
             **{name: value.hex() for name, value in derived.items()},
         },
     }
@@ -249,7 +273,7 @@ def quantize_vectors() -> dict:
         {"params": dict(ring_bits=32, clip=1e6, max_weight=10**4, max_group_size=10**3), "reason": "no scale_bits"},
         {"params": dict(ring_bits=16, clip=1.0), "reason": "ring_bits"},
         {"params": dict(ring_bits=32, clip=1e-9, scale_bits=2), "reason": "quantisation step"},
-        {"params": dict(threshold_fraction=0.4), "reason": "threshold_fraction"},
+        {"params": dict(max_group_size=6, threshold=3), "reason": "more than half of max_group_size"},
     ]
     for case in invalid:
         try:
