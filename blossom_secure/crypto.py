@@ -6,15 +6,24 @@ primitives in use are visible in one place and can be reviewed and replaced toge
 Identity keys are Ed25519 (RFC 8032). A site's long-term identity key signs its audit log
 and its secure-aggregation key advertisements; the federation roster carries the public
 halves.
+
+TLS certificates for local trials of a deployment (a throwaway CA, a server certificate,
+client certificates) are X.509 with ECDSA P-256 keys and SHA-256 signatures.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import ipaddress
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -49,6 +58,12 @@ __all__ = [
     "key_fingerprint",
     "sign",
     "verify_signature",
+    "TLS_CLOCK_SKEW",
+    "TLS_MAX_DAYS",
+    "TlsCertificateInfo",
+    "describe_tls_certificate",
+    "generate_tls_ca",
+    "issue_tls_certificate",
 ]
 
 #: The type of a site's identity key, for modules that must not import ``cryptography``.
@@ -265,3 +280,313 @@ def aes256_ctr_keystream_writer(key: bytes, *, first_block: int = 0) -> Callable
         raise ValueError("counter block out of range")
     counter = first_block.to_bytes(AES_BLOCK_BYTES, "big")
     return Cipher(algorithms.AES(bytes(key)), modes.CTR(counter)).encryptor().update_into
+
+
+# --------------------------------------------------------------------------------------
+# TLS certificates for local trials (X.509, ECDSA P-256, SHA-256).
+#
+# Used by ``blossom_secure.runtimes.flower.certificates`` (``blossom dev certificates``).
+# PEM bytes in, PEM bytes out. A real deployment uses the hospital's and the coordinator's
+# own PKI; these functions make a throwaway CA and the certificates it signs.
+# --------------------------------------------------------------------------------------
+
+#: Longest validity accepted, in days (the CA/Browser Forum's former limit for TLS leaves).
+TLS_MAX_DAYS = 825
+#: Certificates are valid from this long before they were made, for clocks that lag.
+TLS_CLOCK_SKEW = timedelta(minutes=5)
+
+_TLS_ORGANIZATION = "blossom_secure local trial"
+_MAX_TLS_PEM_BYTES = 64 * 1024
+_DNS_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_DNS_NAME_RE = re.compile(rf"{_DNS_LABEL}(?:\.{_DNS_LABEL})*")
+_URI_RE = re.compile(r"[a-z][a-z0-9+.-]*:[\x21-\x7e]{1,2000}")
+_COMMON_NAME_RE = re.compile(r"[\x20-\x7e]{1,64}")
+
+
+@dataclass(frozen=True)
+class TlsCertificateInfo:
+    """What an operator needs to know about a certificate, read back from its PEM.
+
+    Attributes:
+        common_name: The subject's common name.
+        sha256_fingerprint: SHA-256 of the DER certificate as upper-case hex pairs joined
+            by colons, as ``openssl x509 -noout -fingerprint -sha256`` prints it.
+        not_before: Start of validity (UTC).
+        not_after: End of validity (UTC).
+        is_ca: Whether the certificate may sign other certificates.
+        extended_key_usages: ``"serverAuth"`` and/or ``"clientAuth"`` (empty for the CA).
+        dns_names: DNS names in the subject alternative name.
+        ip_addresses: IP addresses in the subject alternative name, as text.
+        uris: URIs in the subject alternative name.
+    """
+
+    common_name: str
+    sha256_fingerprint: str
+    not_before: datetime
+    not_after: datetime
+    is_ca: bool
+    extended_key_usages: tuple[str, ...]
+    dns_names: tuple[str, ...]
+    ip_addresses: tuple[str, ...]
+    uris: tuple[str, ...]
+
+
+def generate_tls_ca(common_name: str, *, days: int) -> tuple[bytes, bytes]:
+    """Make a self-signed CA certificate and its private key, for local trials only.
+
+    Args:
+        common_name: The CA's subject common name (1-64 printable ASCII characters).
+        days: Validity in days from now, 1..825 (it also starts 5 minutes in the past).
+
+    Returns:
+        ``(certificate_pem, private_key_pem)``; the key is unencrypted PKCS#8 PEM, so the
+        caller must write it with mode 0600.
+
+    Raises:
+        ValueError: ``common_name`` or ``days`` is out of range.
+
+    Notes:
+        RFC 5280 section 4.2.1.9: ``BasicConstraints(ca=True, path_length=0)``, critical,
+        so the CA signs leaf certificates only; section 4.2.1.3: key usage
+        ``keyCertSign`` and ``cRLSign`` only, critical. The key is a fresh P-256 key from
+        the operating system's CSPRNG, the serial number 159 random bits (RFC 5280
+        section 4.1.2.2; CA/Browser Forum baseline requirements 7.1: at least 64 bits of
+        CSPRNG output).
+    """
+    return _generate_tls_ca_at(common_name, days=days, now=_tls_now())
+
+
+def issue_tls_certificate(
+    ca_cert_pem: bytes,
+    ca_key_pem: bytes,
+    *,
+    common_name: str,
+    dns_names: Sequence[str],
+    ip_addresses: Sequence[str],
+    uris: Sequence[str] = (),
+    server: bool,
+    days: int,
+) -> tuple[bytes, bytes]:
+    """Issue a TLS server or client certificate signed by a CA from :func:`generate_tls_ca`.
+
+    Args:
+        ca_cert_pem: The CA certificate (PEM).
+        ca_key_pem: The CA's private key (unencrypted PKCS#8 PEM, ECDSA).
+        common_name: The subject's common name (1-64 printable ASCII characters).
+        dns_names: DNS names for the subject alternative name (lower-case LDH labels, no
+            wildcards).
+        ip_addresses: IPv4 or IPv6 addresses, as text, for the subject alternative name.
+        uris: URIs for the subject alternative name (e.g. a site's identity).
+        server: ``True`` for a server certificate (extended key usage ``serverAuth``
+            only), ``False`` for a client certificate (``clientAuth`` only).
+        days: Validity in days from now, 1..825, cut to the CA's own validity.
+
+    Returns:
+        ``(certificate_pem, private_key_pem)``; the key is unencrypted PKCS#8 PEM.
+
+    Raises:
+        ValueError: a name, address or ``days`` is invalid, there is no subject
+            alternative name at all, the CA certificate or key cannot be read, the key is
+            not the CA certificate's, the certificate is not a CA, or it has expired.
+
+    Notes:
+        RFC 5280 section 4.2.1.12: one extended key usage per certificate, so a server
+        certificate is refused as a client certificate and the reverse. RFC 5480 section
+        3: an EC end-entity key may carry only ``digitalSignature``, ``nonRepudiation``
+        and ``keyAgreement``; ``keyEncipherment`` is for RSA key transport and is left
+        out, and ``digitalSignature`` is all that ECDHE-ECDSA (TLS 1.2) and TLS 1.3 need.
+        Hostname checks use the subject alternative name only (RFC 6125 section 6.4.4),
+        so every name a client dials must be listed there.
+    """
+    return _issue_tls_certificate_at(
+        ca_cert_pem, ca_key_pem, common_name=common_name, dns_names=dns_names, ip_addresses=ip_addresses,
+        uris=uris, server=server, days=days, now=_tls_now(),
+    )
+
+
+def describe_tls_certificate(cert_pem: bytes) -> TlsCertificateInfo:
+    """Read back a PEM certificate's names, validity, usages and fingerprint.
+
+    Raises:
+        ValueError: ``cert_pem`` is not one PEM X.509 certificate (or is over 64 KiB).
+    """
+    cert = _load_tls_certificate(cert_pem)
+    try:
+        ext_usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        usages = tuple(name for oid, name in ((x509.oid.ExtendedKeyUsageOID.SERVER_AUTH, "serverAuth"),
+                                              (x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH, "clientAuth"))
+                       if oid in ext_usage)
+    except x509.ExtensionNotFound:
+        usages = ()
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns = tuple(san.get_values_for_type(x509.DNSName))
+        ips = tuple(str(ip) for ip in san.get_values_for_type(x509.IPAddress))
+        uris = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
+    except x509.ExtensionNotFound:
+        dns, ips, uris = (), (), ()
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    names = cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
+    digest = cert.fingerprint(hashes.SHA256()).hex().upper()
+    return TlsCertificateInfo(
+        common_name=str(names[0].value) if names else "",
+        sha256_fingerprint=":".join(digest[i : i + 2] for i in range(0, len(digest), 2)),
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+        is_ca=is_ca,
+        extended_key_usages=usages,
+        dns_names=dns,
+        ip_addresses=ips,
+        uris=uris,
+    )
+
+
+def _tls_now() -> datetime:
+    """The current time, to the second (X.509 times carry no fractions)."""
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+def _check_tls_days(days: int) -> None:
+    if isinstance(days, bool) or not isinstance(days, int):
+        raise TypeError("days must be an int")
+    if not 1 <= days <= TLS_MAX_DAYS:
+        raise ValueError(f"validity must be 1..{TLS_MAX_DAYS} days, not {days}")
+
+
+def _tls_subject(common_name: str) -> x509.Name:
+    if not isinstance(common_name, str) or not _COMMON_NAME_RE.fullmatch(common_name):
+        raise ValueError("a common name is 1-64 printable ASCII characters")
+    return x509.Name([
+        x509.NameAttribute(x509.oid.NameOID.ORGANIZATION_NAME, _TLS_ORGANIZATION),
+        x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, common_name),
+    ])
+
+
+def _tls_key_to_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _load_tls_certificate(cert_pem: bytes) -> x509.Certificate:
+    if not isinstance(cert_pem, bytes | bytearray) or len(cert_pem) > _MAX_TLS_PEM_BYTES:
+        raise ValueError("not a PEM certificate of at most 64 KiB")
+    try:
+        return x509.load_pem_x509_certificate(bytes(cert_pem))
+    except ValueError:
+        raise ValueError("not a PEM X.509 certificate") from None
+
+
+def _subject_alternative_name(dns_names: Sequence[str], ip_addresses: Sequence[str],
+                              uris: Sequence[str]) -> x509.SubjectAlternativeName:
+    for label, values in (("dns_names", dns_names), ("ip_addresses", ip_addresses), ("uris", uris)):
+        if isinstance(values, str | bytes) or not all(isinstance(v, str) for v in values):
+            raise TypeError(f"{label} must be a sequence of str")
+    names: list[x509.GeneralName] = []
+    for name in dict.fromkeys(dns_names):
+        if len(name) > 253 or not _DNS_NAME_RE.fullmatch(name):
+            raise ValueError(f"{name!r} is not a lower-case DNS name")
+        names.append(x509.DNSName(name))
+    addresses = []
+    for text in ip_addresses:
+        try:
+            addresses.append(ipaddress.ip_address(text))
+        except ValueError:
+            raise ValueError(f"{text!r} is not an IP address") from None
+    names.extend(x509.IPAddress(address) for address in dict.fromkeys(addresses))
+    for uri in dict.fromkeys(uris):
+        if not _URI_RE.fullmatch(uri):
+            raise ValueError(f"{uri!r} is not an ASCII URI")
+        names.append(x509.UniformResourceIdentifier(uri))
+    if not names:
+        raise ValueError("a certificate needs at least one DNS name, IP address or URI")
+    return x509.SubjectAlternativeName(names)
+
+
+def _generate_tls_ca_at(common_name: str, *, days: int, now: datetime) -> tuple[bytes, bytes]:
+    """:func:`generate_tls_ca` at the time ``now`` (a seam for tests)."""
+    _check_tls_days(days)
+    subject = _tls_subject(common_name)
+    key = ec.generate_private_key(ec.SECP256R1())
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - TLS_CLOCK_SKEW)
+        .not_valid_after(now + timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(ski, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), _tls_key_to_pem(key)
+
+
+def _issue_tls_certificate_at(
+    ca_cert_pem: bytes,
+    ca_key_pem: bytes,
+    *,
+    common_name: str,
+    dns_names: Sequence[str],
+    ip_addresses: Sequence[str],
+    uris: Sequence[str],
+    server: bool,
+    days: int,
+    now: datetime,
+) -> tuple[bytes, bytes]:
+    """:func:`issue_tls_certificate` at the time ``now`` (a seam for tests)."""
+    _check_tls_days(days)
+    subject = _tls_subject(common_name)
+    alt_names = _subject_alternative_name(dns_names, ip_addresses, uris)
+    ca_cert = _load_tls_certificate(ca_cert_pem)
+    if not isinstance(ca_key_pem, bytes | bytearray) or len(ca_key_pem) > _MAX_TLS_PEM_BYTES:
+        raise ValueError("the CA key is not a PEM private key of at most 64 KiB")
+    try:
+        ca_key = serialization.load_pem_private_key(bytes(ca_key_pem), password=None)
+    except (ValueError, TypeError):
+        raise ValueError("the CA key is not an unencrypted PKCS#8 PEM private key") from None
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError("the CA key is not an EC key")
+    public = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if ca_key.public_key().public_bytes(*public) != ca_cert.public_key().public_bytes(*public):
+        raise ValueError("the CA key does not belong to the CA certificate")
+    try:
+        constraints = ca_cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        raise ValueError("the CA certificate is not a CA (no basic constraints or key identifier)") from None
+    if not constraints.ca:
+        raise ValueError("the CA certificate is not a CA")
+    not_before = max(now - TLS_CLOCK_SKEW, ca_cert.not_valid_before_utc)
+    not_after = min(now + timedelta(days=days), ca_cert.not_valid_after_utc)
+    if not_after <= now:
+        raise ValueError("the CA certificate has expired")
+    key = ec.generate_private_key(ec.SECP256R1())
+    usage = x509.oid.ExtendedKeyUsageOID.SERVER_AUTH if server else x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(alt_names, critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), _tls_key_to_pem(key)

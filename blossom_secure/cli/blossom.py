@@ -4,6 +4,7 @@
                      [--plaintext] [--seed S] [--fresh] [--allow-full-model]
     blossom data synth --sites sites [--force]
     blossom experiment CONFIG.toml [--work DIR] [--out DIR] [--quick] [--workers N] [--fresh] [--report-only]
+    blossom dev certificates DIR [--server-name NAME ...] [--site ID ...] [--days N] [--force]
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from rich.table import Table
 from blossom_secure.cli import EXIT_OK, ArgumentParser, UsageError, console, run
 
 QUICK_ROUNDS = 3
+_TEST_PKI_NOTE = "for local trials only; a real deployment uses the hospital's and the coordinator's own PKI"
 
 
 def _parser() -> ArgumentParser:
@@ -56,6 +58,22 @@ def _parser() -> ArgumentParser:
     exp.add_argument("--workers", type=int, default=None, help="processes over grid cells (default: the file's)")
     exp.add_argument("--fresh", action="store_true", help="discard finished cells in the work folder first")
     exp.add_argument("--report-only", action="store_true", help="write the report from finished cells; run nothing")
+
+    dev = sub.add_parser("dev", help="tools for local trials of a deployment")
+    devsub = dev.add_subparsers(dest="dev_command", required=True, parser_class=ArgumentParser)
+    certs = devsub.add_parser(
+        "certificates", help=f"write a test CA, a SuperLink certificate and site certificates ({_TEST_PKI_NOTE})",
+        description=f"Write a test CA (ca.pem, ca.key), a server certificate for the SuperLink (server.pem, "
+                    f"server.key) and a client certificate per site (sites/<id>.pem, sites/<id>.key): ECDSA P-256, "
+                    f"unencrypted keys (mode 0600). {_TEST_PKI_NOTE[0].upper()}{_TEST_PKI_NOTE[1:]}.")
+    certs.add_argument("dir", type=Path, metavar="DIR", help="folder to write to (must be empty unless --force)")
+    certs.add_argument("--server-name", action="append", default=[], metavar="NAME",
+                       help="a DNS name or IP address the SuperLink is reached at (repeatable); "
+                            "localhost, 127.0.0.1 and ::1 are always included")
+    certs.add_argument("--site", action="append", default=[], metavar="ID",
+                       help="issue a client certificate for this site id (repeatable)")
+    certs.add_argument("--days", type=int, default=30, help="validity in days, 1 to 825 (default 30)")
+    certs.add_argument("--force", action="store_true", help="overwrite files of the same names")
     return p
 
 
@@ -65,7 +83,49 @@ def main(argv: list[str]) -> int:
         return _simulate(args)
     if args.command == "experiment":
         return _experiment(args, argv)
+    if args.command == "dev":
+        return _dev_certificates(args)
     return _synth(args)
+
+
+def _dev_certificates(args) -> int:
+    from rich.text import Text
+
+    from blossom_secure.runtimes.flower.certificates import write_dev_certificates
+
+    try:
+        result = write_dev_certificates(args.dir, server_names=args.server_name, site_ids=args.site, days=args.days,
+                                        force=args.force)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:  # FileExistsError and NotADirectoryError name the file; so does a failed write
+        raise UsageError(f"{exc.filename or args.dir}: {exc.strerror or exc}") from None
+    table = Table(title=Text(f"test certificates in {result.directory}"), title_justify="left")
+    table.add_column("for", overflow="fold")
+    table.add_column("certificate\nkey (0600)", overflow="fold")
+    table.add_column("names", overflow="fold")
+    table.add_column("SHA-256 fingerprint", no_wrap=True)
+    table.add_column("valid (UTC)", no_wrap=True)
+    for c in result.certificates:
+        usage = "CA" if c.info.is_ca else ", ".join(c.info.extended_key_usages)
+        names = "\n".join((*c.info.dns_names, *c.info.ip_addresses, *c.info.uris)) or "-"
+        fingerprint = "\n".join(c.info.sha256_fingerprint[i : i + 23] for i in range(0, 95, 24))
+        files = f"{c.cert_path.relative_to(result.directory)}\n{c.key_path.relative_to(result.directory)}"
+        valid = f"{c.info.not_before:%Y-%m-%d %H:%M}\nto {c.info.not_after:%Y-%m-%d %H:%M}"
+        table.add_row(*(Text(x) for x in (f"{c.name}\n({usage})", files, names, fingerprint, valid)))
+    console.print(table)
+    for path in result.left_untouched:
+        console.print(f"left in place, not rewritten: {path}", markup=False)
+    d = result.directory
+    console.print(f"These are test keys, unencrypted, {_TEST_PKI_NOTE}.", markup=False)
+    console.print(f"SuperLink: flower-superlink --ssl-ca-certfile {d / 'ca.pem'} --ssl-certfile {d / 'server.pem'} "
+                  f"--ssl-keyfile {d / 'server.key'}", markup=False, soft_wrap=True)
+    console.print(f"SuperNode: flower-supernode --root-certificates {d / 'ca.pem'} --superlink <server-name>:8000",
+                  markup=False, soft_wrap=True)
+    if args.site:
+        console.print("Flower 1.42 SuperNodes present no client certificate; sites/<id>.pem serve a TLS proxy or "
+                      "server that requires mutual TLS.", markup=False)
+    return EXIT_OK
 
 
 def _experiment(args, argv: list[str]) -> int:
