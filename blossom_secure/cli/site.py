@@ -132,8 +132,32 @@ def _check(args) -> int:
                   f"budget epsilon {p.epsilon_budget:g} ({p.accountant} accountant)")
     console.print(f"secure aggregation {'required' if site.policy.secure_aggregation_required else 'not required'}; "
                   f"blocks leave only into groups of at least {site.policy.min_contributors} sites")
+    console.print(f"round report (metrics, epsilon; never counts) "
+                  f"{'may leave' if site.policy.metrics_may_leave else 'stays in the site'} (\\[reporting] metrics)")
+    _print_public_terms(federation, site)
     console.print("[green]valid[/green]")
     return EXIT_OK
+
+
+def _print_public_terms(federation, site) -> None:
+    """What the federation file fixes in public for this site, and what would make it decline."""
+    weight = federation.weighting.weight_of(site.id)
+    if weight is None:
+        console.print(f"[bold red]warning:[/bold red] the federation file declares no public weight for "
+                      f"{site.id!r} (\\[weighting.sites]): the site would decline every round")
+    else:
+        console.print(f"public weight of this site's updates: {weight} ({federation.weighting.scheme}); "
+                      "its patient count is never sent")
+    training = federation.training
+    if training.sample_rate is not None:
+        console.print(f"DP-SGD sampling: public, rate {training.sample_rate:g}, {training.steps_per_round} steps "
+                      "per round")
+    else:
+        console.print("[bold]note:[/bold] the federation file declares no public sampling "
+                      "(training.sample_rate, training.steps_per_round): the rate is derived from this site's "
+                      "patient count (1 / ceil(n / batch_size))")
+    console.print("clinical features scaled with the federation file's public ranges, never with "
+                  "statistics of this site's patients")
 
 
 def _budget(args) -> int:

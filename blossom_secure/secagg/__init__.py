@@ -33,6 +33,7 @@ from blossom_secure.secagg.errors import (
 )
 from blossom_secure.secagg.params import SecAggParams
 from blossom_secure.secagg.site import STAGE_NAMES, SiteContribution, SiteStageMachine
+from blossom_secure.secagg.site_state import SiteStateError, StageAlreadyAnsweredError
 
 __all__ = [
     "DROP_POINTS",
@@ -53,6 +54,8 @@ __all__ = [
     "SecAggResult",
     "SiteContribution",
     "SiteStageMachine",
+    "SiteStateError",
+    "StageAlreadyAnsweredError",
     "StageOrderError",
     "UnknownFieldError",
     "UnknownSenderError",

@@ -27,12 +27,21 @@ The thresholds ``t_b`` and the public block groups ``P_b`` come from
 :class:`SecAggParams` (the federation file, whose SHA-256 every message carries) and
 never from what the coordinator shows. A site contributes only blocks whose public group
 holds it, and refuses any group, survivor set or consistency signer outside ``P_b``.
+
+For runtimes that start a process per message (Flower's ClientApp), the machine is saved
+after each stage (:meth:`SiteStageMachine.export_state`, to the site's own folder, before
+the stage's message leaves) and restored in the next process
+(:meth:`SiteStageMachine.from_state`); a restored machine answers and refuses exactly as
+the saved one would, and :meth:`SiteStageMachine.resend` sends the last answer again,
+byte for byte, for a retry: never a second, different answer to a stage.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -44,6 +53,7 @@ import numpy as np
 from blossom_secure import crypto
 from blossom_secure.blocks import is_head, is_valid_block_name
 from blossom_secure.crypto import Ed25519PrivateKey
+from blossom_secure.errors import AuthenticationError, ProtocolError
 from blossom_secure.secagg import kdf, shamir
 from blossom_secure.secagg.errors import (
     AllZeroSharedSecretError,
@@ -98,6 +108,20 @@ from blossom_secure.secagg.messages import (
 )
 from blossom_secure.secagg.params import SecAggParams
 from blossom_secure.secagg.quantize import check_weight, validate_update
+from blossom_secure.secagg.site_state import (
+    MAX_STATE_BYTES,
+    STATE_STAGES,
+    BlockSecret,
+    HeldShare,
+    SentMessage,
+    SiteRoundState,
+    SiteStateError,
+    StageAlreadyAnsweredError,
+    decode_site_state,
+    encode_site_state,
+    roster_sha256,
+    terms_sha256,
+)
 
 __all__ = [
     "STAGE_NAMES",
@@ -166,6 +190,7 @@ class _Stage(IntEnum):
 _CoordinatorMessageT = TypeVar(
     "_CoordinatorMessageT", KeyBundle, ShareDelivery, ConsistencyRequest, UnmaskRequest
 )
+_SiteMessageT = TypeVar("_SiteMessageT", AdvertiseKeys, EncryptedShares, ConsistencyResponse, UnmaskResponse)
 
 #: The coordinator message each stage expects (the stage that must be done before it).
 _EXPECTED = {
@@ -189,6 +214,7 @@ class _SharedState:
     plan: BlockPlan
     adverts: dict[str, AdvertiseKeys]
     own_shares: dict[str, tuple[int, int]]  # block -> (mask key share, seed share) held for itself
+    signed_adverts: tuple[bytes, ...]  # the advertisements accepted, as signed (kept for export_state)
 
 
 @dataclass
@@ -295,6 +321,35 @@ class SiteStageMachine:
         params: SecAggParams,
         contribution: SiteContribution,
     ) -> None:
+        if not isinstance(contribution, SiteContribution):
+            raise TypeError("contribution must be a SiteContribution")
+        self._bind(
+            site_id=site_id,
+            federation_id=federation_id,
+            federation_sha256=federation_sha256,
+            round_id=round_id,
+            roster=roster,
+            identity_key=identity_key,
+            block_sizes=block_sizes,
+            params=params,
+            contribution=contribution,
+        )
+
+    def _bind(
+        self,
+        *,
+        site_id: str,
+        federation_id: str,
+        federation_sha256: bytes,
+        round_id: int,
+        roster: Mapping[str, bytes],
+        identity_key: Ed25519PrivateKey,
+        block_sizes: Mapping[str, int],
+        params: SecAggParams,
+        contribution: SiteContribution | None,
+    ) -> None:
+        """Check the round's terms (and the contribution, if any) and start at stage new;
+        shared by the constructor and :meth:`from_state`."""
         validate_roster(roster)
         validate_block_sizes(block_sizes)
         if not is_valid_identifier(federation_id):
@@ -312,16 +367,17 @@ class SiteStageMachine:
             raise ValueError(f"site {site_id!r} is not in the roster")
         if crypto.identity_public_key(identity_key) != roster[site_id]:
             raise ValueError(f"identity key of {site_id} does not match the roster")
-        for block, update in contribution.blocks.items():
-            if block not in block_sizes:
-                raise ValueError(f"block {block} is not in the federation layout")
-            validate_update(update, name=block, size=block_sizes[block])
-            if not params.is_group_member(block, site_id):
-                raise ValueError(
-                    f"site {site_id!r} is not in the public group of block {block} (the federation file's "
-                    "[aggregation.groups]): it may not contribute it"
-                )
-        check_weight(contribution.weight, params)
+        if contribution is not None:
+            for block, update in contribution.blocks.items():
+                if block not in block_sizes:
+                    raise ValueError(f"block {block} is not in the federation layout")
+                validate_update(update, name=block, size=block_sizes[block])
+                if not params.is_group_member(block, site_id):
+                    raise ValueError(
+                        f"site {site_id!r} is not in the public group of block {block} (the federation file's "
+                        "[aggregation.groups]): it may not contribute it"
+                    )
+            check_weight(contribution.weight, params)
         self._site_id = site_id
         self._federation_id = federation_id
         self._federation_sha256 = federation_sha256
@@ -331,6 +387,7 @@ class SiteStageMachine:
         self._block_sizes = dict(block_sizes)
         self._params = params
         self._contribution = contribution
+        self._contribution_digest: bytes | None = None
         self._x = share_x_coordinates(self._roster)
         self._stage = _Stage.NEW
         self._advertisement = b""
@@ -340,6 +397,7 @@ class SiteStageMachine:
         self._masked: _MaskedState | None = None
         self._revealed: dict[tuple[str, str], ShareKind] = {}  # (peer, block) -> kind revealed this round
         self._last_blocks: tuple[str, ...] = ()
+        self._sent: list[SentMessage] = []  # one record per stage answered, in order
 
     @property
     def site_id(self) -> str:
@@ -366,9 +424,10 @@ class SiteStageMachine:
             ReplayedMessageError: keys were already advertised this round.
         """
         self._require_stage(_Stage.NEW, "advertise_keys")
+        contribution = self._require_contribution()
         share_private_key, share_public_key = crypto.generate_x25519_key_pair()
         secrets_by_block: dict[str, _BlockSecrets] = {}
-        for block in sorted(self._contribution.blocks):
+        for block in sorted(contribution.blocks):
             private_key, public_key = crypto.generate_x25519_key_pair()
             seed = os.urandom(_SEED_BYTES)
             commitment = kdf.seed_commitment(
@@ -381,7 +440,7 @@ class SiteStageMachine:
             round_id=self._round_id,
             site_id=self._site_id,
             share_public_key=share_public_key,
-            min_contributors=self._contribution.min_contributors,
+            min_contributors=contribution.min_contributors,
             blocks=tuple(BlockKeys(b, s.mask_public_key, s.commitment) for b, s in secrets_by_block.items()),
         )
         encoded = encode_site_message(message, self._identity_key)
@@ -389,6 +448,7 @@ class SiteStageMachine:
         self._secrets = secrets_by_block
         self._advertisement = encoded
         self._last_blocks = tuple(secrets_by_block)
+        self._record_sent(_Stage.ADVERTISED, None, encoded)
         self._stage = _Stage.ADVERTISED
         logger.info(
             "site %s advertised keys for round %d (%d blocks)", self._site_id, self._round_id, len(secrets_by_block)
@@ -417,7 +477,7 @@ class SiteStageMachine:
             AllZeroSharedSecretError: a neighbour's share key is a low-order point.
         """
         bundle = self._decode(untrusted_key_bundle, KeyBundle)
-        adverts = self._verify_advertisements(bundle)
+        adverts = self._verify_advertisements(bundle.advertisements)
         plan = plan_blocks(
             {s: [b.block for b in a.blocks] for s, a in adverts.items()},
             {s: a.min_contributors for s, a in adverts.items()},
@@ -432,8 +492,9 @@ class SiteStageMachine:
             shares=tuple(ciphertexts),
         )
         encoded = encode_site_message(message, self._identity_key)
-        self._shared = _SharedState(plan, adverts, own_shares)
+        self._shared = _SharedState(plan, adverts, own_shares, bundle.advertisements)
         self._last_blocks = plan.blocks_of(self._site_id)
+        self._record_sent(_Stage.SHARED, untrusted_key_bundle, encoded)
         self._stage = _Stage.SHARED
         logger.info(
             "site %s shared keys with %d neighbours in round %d (aggregating %s)",
@@ -444,10 +505,10 @@ class SiteStageMachine:
         )
         return encoded
 
-    def _verify_advertisements(self, bundle: KeyBundle) -> dict[str, AdvertiseKeys]:
+    def _verify_advertisements(self, untrusted_adverts: Iterable[bytes]) -> dict[str, AdvertiseKeys]:
         adverts: dict[str, AdvertiseKeys] = {}
         own_seen = False
-        for untrusted_advert in bundle.advertisements:
+        for untrusted_advert in untrusted_adverts:
             advert = decode_site_message(
                 untrusted_advert,
                 federation_id=self._federation_id,
@@ -543,6 +604,27 @@ class SiteStageMachine:
             AllZeroSharedSecretError: a neighbour's mask key is a low-order point.
         """
         delivery = self._decode(untrusted_share_delivery, ShareDelivery)
+        encoded, state = self._prepare_masked_input(delivery)
+        self._masked = state
+        self._last_blocks = tuple(state.mask_groups)
+        self._record_sent(_Stage.MASKED, untrusted_share_delivery, encoded, keep=False)
+        self._stage = _Stage.MASKED
+        logger.info(
+            "site %s sent masked input for %d block(s) in round %d",
+            self._site_id,
+            len(state.mask_groups),
+            self._round_id,
+        )
+        return encoded
+
+    def _prepare_masked_input(self, delivery: ShareDelivery) -> tuple[bytes, _MaskedState]:
+        """The masked input for ``delivery`` and the state it leads to; changes nothing.
+
+        Deterministic given the round's secrets, the advertisements, ``delivery`` and the
+        contribution (X25519, HKDF, AES-CTR and Ed25519 signatures are), which is what
+        lets :meth:`resend` rebuild the message instead of keeping it.
+        """
+        contribution = self._require_contribution()
         shared = self._shared_state()
         state = _MaskedState(share_senders=frozenset(delivery.share_senders))
         self._check_share_senders(shared, state.share_senders)
@@ -553,7 +635,7 @@ class SiteStageMachine:
             group = tuple(s for s in plan.groups[block] if s in state.share_senders)
             if block_shortfall(group, plan=plan, block=block, params=self._params, stage="shared keys") is not None:
                 continue
-            blocks.append(MaskedBlock(block, self._mask_block(shared, block, group)))
+            blocks.append(MaskedBlock(block, self._mask_block(shared, contribution, block, group)))
             state.mask_groups[block] = group
         message = MaskedInput(
             federation_id=self._federation_id,
@@ -562,12 +644,7 @@ class SiteStageMachine:
             site_id=self._site_id,
             blocks=tuple(blocks),
         )
-        encoded = encode_site_message(message, self._identity_key)
-        self._masked = state
-        self._last_blocks = tuple(block.block for block in blocks)
-        self._stage = _Stage.MASKED
-        logger.info("site %s sent masked input for %d block(s) in round %d", self._site_id, len(blocks), self._round_id)
-        return encoded
+        return encode_site_message(message, self._identity_key), state
 
     def _check_share_senders(self, shared: _SharedState, senders: frozenset[str]) -> None:
         unknown = senders - shared.adverts.keys()
@@ -614,7 +691,9 @@ class SiteStageMachine:
         for block, values in shared.own_shares.items():
             state.held[(self._site_id, block)] = values
 
-    def _mask_block(self, shared: _SharedState, block: str, group: tuple[str, ...]) -> np.ndarray:
+    def _mask_block(
+        self, shared: _SharedState, contribution: SiteContribution, block: str, group: tuple[str, ...]
+    ) -> np.ndarray:
         adverts = shared.adverts
         peers = {
             peer: next(e.mask_public_key for e in adverts[peer].blocks if e.block == block)
@@ -623,8 +702,8 @@ class SiteStageMachine:
         }
         secret = self._secrets[block]
         return mask_block(
-            self._contribution.blocks[block],
-            weight=self._contribution.weight,
+            contribution.blocks[block],
+            weight=contribution.weight,
             params=self._params,
             federation_id=self._federation_id,
             round_id=self._round_id,
@@ -703,6 +782,7 @@ class SiteStageMachine:
         encoded = encode_site_message(message, self._identity_key)
         masked.signed = signed
         self._last_blocks = tuple(sorted(signed))
+        self._record_sent(_Stage.CHECKED, untrusted_consistency_request, encoded)
         self._stage = _Stage.CHECKED
         logger.info(
             "site %s signed the survivor sets of %d block(s) in round %d", self._site_id, len(signed), self._round_id
@@ -794,6 +874,7 @@ class SiteStageMachine:
             shares=tuple(revealed),
         )
         encoded = encode_site_message(message, self._identity_key)
+        self._record_sent(_Stage.DONE, untrusted_unmask_request, encoded)
         self._stage = _Stage.DONE
         self._revealed = {(share.peer, share.block): share.kind for share in revealed}
         self._last_blocks = tuple(sorted({share.block for share in revealed}))
@@ -841,6 +922,466 @@ class SiteStageMachine:
                     )
         raise ReplayedMessageError("unmask: that stage is already done")
 
+    # ------------------------------------------------- saving and restoring the state
+
+    def export_state(self) -> bytes:
+        """Everything this machine needs to go on from where it stopped, as signed,
+        canonical JSON (:mod:`blossom_secure.secagg.site_state`).
+
+        Save it (:func:`blossom_secure.round_state.save_round_state`) after each stage
+        method returns and *before* that method's message leaves the site; in the next
+        process, :meth:`from_state` gives a machine that answers, refuses and exports
+        exactly as this one would.
+
+        Returns:
+            The state: this round's X25519 private keys and self-mask seeds (until the
+            unmask stage is done), the advertisements accepted, the shares held, the
+            groups, the survivor sets signed, the kinds of share revealed, and a record of
+            every message sent (the messages themselves, except the masked input, of
+            which only the SHA-256 is kept). Signed with the identity key. It must stay on
+            the site's machine, readable by the site only; the coordinator never holds it.
+
+        Raises:
+            ValueError: the state would be larger than ``site_state.MAX_STATE_BYTES``.
+
+        Notes:
+            Saving before sending is what makes a restart safe. A stage run again from
+            the state saved before it (the process ended before saving) sends nothing
+            that left before, because nothing had. Had the message left first, the rerun
+            would make a second answer: Shamir shares from fresh polynomials, which with
+            the first ones can rebuild a secret from fewer than ``t_b`` holders, or a
+            second masked input whose difference with the first strips the masks
+            (Bonawitz et al. 2017, section 4: a user sends each round's message once).
+        """
+        shared, masked = self._shared, self._masked
+        live = _Stage.ADVERTISED <= self._stage < _Stage.DONE
+        record = SiteRoundState(
+            federation_id=self._federation_id,
+            federation_sha256=self._federation_sha256,
+            round_id=self._round_id,
+            site_id=self._site_id,
+            roster_sha256=roster_sha256(self._roster),
+            terms_sha256=terms_sha256(self._block_sizes, self._params),
+            contribution_sha256=self._contribution_sha256(),
+            stage=int(self._stage),
+            sent=tuple(self._sent),
+            share_private_key=self._share_private_key if live else None,
+            block_secrets=tuple(
+                BlockSecret(block, secret.mask_private_key, secret.seed)
+                for block, secret in sorted(self._secrets.items())
+            ),
+            advertisements=None if shared is None else shared.signed_adverts,
+            own_shares=()
+            if shared is None
+            else tuple(
+                HeldShare(self._site_id, block, shamir.share_to_bytes(key), shamir.share_to_bytes(seed))
+                for block, (key, seed) in sorted(shared.own_shares.items())
+            ),
+            share_senders=None if masked is None else tuple(sorted(masked.share_senders)),
+            held=()
+            if masked is None
+            else tuple(
+                HeldShare(peer, block, shamir.share_to_bytes(key), shamir.share_to_bytes(seed))
+                for (peer, block), (key, seed) in sorted(masked.held.items())
+            ),
+            mask_groups=() if masked is None else tuple(sorted(masked.mask_groups.items())),
+            signed=() if masked is None else tuple(sorted(masked.signed.items())),
+            revealed=tuple((peer, block, kind) for (peer, block), kind in sorted(self._revealed.items())),
+        )
+        return encode_site_state(record, self._identity_key)
+
+    @classmethod
+    def from_state(
+        cls,
+        state: bytes,
+        *,
+        site_id: str,
+        federation_id: str,
+        federation_sha256: bytes,
+        round_id: int,
+        roster: Mapping[str, bytes],
+        identity_key: Ed25519PrivateKey,
+        block_sizes: Mapping[str, int],
+        params: SecAggParams,
+        contribution: SiteContribution | None,
+        max_state_bytes: int = MAX_STATE_BYTES,
+    ) -> SiteStageMachine:
+        """Restore, in a fresh process, a machine saved with :meth:`export_state`.
+
+        Every argument but ``state`` is as for the constructor and comes from the site's
+        own files (its site file, identity key and federation file) and the round in
+        progress, never from the state.
+
+        Args:
+            state: The bytes :meth:`export_state` returned, read back from the site's
+                own state file.
+            site_id: This site's id.
+            federation_id: The federation's id.
+            federation_sha256: The SHA-256 of the federation file.
+            round_id: The round in progress.
+            roster: Site id to raw Ed25519 public key.
+            identity_key: This site's Ed25519 private key.
+            block_sizes: The federation's layout.
+            params: The round's protocol parameters.
+            contribution: The contribution the machine was made with (the same updates,
+                byte for byte, weight and policy minimum), or ``None`` once the masked
+                input is sent (the machine no longer needs it, but then cannot send its
+                masked input again: :meth:`resend` raises
+                :class:`StageAlreadyAnsweredError`).
+            max_state_bytes: Length limit of ``state``, checked before parsing.
+
+        Returns:
+            A new machine at the stage the state was saved at.
+
+        Raises:
+            TypeError: ``contribution`` is neither a ``SiteContribution`` nor ``None``.
+            ValueError: inconsistent arguments (as for the constructor), or no
+                contribution while the masked input is not sent yet.
+            SiteStateError: (also a ``ValueError``) the state is oversized, malformed,
+                of another version, not signed by this site's identity key, bound to
+                another site, federation, federation file, round, roster, layout or set
+                of parameters, made with another contribution, or inconsistent: secrets
+                that do not match the signed advertisement, or advertisements, shares,
+                groups, survivor sets or messages the machine would never have accepted
+                or sent.
+
+        Notes:
+            The terms a site relies on for its privacy (roster, thresholds, public
+            groups, layout) are the caller's; the state carries only their digests and is
+            refused if they differ. Nor is anything else in it taken on trust: the
+            advertisements are verified again against the roster, the plan, groups and
+            masking groups are derived again from them, the secrets must match the
+            signed advertisement, and every message recorded must carry this site's
+            signature and agree with the shares, survivor sets and kinds revealed.
+
+            The masked input is not stored (it is ``4 (d + 1)`` bytes per block, up to
+            hundreds of MiB): the caller passes the contribution again, and the state is
+            refused unless the contribution's SHA-256 is the one recorded when the state
+            was first exported. So a restarted site can never mask a *different* update
+            under the same masks (an update lost and trained again, training not being
+            deterministic): two masked inputs under one set of masks would give the
+            coordinator the difference of the two updates. To send the masked input
+            again, :meth:`resend` rebuilds it from the state, the identical request and
+            the contribution (every step is deterministic) and sends it only if its
+            SHA-256 is the one recorded: the same bytes, or nothing. Storing the vector
+            instead would double the disk written per round for no gain in safety (it is
+            a function of what is stored), and the caller keeps the update until the
+            masked input is sent in any case. The one kind of share revealed per peer
+            is part of the state, so a restarted site still refuses a second unmask
+            request for the other kind (Bonawitz et al. 2017, section 4, Unmasking).
+        """
+        if contribution is not None and not isinstance(contribution, SiteContribution):
+            raise TypeError("contribution must be a SiteContribution or None")
+        machine = cls.__new__(cls)
+        machine._bind(
+            site_id=site_id,
+            federation_id=federation_id,
+            federation_sha256=federation_sha256,
+            round_id=round_id,
+            roster=roster,
+            identity_key=identity_key,
+            block_sizes=block_sizes,
+            params=params,
+            contribution=contribution,
+        )
+        record = decode_site_state(
+            state,
+            site_id=site_id,
+            identity_public_key=roster[site_id],
+            federation_id=federation_id,
+            federation_sha256=federation_sha256,
+            round_id=round_id,
+            roster_sha256=roster_sha256(roster),
+            terms_sha256=terms_sha256(block_sizes, params),
+            max_bytes=max_state_bytes,
+        )
+        if contribution is None and record.stage < _Stage.MASKED:
+            raise ValueError(
+                f"the state is at stage {STATE_STAGES[record.stage]}: the contribution is needed to go on"
+            )
+        if contribution is not None and _contribution_sha256(contribution) != record.contribution_sha256:
+            raise SiteStateError(
+                "the contribution differs from the one this state was made with: a restarted site never masks "
+                "another update in the same round"
+            )
+        try:
+            machine._restore(record)
+        except SiteStateError:
+            raise
+        except (ProtocolError, ValueError) as exc:
+            raise SiteStateError(f"the saved state is inconsistent: {exc}") from None
+        logger.info("site %s restored its state of round %d at stage %s", site_id, round_id, machine.stage)
+        return machine
+
+    def resend(self, untrusted_request: bytes | None) -> bytes:
+        """The message this site already sent in answer to ``untrusted_request``, byte
+        for byte, for a runtime retrying after a restart (the stage methods refuse a
+        request already answered, like any replay).
+
+        Only the answer to the last stage done is sent again, and only for the very
+        request it answered (the same bytes): never a new message.
+
+        Args:
+            untrusted_request: The coordinator's request, exactly as received; ``None``
+                for the advertisement, which answers no request.
+
+        Returns:
+            The bytes sent before.
+
+        Raises:
+            StageOrderError: nothing was sent yet, or the request belongs to a stage not
+                answered yet (answer it with its stage method).
+            ReplayedMessageError: the request belongs to an earlier stage, or differs
+                from the one the last stage answered.
+            BothSharesRequestedError: after unmasking, another request that asks for the
+                other kind of share of a peer than the one revealed.
+            StageAlreadyAnsweredError: the masked input cannot be rebuilt byte for byte
+                (no contribution was given to :meth:`from_state`, or the update changed).
+            MessageTooLargeError, MalformedMessageError, UnsupportedVersionError: the
+                request's header.
+            WrongFederationError, WrongRoundError, WrongRecipientError: (after
+                unmasking) another request for another context.
+
+        Notes:
+            The masked input is not kept (see :meth:`from_state`): it is rebuilt from
+            the state, the same share delivery and the same contribution, and sent only
+            if its SHA-256 is the one recorded when it was first sent. Every other
+            answer is kept whole. Sending the same bytes twice reveals nothing new; a
+            second, different answer to one stage could (Bonawitz et al. 2017, section
+            4: one masked input and one unmask answer per user and round).
+        """
+        if self._stage is _Stage.NEW:
+            raise StageOrderError("nothing has been sent this round")
+        last = self._sent[-1]
+        if untrusted_request is None:
+            if self._stage is _Stage.ADVERTISED and last.message is not None:
+                return last.message
+            raise ReplayedMessageError("advertise_keys: a stage already done; only the last answer is sent again")
+        got = peek_message_type(untrusted_request, max_bytes=self._params.max_message_bytes)
+        if got not in _EXPECTED:
+            raise MalformedMessageError(f"{got.name} is not a coordinator message")
+        answered = _EXPECTED[got] + 1
+        if answered > self._stage:
+            raise StageOrderError(f"{got.name} belongs to a stage not answered yet")
+        if answered < self._stage:
+            raise ReplayedMessageError(
+                f"{got.name} belongs to a stage already done; only the last answer is sent again"
+            )
+        if hashlib.sha256(untrusted_request).digest() != last.request_sha256:
+            if self._stage is _Stage.DONE:
+                self._refuse_second_request(untrusted_request)
+            raise ReplayedMessageError(f"{got.name}: another request for a stage already answered")
+        if last.message is not None:
+            return last.message
+        return self._rebuild_masked_input(untrusted_request, last.message_sha256)
+
+    def _rebuild_masked_input(self, untrusted_share_delivery: bytes, message_sha256: bytes) -> bytes:
+        if self._contribution is None:
+            raise StageAlreadyAnsweredError(
+                "masked_input: already answered; the masked input is not kept, and no contribution was given to "
+                "rebuild it"
+            )
+        delivery = decode_coordinator_message(
+            untrusted_share_delivery,
+            federation_id=self._federation_id,
+            federation_sha256=self._federation_sha256,
+            round_id=self._round_id,
+            recipient=self._site_id,
+            max_bytes=self._params.max_message_bytes,
+        )
+        if not isinstance(delivery, ShareDelivery):
+            raise MalformedMessageError("expected ShareDelivery")
+        encoded, _ = self._prepare_masked_input(delivery)
+        if hashlib.sha256(encoded).digest() != message_sha256:
+            raise StageAlreadyAnsweredError(
+                "masked_input: already answered, and the masked input rebuilt differs from the one sent (has the "
+                "update changed?); nothing is sent"
+            )
+        return encoded
+
+    def _record_sent(
+        self, stage: _Stage, untrusted_request: bytes | None, encoded: bytes, *, keep: bool = True
+    ) -> None:
+        self._sent.append(
+            SentMessage(
+                stage=STAGE_NAMES[stage - 1],
+                request_sha256=None if untrusted_request is None else hashlib.sha256(untrusted_request).digest(),
+                message_sha256=hashlib.sha256(encoded).digest(),
+                message=encoded if keep else None,
+            )
+        )
+
+    def _contribution_sha256(self) -> bytes:
+        if self._contribution_digest is None:
+            self._contribution_digest = _contribution_sha256(self._require_contribution())
+        return self._contribution_digest
+
+    def _require_contribution(self) -> SiteContribution:
+        if self._contribution is None:
+            raise StageOrderError("this machine was restored without its contribution")
+        return self._contribution
+
+    # ---------------------------------------------------------- checks of a restored state
+
+    def _restore(self, record: SiteRoundState) -> None:
+        """Rebuild the machine at ``record.stage``, checking every part against the
+        others and against what this site signed (nothing in the record is trusted
+        because it is there)."""
+        stage = _Stage(record.stage)
+        if stage >= _Stage.ADVERTISED:
+            advert = self._stored_message(record.sent[0], AdvertiseKeys)
+            self._advertisement = record.sent[0].message or b""
+            if self._contribution is not None and (
+                tuple(entry.block for entry in advert.blocks) != tuple(sorted(self._contribution.blocks))
+                or advert.min_contributors != self._contribution.min_contributors
+            ):
+                raise SiteStateError("the advertisement saved does not match the contribution")
+            if stage < _Stage.DONE:
+                self._restore_secrets(record, advert)
+        if _Stage.SHARED <= stage < _Stage.DONE:
+            self._shared = self._restore_shared(record)
+            sent_shares = self._stored_message(record.sent[1], EncryptedShares)
+            if tuple(share.peer for share in sent_shares.shares) != neighbours(self._site_id, self._shared.plan):
+                raise SiteStateError("the shares sent do not match the groups formed")
+        if _Stage.MASKED <= stage < _Stage.DONE and self._shared is not None:
+            self._masked = self._restore_masked(record, self._shared)
+        if stage is _Stage.CHECKED and self._masked is not None:
+            response = self._stored_message(record.sent[3], ConsistencyResponse)
+            signed = self._masked.signed
+            if tuple(entry.block for entry in response.signatures) != tuple(sorted(signed)):
+                raise SiteStateError("the consistency answer sent does not match the survivor sets signed")
+            own_key = self._roster[self._site_id]
+            for entry in response.signatures:
+                payload = self._consistency_payload(entry.block, signed[entry.block])
+                try:
+                    crypto.verify_signature(own_key, payload, entry.signature)
+                except AuthenticationError:
+                    raise SiteStateError(
+                        f"the consistency answer sent does not match the survivor set signed for {entry.block}"
+                    ) from None
+        if stage is _Stage.DONE:
+            response = self._stored_message(record.sent[4], UnmaskResponse)
+            revealed = {(peer, block): kind for peer, block, kind in record.revealed}
+            if {(share.peer, share.block): share.kind for share in response.shares} != revealed:
+                raise SiteStateError("the kinds of share revealed do not match the unmask answer sent")
+            self._revealed = revealed
+        self._sent = list(record.sent)
+        self._contribution_digest = record.contribution_sha256
+        self._stage = stage
+        self._last_blocks = self._blocks_of_last_message()
+
+    def _blocks_of_last_message(self) -> tuple[str, ...]:
+        if self._stage is _Stage.ADVERTISED:
+            return tuple(self._secrets)
+        if self._stage is _Stage.SHARED and self._shared is not None:
+            return self._shared.plan.blocks_of(self._site_id)
+        if self._stage is _Stage.MASKED and self._masked is not None:
+            return tuple(self._masked.mask_groups)
+        if self._stage is _Stage.CHECKED and self._masked is not None:
+            return tuple(sorted(self._masked.signed))
+        if self._stage is _Stage.DONE:
+            return tuple(sorted({block for _, block in self._revealed}))
+        return ()
+
+    def _stored_message(self, record: SentMessage, expected: type[_SiteMessageT]) -> _SiteMessageT:
+        if record.message is None:
+            raise SiteStateError(f"the {record.stage} message is not in the state")
+        message = decode_site_message(
+            record.message,
+            federation_id=self._federation_id,
+            federation_sha256=self._federation_sha256,
+            round_id=self._round_id,
+            roster={self._site_id: self._roster[self._site_id]},
+            max_bytes=self._params.max_message_bytes,
+        )
+        if not isinstance(message, expected):
+            raise SiteStateError(f"the {record.stage} message saved is not {expected.__name__}")
+        return message
+
+    def _restore_secrets(self, record: SiteRoundState, advert: AdvertiseKeys) -> None:
+        if record.share_private_key is None:
+            raise SiteStateError("the state lacks the share private key")
+        if crypto.x25519_public_key(record.share_private_key) != advert.share_public_key:
+            raise SiteStateError("the share private key saved does not match the advertisement")
+        advertised = {entry.block: entry for entry in advert.blocks}
+        if tuple(secret.block for secret in record.block_secrets) != tuple(advertised):
+            raise SiteStateError("the blocks of the secrets saved differ from those advertised")
+        secrets_by_block = {}
+        for secret in record.block_secrets:
+            entry = advertised[secret.block]
+            commitment = kdf.seed_commitment(
+                secret.seed,
+                federation_id=self._federation_id,
+                round_id=self._round_id,
+                block=secret.block,
+                site=self._site_id,
+            )
+            if crypto.x25519_public_key(secret.mask_private_key) != entry.mask_public_key:
+                raise SiteStateError(f"the mask private key of {secret.block} does not match the advertisement")
+            if commitment != entry.seed_commitment:
+                raise SiteStateError(f"the seed of {secret.block} does not match its commitment in the advertisement")
+            secrets_by_block[secret.block] = _BlockSecrets(
+                secret.mask_private_key, entry.mask_public_key, secret.seed, commitment
+            )
+        self._share_private_key = record.share_private_key
+        self._secrets = secrets_by_block
+
+    def _restore_shared(self, record: SiteRoundState) -> _SharedState:
+        signed_adverts = record.advertisements or ()
+        adverts = self._verify_advertisements(signed_adverts)
+        plan = plan_blocks(
+            {s: [b.block for b in a.blocks] for s, a in adverts.items()},
+            {s: a.min_contributors for s, a in adverts.items()},
+            self._params,
+        )
+        if tuple(share.block for share in record.own_shares) != plan.blocks_of(self._site_id):
+            raise SiteStateError("the site's own shares saved do not cover exactly the blocks it shares")
+        own_shares = {
+            share.block: (shamir.share_from_bytes(share.mask_key_share), shamir.share_from_bytes(share.seed_share))
+            for share in record.own_shares
+        }
+        return _SharedState(plan, adverts, own_shares, tuple(signed_adverts))
+
+    def _restore_masked(self, record: SiteRoundState, shared: _SharedState) -> _MaskedState:
+        senders = frozenset(record.share_senders or ())
+        self._check_share_senders(shared, senders)
+        plan = shared.plan
+        expected = {
+            (peer, block)
+            for peer in neighbours(self._site_id, plan)
+            if peer in senders
+            for block in plan.common_blocks(self._site_id, peer)
+        } | {(self._site_id, block) for block in shared.own_shares}
+        held = {
+            (share.peer, share.block): (
+                shamir.share_from_bytes(share.mask_key_share),
+                shamir.share_from_bytes(share.seed_share),
+            )
+            for share in record.held
+        }
+        if set(held) != expected:
+            raise SiteStateError("the shares held do not match the groups and the sites that shared keys")
+        if any(held[(self._site_id, block)] != values for block, values in shared.own_shares.items()):
+            raise SiteStateError("the site's own shares held differ from those it made")
+        state = _MaskedState(share_senders=senders, held=held)
+        for block in plan.blocks_of(self._site_id):
+            group = tuple(s for s in plan.groups[block] if s in senders)
+            if block_shortfall(group, plan=plan, block=block, params=self._params, stage="shared keys") is None:
+                state.mask_groups[block] = group
+        if tuple(state.mask_groups.items()) != record.mask_groups:
+            raise SiteStateError("the groups masked with differ from those the advertisements and senders give")
+        for block, survivors in record.signed:
+            group = state.mask_groups.get(block)
+            if (
+                group is None
+                or self._site_id not in survivors
+                or not set(survivors) <= set(group)
+                or block_shortfall(survivors, plan=plan, block=block, params=self._params, stage="survived")
+            ):
+                raise SiteStateError(f"the survivor set signed for {block} is not one this site would have signed")
+            state.signed[block] = survivors
+        return state
+
     # ----------------------------------------------------------------- helpers
 
     def _forget_secrets(self) -> None:
@@ -887,6 +1428,23 @@ class SiteStageMachine:
         if not isinstance(message, expected):
             raise MalformedMessageError(f"expected {expected.__name__}")
         return message
+
+
+def _contribution_sha256(contribution: SiteContribution) -> bytes:
+    """SHA-256 of a contribution: each block's name and float32 values (little-endian),
+    in block order, then the weight and the policy minimum."""
+
+    def lp(text: str) -> bytes:
+        data = text.encode("utf-8")
+        return struct.pack(">H", len(data)) + data
+
+    digest = hashlib.sha256(kdf.PROTOCOL_LABEL + lp("site-contribution") + struct.pack(">I", len(contribution.blocks)))
+    for block in sorted(contribution.blocks):
+        values = np.ascontiguousarray(contribution.blocks[block], dtype="<f4")
+        digest.update(lp(block) + struct.pack(">Q", values.size))
+        digest.update(values.view(np.uint8))
+    digest.update(lp(str(contribution.weight)) + struct.pack(">H", contribution.min_contributors))
+    return digest.digest()
 
 
 def _check_distinct_keys(adverts: Iterable[AdvertiseKeys]) -> None:
