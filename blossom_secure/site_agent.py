@@ -213,8 +213,13 @@ class SiteAgent:
 
     @property
     def shared_blocks(self) -> tuple[str, ...]:
-        """The blocks this site's policy lets leave (never a head)."""
-        return tuple(b for b in self.config.blocks if self.policy.is_shareable(b) and not is_head(b))
+        """The blocks this site contributes: those its policy lets leave (never a head) and,
+        where the federation file declares a public group for a block, only if this site is
+        a member of it. Decided from the public files before the site trains or reserves
+        budget, so no contribution is refused later in the protocol for it."""
+        groups = self.federation.aggregation.groups
+        return tuple(b for b in self.config.blocks if self.policy.is_shareable(b) and not is_head(b)
+                     and (b not in groups or self.id in groups[b]))
 
     @property
     def n_train(self) -> int:

@@ -292,3 +292,22 @@ def test_budget_and_review_show_a_seeded_run_as_nominal(tiny_sites_with_data, tm
     simulate(sites_root=other, rounds=1, out_dir=tmp_path / "out2", seed=None, secure=False)
     budget = cli("blossom-site", "budget", str(other / "riverside"))
     assert "OS CSPRNG" in budget.stdout and "NOMINAL" not in budget.stdout
+
+
+def test_site_outside_a_declared_group_keeps_that_block_and_spends_nothing_for_it(tiny_sites_with_data, tmp_path):
+    """A block whose public group leaves this site out is never offered: decided from the
+    files before training, so the protocol never has to refuse the site after it paid."""
+    sites = _copy(tiny_sites_with_data, tmp_path / "x", plaintext=False)
+    fed_path = sites / "federation.toml"
+    fed_path.write_text(fed_path.read_text().replace('"fusion" = ["st-mary", "northgate", "riverside"]',
+                                                     '"fusion" = ["st-mary", "northgate"]')
+                        .replace('"fusion" = 2', '"fusion" = 2'))
+    fed = load_federation(fed_path)
+    agent = SiteAgent(sites / "riverside", fed, seed=0)
+    assert "fusion" not in agent.shared_blocks and "encoder.tabular" in agent.shared_blocks
+    from blossom_secure.federation import initial_global_blocks
+
+    offer = agent.offer(round_id=0, global_blocks=initial_global_blocks(fed, include_heads=False, seed=0),
+                        secure=True)
+    assert offer.declined is None
+    assert "encoder.tabular" in offer.contribution.egress and "fusion" not in offer.contribution.egress
