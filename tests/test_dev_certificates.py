@@ -369,7 +369,7 @@ def test_mutual_tls_accepts_a_site_and_refuses_the_server_certificate_as_a_clien
 
 
 def test_grpc_mutual_tls_with_the_test_certificates(issued, other):
-    grpc = pytest.importorskip("grpc")
+    import grpc  # comes with the flower extra
     from concurrent.futures import ThreadPoolExecutor
 
     out, _, _ = issued
@@ -410,9 +410,8 @@ def test_grpc_mutual_tls_with_the_test_certificates(issued, other):
 def test_flower_superlink_serves_tls_with_the_test_certificates(issued, tmp_path):
     """Flower 1.42's own SuperLink loads server.pem/server.key; a client trusting ca.pem
     reaches it as ``localhost``."""
-    superlink = BIN / "flower-superlink"
-    if not superlink.exists():
-        pytest.skip("flwr is not installed")
+    superlink = BIN / "flower-superlink"  # the flower extra is part of the README install
+    assert superlink.exists(), "flower-superlink missing: install the flower extra (see the README)"
     out, _, _ = issued
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

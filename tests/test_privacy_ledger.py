@@ -375,8 +375,7 @@ def test_proven_rounds_carry_other_ledger_entry_fields():
     # from the record's details when present, and left at its default otherwise.
     extra = sorted({f.name for f in fields(LedgerEntry)} - {"round_id", "noise_multiplier", "sample_rate",
                                                              "steps", "epsilon_total", "time_utc"})
-    if "randomness" not in extra:
-        pytest.skip("LedgerEntry has no randomness field")
+    assert extra == ["randomness"]
     record = {"event": "training_finished", "seq": 7, "round_id": 3, "time_utc": "2026-03-01T12:00:00Z",
               "details": {"steps": 10, "epsilon_round": 1.0, "epsilon_total": 1.0, "delta": 1e-5,
                           "noise_multiplier": 1.0, "sample_rate": 0.1, "randomness": "seeded-simulation"}}
