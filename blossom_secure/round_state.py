@@ -25,7 +25,7 @@ from pathlib import Path
 from blossom_secure._fs import atomic_write, fsync_dir
 from blossom_secure.secagg.site_state import MAX_STATE_BYTES, SiteStateError
 
-__all__ = ["discard_round_state", "load_round_state", "round_state_path", "save_round_state"]
+__all__ = ["discard_round_state", "load_round_state", "read_private_file", "round_state_path", "save_round_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,23 @@ def load_round_state(state_dir: Path, round_id: int, *, max_bytes: int = MAX_STA
             or writable by group or others, or is longer than ``max_bytes``.
         OSError: the file exists but cannot be read.
     """
-    path = round_state_path(state_dir, round_id)
+    return read_private_file(round_state_path(state_dir, round_id), max_bytes=max_bytes)
+
+
+def read_private_file(path: Path, *, max_bytes: int) -> bytes | None:
+    """Read one of the site's private round files (keys, secrets, a saved update), or
+    ``None`` if it does not exist.
+
+    Raises:
+        SiteStateError: the file is a symbolic link or not a regular file, is readable
+            or writable by group or others, or is longer than ``max_bytes``.
+        OSError: the file exists but cannot be read.
+
+    Notes:
+        Opened with ``O_NOFOLLOW`` and checked on the open descriptor (``fstat``), so a
+        link or a swapped file cannot point the site at something else between the check
+        and the read.
+    """
     try:
         fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
     except FileNotFoundError:

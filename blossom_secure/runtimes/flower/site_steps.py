@@ -45,14 +45,12 @@ import argparse
 import base64
 import binascii
 import contextlib
-import errno
 import hashlib
 import json
 import logging
 import math
 import os
 import re
-import stat
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -67,7 +65,7 @@ from blossom_secure.config import FederationConfig, SiteConfig, load_federation,
 from blossom_secure.crypto import IdentityKey, identity_public_key, key_fingerprint
 from blossom_secure.errors import BlossomError, PolicyError, Problem, ProtocolError
 from blossom_secure.keys import load_identity_key, load_or_create_identity_key
-from blossom_secure.round_state import discard_round_state, load_round_state, save_round_state
+from blossom_secure.round_state import discard_round_state, load_round_state, read_private_file, save_round_state
 from blossom_secure.runtimes.flower import wire
 from blossom_secure.runtimes.flower.roster import load_roster, roster_path
 from blossom_secure.secagg import STAGE_NAMES, SecAggParams, SiteContribution, SiteStageMachine
@@ -277,20 +275,8 @@ def _update_path(state_dir: Path, round_id: int) -> Path:
 
 def _load_record(state_dir: Path, round_id: int) -> _RoundRecord | None:
     path = _record_path(state_dir, round_id)
-    try:
-        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise SiteStateError(f"{path} is a symbolic link") from None
-        raise
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_RECORD_BYTES:
-            raise SiteStateError(f"{path} is not a regular file within {_MAX_RECORD_BYTES} bytes")
-        data = handle.read(_MAX_RECORD_BYTES + 1)
-    return _RoundRecord.from_bytes(data, where=str(path))
+    data = read_private_file(path, max_bytes=_MAX_RECORD_BYTES)
+    return None if data is None else _RoundRecord.from_bytes(data, where=str(path))
 
 
 def _save_record(state_dir: Path, record: _RoundRecord) -> None:
