@@ -5,6 +5,8 @@
     blossom data synth --sites sites [--force]
     blossom experiment CONFIG.toml [--work DIR] [--out DIR] [--quick] [--workers N] [--fresh] [--report-only]
     blossom dev certificates DIR [--server-name NAME ...] [--site ID ...] [--days N] [--force]
+    blossom coordinator serve --federation FILE --roster ROSTER.toml --certificates DIR [--address HOST:PORT]
+                              [--rounds N] [--out DIR] [--wait-for-sites-s S] [--run-timeout-s S]
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from rich.table import Table
 from blossom_secure.cli import EXIT_OK, ArgumentParser, UsageError, console, run
 
 QUICK_ROUNDS = 3
+#: The coordinator's round counter in its --out folder.
+COORDINATOR_STATE_FILE = "coordinator-state.json"
 _TEST_PKI_NOTE = "for local trials only; a real deployment uses the hospital's and the coordinator's own PKI"
 
 
@@ -74,6 +78,28 @@ def _parser() -> ArgumentParser:
                        help="issue a client certificate for this site id (repeatable)")
     certs.add_argument("--days", type=int, default=30, help="validity in days, 1 to 825 (default 30)")
     certs.add_argument("--force", action="store_true", help="overwrite files of the same names")
+
+    coord = sub.add_parser("coordinator", help="run a federation's coordinator (a Flower SuperLink)")
+    csub = coord.add_subparsers(dest="coordinator_command", required=True, parser_class=ArgumentParser)
+    serve = csub.add_parser(
+        "serve", help="start the SuperLink, wait for the roster's sites, run the rounds, write the results, stop",
+        description="Start a Flower SuperLink with TLS (ca.pem, server.pem, server.key from --certificates), wait "
+                    "until the roster's sites have joined, run the rounds, write metrics.json and global_blocks.npz "
+                    "to --out, then stop the SuperLink. Round numbers continue after a restart (--out keeps "
+                    f"{COORDINATOR_STATE_FILE}).")
+    serve.add_argument("--federation", type=Path, required=True, help="the federation file")
+    serve.add_argument("--roster", type=Path, required=True, help="the roster (site ids and identity public keys)")
+    serve.add_argument("--certificates", type=Path, required=True, metavar="DIR",
+                       help="folder with ca.pem, server.pem and server.key (as `blossom dev certificates` writes)")
+    serve.add_argument("--address", default="127.0.0.1:9092", metavar="HOST:PORT",
+                       help="where the SuperLink listens; the sites' only connection (default 127.0.0.1:9092)")
+    serve.add_argument("--rounds", type=int, default=None, help="rounds (default: the federation file's)")
+    serve.add_argument("--out", type=Path, default=Path("runs") / "coordinator",
+                       help="folder for metrics.json, global_blocks.npz, the SuperLink's log and the round counter")
+    serve.add_argument("--wait-for-sites-s", type=float, default=300.0,
+                       help="how long to wait for every roster site to join (default 300)")
+    serve.add_argument("--run-timeout-s", type=float, default=3600.0,
+                       help="stop the run if it has not finished after this long (default 3600)")
     return p
 
 
@@ -85,6 +111,8 @@ def main(argv: list[str]) -> int:
         return _experiment(args, argv)
     if args.command == "dev":
         return _dev_certificates(args)
+    if args.command == "coordinator":
+        return _coordinator_serve(args)
     return _synth(args)
 
 
@@ -125,6 +153,122 @@ def _dev_certificates(args) -> int:
     if args.site:
         console.print("Flower 1.42 SuperNodes present no client certificate; sites/<id>.pem serve a TLS proxy or "
                       "server that requires mutual TLS.", markup=False)
+    return EXIT_OK
+
+
+def _read_next_round(path: Path, federation_id: str) -> int:
+    """The first round a restarted coordinator may use (0 for a new one)."""
+    import json
+
+    if not path.exists():
+        return 0
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: cannot read the coordinator's round counter: {exc}") from None
+    if not isinstance(doc, dict) or set(doc) != {"format", "federation", "next_round"} or doc["format"] != 1:
+        raise UsageError(f"{path}: not a coordinator round counter (format 1)")
+    if doc["federation"] != federation_id:
+        raise UsageError(f"{path}: the round counter is for federation {doc['federation']!r}, not {federation_id!r}")
+    next_round = doc["next_round"]
+    if isinstance(next_round, bool) or not isinstance(next_round, int) or next_round < 0:
+        raise UsageError(f"{path}: next_round must be a non-negative integer")
+    return next_round
+
+
+def _coordinator_serve(args) -> int:
+    """Start the SuperLink, run the rounds over the joined sites, write the results, end the SuperLink."""
+    import json
+    import signal
+
+    from blossom_secure._fs import atomic_write
+    from blossom_secure.cli import EXIT_PROTOCOL, err_console
+    from blossom_secure.config import load_federation
+    from blossom_secure.runtimes.flower import processes
+    from blossom_secure.runtimes.flower.certificates import CA_CERT_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE
+    from blossom_secure.runtimes.flower.roster import load_roster
+
+    federation = load_federation(args.federation)
+    roster = load_roster(args.roster, federation=federation)
+    try:
+        host, port = processes.parse_address(args.address)
+    except ValueError as exc:
+        raise UsageError(f"--address {exc}") from None
+    if args.rounds is not None and args.rounds < 1:
+        raise UsageError("--rounds must be at least 1")
+    if args.wait_for_sites_s < 0 or args.run_timeout_s <= 0:
+        raise UsageError("--wait-for-sites-s must be >= 0 and --run-timeout-s > 0")
+    ca, cert, key = (args.certificates.resolve() / n for n in (CA_CERT_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE))
+    for path in (ca, cert):
+        try:
+            processes.check_ca_certificate(path)
+        except ValueError as exc:
+            raise UsageError(f"--certificates {exc}") from None
+    if not key.is_file():
+        raise UsageError(f"--certificates {key}: the SuperLink's private key is missing")
+    out = args.out.resolve()
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    state_path = out / COORDINATOR_STATE_FILE
+    first_round = _read_next_round(state_path, federation.id)
+    rounds = args.rounds or federation.training.rounds
+    # reserve the round numbers before any site can answer them: a restart never reuses one
+    atomic_write(state_path, json.dumps({"format": 1, "federation": federation.id,
+                                         "next_round": first_round + rounds}).encode() + b"\n", mode=0o600)
+    # the Control API is on the same port; reach a wildcard listener over loopback
+    connect = f"127.0.0.1:{port}" if host in ("0.0.0.0", "::") else args.address
+    log_path = out / "flower-superlink.log"
+
+    def on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)  # end the SuperLink (finally below), exit 130
+    command = processes.superlink_command(host=host, port=port, certificates=(ca, cert, key))
+    process = processes.start_process(command, env=processes.flower_environment(out / processes.FLOWER_HOME_DIR),
+                                      log_path=log_path, cwd=out)
+    try:
+        console.print(f"SuperLink (pid {process.pid}) listening on {args.address} (TLS, certificate {cert}); "
+                      f"log: {log_path}", markup=False)
+        if not processes.wait_listening(host if host not in ("0.0.0.0", "::") else "127.0.0.1", port,
+                                        timeout_s=90, process=process):
+            err_console.print(f"error: the SuperLink did not start; see {log_path}", markup=False)
+            return EXIT_PROTOCOL
+        return _run_rounds(args, connect, ca, out, federation, roster, first_round, rounds)
+    finally:
+        processes.end_process_group(process)
+        console.print("SuperLink stopped", markup=False)
+
+
+def _run_rounds(args, connect: str, ca: Path, out: Path, federation, roster, first_round: int, rounds: int) -> int:
+    import json
+
+    from blossom_secure.cli import EXIT_PROTOCOL, err_console
+    from blossom_secure.runtimes.flower.control import start_run, stop_run, wait_for_run
+
+    console.print(f"rounds {first_round} to {first_round + rounds - 1}; waiting up to {args.wait_for_sites_s:g} s "
+                  f"for the {len(roster)} roster sites: {', '.join(roster)}", markup=False)
+    run_id = start_run(connect, root_certificates=ca, run_config={
+        "federation-file": str(Path(federation.path).resolve()), "roster-file": str(args.roster.resolve()),
+        "out-dir": str(out), "rounds": rounds, "first-round": first_round,
+        "wait-for-sites-s": float(args.wait_for_sites_s)})
+    try:
+        status = wait_for_run(connect, root_certificates=ca, run_id=run_id, timeout_s=args.run_timeout_s)
+    except BaseException:
+        stop_run(connect, root_certificates=ca, run_id=run_id)
+        raise
+    if status.status != "finished":
+        stop_run(connect, root_certificates=ca, run_id=run_id)
+        err_console.print(f"error: the run did not finish in {args.run_timeout_s:g} s; stopped", markup=False)
+        return EXIT_PROTOCOL
+    if status.sub_status != "completed":
+        err_console.print(f"error: the run ended {status.sub_status}: {status.details or 'see the SuperLink log'}",
+                          markup=False)
+        return EXIT_PROTOCOL
+    doc = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    for round_key, blocks in sorted(doc.get("blocks", {}).items(), key=lambda kv: int(kv[0])):
+        outcome = ", ".join(f"{b}: {v.get('failure') or 'aggregated'}" for b, v in sorted(blocks.items()))
+        console.print(f"round {round_key}: {outcome}", markup=False)
+    console.print(f"metrics: {out / 'metrics.json'}", markup=False)
+    console.print(f"global shared blocks: {out / 'global_blocks.npz'}", markup=False)
     return EXIT_OK
 
 

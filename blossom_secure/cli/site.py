@@ -6,6 +6,9 @@
     blossom-site audit verify SITE_DIR    recompute the audit log's hash chain and signatures
     blossom-site audit review SITE_DIR [--round R] [--html FILE]
     blossom-site ledger rebuild SITE_DIR  rebuild the privacy ledger from the verified audit log
+    blossom-site join SITE_DIR --coordinator HOST:PORT (--root-certificates CA.pem | --insecure) [--seed S]
+                                          run the site's Flower SuperNode until interrupted
+    blossom-site roster-entry SITE_DIR    print the site's line for the federation's roster.toml
 
 Every command takes ``--federation FILE`` when the site file does not name its federation.
 Exit codes: see :mod:`blossom_secure.cli`.
@@ -13,12 +16,16 @@ Exit codes: see :mod:`blossom_secure.cli`.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from rich.table import Table
 
 from blossom_secure.cli import EXIT_AUDIT_FAILED, EXIT_OK, ArgumentParser, UsageError, console, err_console, run
 
+#: First pause before a SuperNode that exited is started again, and the longest.
+_RESTART_PAUSE_S = 2.0
+_MAX_RESTART_PAUSE_S = 60.0
 _FINGERPRINT_HELP = "the key fingerprint recorded out of band; refuse if the site's key differs"
 
 
@@ -48,6 +55,18 @@ def _parser() -> ArgumentParser:
                                   "ahead); exit 1 if the log does not verify", lsub)
     for cmd in (verify, review, rebuild):
         cmd.add_argument("--fingerprint", default=None, help=_FINGERPRINT_HELP)
+    join = site_cmd("join", "join a deployment: run this site's Flower SuperNode in the foreground until "
+                            "interrupted (Ctrl-C or SIGTERM)")
+    join.add_argument("--coordinator", required=True, metavar="HOST:PORT",
+                      help="the coordinator's SuperLink; the policy's [policy] coordinators must list it")
+    tls = join.add_mutually_exclusive_group(required=True)
+    tls.add_argument("--root-certificates", type=Path, default=None, metavar="CA.pem",
+                     help="the CA certificate the SuperLink's TLS certificate is verified against")
+    tls.add_argument("--insecure", action="store_true",
+                     help="no TLS: only for a coordinator on this machine (loopback); refused otherwise")
+    join.add_argument("--seed", type=int, default=None,
+                      help="seeded simulation, synthetic sites only (epsilon then nominal); default: OS CSPRNG")
+    site_cmd("roster-entry", "print this site's line for the federation's roster.toml (its identity public key)")
     return p
 
 
@@ -58,7 +77,8 @@ def main(argv: list[str]) -> int:
     elif args.command == "ledger":
         handler = {"rebuild": _ledger_rebuild}[args.ledger_command]
     else:
-        handler = {"init": _init, "check": _check, "budget": _budget}[args.command]
+        handler = {"init": _init, "check": _check, "budget": _budget, "join": _join,
+                   "roster-entry": _roster_entry}[args.command]
     return handler(args)
 
 
@@ -355,6 +375,113 @@ def _ledger_rebuild(args) -> int:
     if result.epsilon_total >= terms.epsilon_budget:
         console.print("  the budget is spent: the site will decline further rounds")
     return EXIT_OK
+
+
+def _roster_entry(args) -> int:
+    from blossom_secure.crypto import identity_public_key, key_fingerprint
+
+    _, site = _load(args)
+    public = identity_public_key(_open_key(site))
+    console.print(f"# {site.id}: key fingerprint {key_fingerprint(public)}", markup=False)
+    console.print(f'"{site.id}" = "{public.hex()}"', markup=False, soft_wrap=True)
+    return EXIT_OK
+
+
+def _join(args) -> int:
+    """Check everything, then run the SuperNode until interrupted (SIGINT: exit 130, SIGTERM: 0).
+
+    Every refusal comes before anything starts, is recorded in the site's audit log and
+    exits 2. A SuperNode that exits (as Flower's does when its SuperLink restarts) is
+    started again after a pause that doubles up to a minute.
+    """
+    import signal
+
+    from blossom_secure.errors import DataError, Problem
+    from blossom_secure.runtimes.flower import processes
+    from blossom_secure.runtimes.flower.site_steps import AUDIT_FILE
+
+    _, site = _load(args)
+    key = _open_key(site)  # KeyFileError (exit 2) if the site was never initialised
+    try:
+        host, _ = processes.parse_address(args.coordinator)
+    except ValueError as exc:
+        _refuse_join(site, key, f"--coordinator {exc}")
+    if args.coordinator not in site.policy.coordinators:
+        _refuse_join(site, key, f"coordinator {args.coordinator!r} is not allowed by the policy",
+                     problem=Problem(str(site.policy.path), "policy.coordinators",
+                                     f"does not list {args.coordinator!r}; add the coordinator's address to join it"))
+    if args.insecure and not processes.is_loopback_host(host):
+        _refuse_join(site, key, f"--insecure is refused for {args.coordinator}: without TLS only a coordinator on "
+                                "this machine (loopback) may be joined")
+    if args.root_certificates is not None:
+        try:
+            processes.check_ca_certificate(args.root_certificates)
+        except ValueError as exc:
+            _refuse_join(site, key, f"--root-certificates {exc}")
+    if args.insecure:
+        err_console.print(f"warning: --insecure: no TLS to {args.coordinator}; anything on this machine could "
+                          "pose as the coordinator (for local trials only)", markup=False)
+    try:
+        command = processes.supernode_command(
+            superlink=args.coordinator, site_dir=site.root, root_certificates=args.root_certificates,
+            federation_file=args.federation, simulation_seed=args.seed, local_port=processes.free_local_port())
+    except ValueError as exc:
+        raise DataError([Problem(str(site.root), "", str(exc))]) from None
+    home = site.state_dir / processes.FLOWER_HOME_DIR
+    log_path = site.state_dir / "flower-supernode.log"
+
+    def on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    process = None
+    tls = "without TLS" if args.insecure else f"TLS verified against {args.root_certificates}"
+    pause_s = _RESTART_PAUSE_S
+    try:
+        while True:
+            process = processes.start_process(command, env=processes.flower_environment(home), log_path=log_path,
+                                              cwd=site.state_dir)
+            started = time.monotonic()
+            console.print(f"{site.id}: SuperNode (pid {process.pid}) joining {args.coordinator}, {tls}", markup=False)
+            console.print(f"log: {log_path}; audit log: {site.state_dir / AUDIT_FILE}; Ctrl-C to leave",
+                          markup=False)
+            while process.poll() is None:
+                time.sleep(0.5)
+            # A SuperNode ends when the SuperLink it registered with restarts (its node id is
+            # unknown there): start a new one, as a hospital would, after a growing pause.
+            pause_s = _RESTART_PAUSE_S if time.monotonic() - started > _MAX_RESTART_PAUSE_S else min(
+                2 * pause_s, _MAX_RESTART_PAUSE_S)
+            err_console.print(f"warning: the SuperNode exited with code {process.returncode} (see {log_path}); "
+                              f"starting a new one in {pause_s:.0f} s", markup=False)
+            process = None
+            time.sleep(pause_s)
+    except _Terminated:
+        console.print(f"{site.id}: leaving (SIGTERM)", markup=False)
+        return EXIT_OK
+    finally:
+        if process is not None:
+            processes.end_process_group(process)
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived (a ``BaseException``, as ``KeyboardInterrupt`` is)."""
+
+
+def _refuse_join(site, key, message: str, *, problem=None):
+    """Record the refusal in the site's audit log (an ``error`` record, ``error_type``
+    ``JoinRefused``), then raise :class:`UsageError` with one line (exit 2)."""
+    from blossom_secure import audit
+    from blossom_secure.runtimes.flower.site_steps import AUDIT_FILE
+
+    site.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        with audit.AuditLog.open(site.state_dir / AUDIT_FILE, site_id=site.id, signing_key=key) as log:
+            log.append(audit.ERROR, round_id=None, policy_sha256=site.policy.sha256,
+                       details={"message": f"join refused: {message}"[:1000], "error_type": "JoinRefused"})
+    except RuntimeError as exc:  # the log is locked: a SuperNode of this site is running
+        raise UsageError(f"{exc}: is this site already joined?") from None
+    raise UsageError(str(problem) if problem is not None else message)
 
 
 def entry() -> int:

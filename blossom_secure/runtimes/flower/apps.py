@@ -63,6 +63,7 @@ RUN_CONFIG_DEFAULTS: Mapping[str, str | int | float] = {
     "wait-for-sites-s": 300.0,
     "min-sites": 0,
     "poll-interval-s": 0.2,
+    "identify-timeout-s": 180.0,
 }
 
 
@@ -231,6 +232,7 @@ class RunSettings:
     wait_for_sites_s: float
     min_sites: int
     poll_interval_s: float
+    identify_timeout_s: float = 180.0  # a loaded site may take tens of seconds to start its ClientApp
 
     @classmethod
     def from_run_config(cls, config: Mapping) -> RunSettings:
@@ -249,7 +251,8 @@ class RunSettings:
             out_dir=Path(_config_str(config, "out-dir", required=True)),
             rounds=number("rounds", int, 0), first_round=number("first-round", int, 0), seed=number("seed", int, 0),
             stage_timeout_s=number("stage-timeout-s", float, 1), wait_for_sites_s=number("wait-for-sites-s", float, 0),
-            min_sites=number("min-sites", int, 0), poll_interval_s=number("poll-interval-s", float, 0.01))
+            min_sites=number("min-sites", int, 0), poll_interval_s=number("poll-interval-s", float, 0.01),
+            identify_timeout_s=number("identify-timeout-s", float, 1))
 
 
 server_app = ServerApp()
@@ -276,7 +279,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> Path:
                                 poll_interval_s=settings.poll_interval_s)
     wanted = settings.min_sites or len(roster)
     deadline = time.monotonic() + settings.wait_for_sites_s
-    while len(transport.identify(settings.first_round, timeout_s=30.0)) < len(roster):
+    while len(transport.identify(settings.first_round, timeout_s=settings.identify_timeout_s)) < len(roster):
         if time.monotonic() >= deadline:
             break
         time.sleep(1.0)
@@ -287,7 +290,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> Path:
     path = settings.out_dir / "metrics.json"
     for round_id in range(settings.first_round, settings.first_round + rounds):
         if reports:
-            transport.identify(round_id, timeout_s=30.0)
+            transport.identify(round_id, timeout_s=settings.identify_timeout_s)
         report = coordinator.run_round(round_id, transport.send)
         reports.append(report)
         logger.info("round %d: blocks %s", round_id,

@@ -1,0 +1,324 @@
+"""``blossom-site join`` and ``blossom coordinator serve`` as an operator runs them: every
+refusal before anything starts (exit 2, one line, no traceback, recorded in the site's audit
+log, which still verifies), a SuperNode that joins a TLS SuperLink and ends with every child
+process when the command is told to stop, and (slow) one round end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from blossom_secure import audit
+from blossom_secure.crypto import identity_public_key
+from blossom_secure.keys import load_identity_key
+from blossom_secure.runtimes.flower import write_dev_certificates
+from blossom_secure.runtimes.flower.processes import is_loopback_host, parse_address
+from tests.test_flower_deployment import Processes, free_port, wait_listening
+
+BIN = Path(sys.executable).parent
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def cli(*args: str, cwd: Path | None = None, timeout_s: float = 120) -> subprocess.CompletedProcess:
+    name, *rest = args
+    env = {k: v for k, v in os.environ.items() if k != "BLOSSOM_DEBUG"}
+    env["COLUMNS"] = "400"
+    return subprocess.run([str(BIN / name), *rest], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=timeout_s)
+
+
+def allow_coordinators(sites: Path, *addresses: str) -> None:
+    """Add ``addresses`` to every example policy's ``[policy] coordinators``."""
+    listed = ", ".join(f'"{a}"' for a in ("embedded", *addresses))
+    for policy in (sites.parent / "policies").glob("*.toml"):
+        policy.write_text(policy.read_text().replace('coordinators = ["embedded"]', f"coordinators = [{listed}]"))
+
+
+def join_records(site_dir: Path) -> list[dict]:
+    """The site's verified audit records of refused joins."""
+    key = load_identity_key(site_dir / "keys")
+    _, records = audit.read_verified_records(site_dir / "state" / "audit.jsonl", public_key=identity_public_key(key))
+    return [r for r in records if r["event"] == audit.ERROR and r["details"].get("error_type") == "JoinRefused"]
+
+
+@pytest.fixture
+def site(tiny_sites, tmp_path) -> Path:
+    """An initialised example site whose policy allows the coordinator 127.0.0.1:9092 and 10.0.0.5:9092."""
+    allow_coordinators(tiny_sites, "127.0.0.1:9092", "10.0.0.5:9092")
+    proc = cli("blossom-site", "init", str(tiny_sites / "st-mary"))
+    assert proc.returncode == 0, proc.stderr
+    return tiny_sites / "st-mary"
+
+
+def assert_refused(proc: subprocess.CompletedProcess, site_dir: Path, before: int, words: str) -> None:
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], proc.stderr
+    refused = join_records(site_dir)  # verifies the whole log
+    assert len(refused) == before + 1 and words in refused[-1]["details"]["message"]
+
+
+def test_join_refuses_a_coordinator_the_policy_does_not_list(site):
+    proc = cli("blossom-site", "join", str(site), "--coordinator", "127.0.0.1:9999", "--insecure")
+    assert_refused(proc, site, 0, "'127.0.0.1:9999'")
+    assert "policy.coordinators" in proc.stderr and "standard.toml" in proc.stderr
+
+
+def test_join_refuses_insecure_to_another_machine(site):
+    proc = cli("blossom-site", "join", str(site), "--coordinator", "10.0.0.5:9092", "--insecure")
+    assert_refused(proc, site, 0, "--insecure is refused")
+
+
+@pytest.mark.parametrize("content", [None, b"", b"not a certificate\n",
+                                     b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"])
+def test_join_refuses_a_missing_or_malformed_ca_file(site, tmp_path, content):
+    ca = tmp_path / "ca.pem"
+    if content is not None:
+        ca.write_bytes(content)
+    proc = cli("blossom-site", "join", str(site), "--coordinator", "127.0.0.1:9092", "--root-certificates", str(ca))
+    assert_refused(proc, site, 0, "--root-certificates")
+    assert str(ca) in proc.stderr
+
+
+def test_join_refuses_an_unreadable_ca_file(site, tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.mkdir()  # unreadable as a file, whoever runs the test
+    proc = cli("blossom-site", "join", str(site), "--coordinator", "127.0.0.1:9092", "--root-certificates", str(ca))
+    assert_refused(proc, site, 0, "cannot read")
+
+
+def test_join_refuses_a_malformed_address(site):
+    proc = cli("blossom-site", "join", str(site), "--coordinator", "127.0.0.1", "--insecure")
+    assert_refused(proc, site, 0, "HOST:PORT")
+
+
+def test_join_refuses_invalid_site_files_before_anything(site, tmp_path):
+    missing = cli("blossom-site", "join", str(tmp_path / "nowhere"), "--coordinator", "127.0.0.1:9092", "--insecure")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr and "site folder not found" in missing.stderr
+    both = cli("blossom-site", "join", str(site), "--coordinator", "127.0.0.1:9092", "--insecure",
+               "--root-certificates", str(tmp_path / "ca.pem"))
+    assert both.returncode == 2 and both.stderr.startswith("error:") and "not allowed with" in both.stderr
+    policy = site.parent.parent / "policies" / "standard.toml"
+    policy.write_text(policy.read_text() + "\nbogus = 1\n")
+    broken = cli("blossom-site", "join", str(site), "--coordinator", "127.0.0.1:9092", "--insecure")
+    assert broken.returncode == 2 and "Traceback" not in broken.stderr and "bogus: unknown key" in broken.stderr
+    policy.write_text(policy.read_text().replace("\nbogus = 1\n", ""))
+    fed = site.parent / "federation.toml"
+    fed.write_text(fed.read_text().replace('id = "blossom-demo"', "id = 5"))
+    broken = cli("blossom-site", "join", str(site), "--coordinator", "127.0.0.1:9092", "--insecure")
+    assert broken.returncode == 2 and "Traceback" not in broken.stderr and "federation.toml" in broken.stderr
+
+
+def test_join_refuses_a_site_never_initialised(tiny_sites):
+    allow_coordinators(tiny_sites, "127.0.0.1:9092")
+    proc = cli("blossom-site", "join", str(tiny_sites / "riverside"), "--coordinator", "127.0.0.1:9092", "--insecure")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "blossom-site init" in proc.stderr
+
+
+def test_roster_entry_prints_the_line_roster_toml_takes(site):
+    proc = cli("blossom-site", "roster-entry", str(site))
+    assert proc.returncode == 0, proc.stderr
+    key = identity_public_key(load_identity_key(site / "keys")).hex()
+    assert f'"st-mary" = "{key}"' in proc.stdout.splitlines()
+
+
+def test_addresses():
+    assert parse_address("127.0.0.1:9092") == ("127.0.0.1", 9092)
+    assert parse_address("[::1]:9092") == ("::1", 9092)
+    for bad in ("127.0.0.1", "::1:9092", "host:0", "host:70000", ":9092", "host:port"):
+        with pytest.raises(ValueError):
+            parse_address(bad)
+    assert is_loopback_host("localhost") and is_loopback_host("127.0.0.2") and is_loopback_host("::1")
+    assert not is_loopback_host("10.0.0.5") and not is_loopback_host("coordinator.example.org")
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.add(child)
+        todo.extend(children.get(child, []))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.deployment
+@pytest.mark.parametrize("how", ["tls", "insecure"])
+def test_join_runs_a_supernode_until_terminated(tiny_sites, tmp_path, how):
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    allow_coordinators(tiny_sites, address)
+    site_dir = tiny_sites / "st-mary"
+    assert cli("blossom-site", "init", str(site_dir)).returncode == 0
+    certs = write_dev_certificates(tmp_path / "certs").directory
+    processes = Processes(tmp_path / "work")
+    with ExitStack() as cleanup:
+        cleanup.callback(processes.stop)
+        tls = (["--ssl-ca-certfile", str(certs / "ca.pem"), "--ssl-certfile", str(certs / "server.pem"),
+                "--ssl-keyfile", str(certs / "server.key")] if how == "tls" else ["--insecure"])
+        link = processes.start("superlink", [str(BIN / "flower-superlink"), *tls, "--host", "127.0.0.1",
+                                             "--port", str(port), "--disable-runtime-dependency-installation"])
+        wait_listening(port, 90, link)
+        env = {k: v for k, v in os.environ.items() if k != "BLOSSOM_DEBUG"}
+        join = subprocess.Popen(
+            [str(BIN / "blossom-site"), "join", str(site_dir), "--coordinator", address,
+             *(["--root-certificates", str(certs / "ca.pem")] if how == "tls" else ["--insecure"])],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        processes.started["join"] = join
+        link_log = tmp_path / "work" / "superlink.log"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and "Activated node_id=" not in link_log.read_text(errors="replace"):
+            assert join.poll() is None, join.communicate()
+            time.sleep(0.5)
+        time.sleep(2)
+        assert join.poll() is None, join.communicate()
+        # the SuperLink activated the node, and the SuperNode learnt its id
+        node = re.search(r"Activated node_id=(\d+)", link_log.read_text(errors="replace"))
+        assert node is not None, link_log.read_text(errors="replace")
+        assert f"SuperNode ID: {node.group(1)}" in (site_dir / "state" / "flower-supernode.log").read_text()
+        children = _descendants(join.pid)
+        assert children  # the SuperNode (and whatever it started)
+        join.send_signal(signal.SIGTERM)
+        out, err = join.communicate(timeout=60)
+        assert join.returncode == 0, (out, err)
+        assert "Traceback" not in out + err
+        assert "joining " + address in out
+        assert ("warning: --insecure" in err) == (how == "insecure")
+        time.sleep(1.0)
+        assert [pid for pid in children if _alive(pid)] == []
+
+
+@pytest.mark.deployment
+@pytest.mark.slow
+def test_coordinator_serve_runs_a_round_with_joined_sites_and_continues_numbering(tiny_sites_with_data, tmp_path):
+    import shutil
+
+    sites = tmp_path / "sites"
+    shutil.copytree(tiny_sites_with_data.parent / "policies", tmp_path / "policies")
+    shutil.copytree(tiny_sites_with_data, sites, ignore=shutil.ignore_patterns("keys", "state"))
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    allow_coordinators(sites, address)
+    dirs = sorted(d for d in sites.iterdir() if (d / "site.toml").is_file())
+    entries = []
+    for d in dirs:
+        assert cli("blossom-site", "init", str(d)).returncode == 0
+        entry = cli("blossom-site", "roster-entry", str(d))
+        assert entry.returncode == 0, entry.stderr
+        entries.append(entry.stdout.splitlines()[-1])
+    roster = sites / "roster.toml"
+    roster.write_text('[roster]\nfederation = "blossom-demo"\n\n[roster.sites]\n' + "\n".join(entries) + "\n")
+    assert cli("blossom", "dev", "certificates", str(tmp_path / "certs")).returncode == 0
+    certs = tmp_path / "certs"
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "BLOSSOM_DEBUG"}
+    processes = Processes(tmp_path / "work")
+    (tmp_path / "work").mkdir()
+    with ExitStack() as cleanup:
+        cleanup.callback(processes.stop)
+        for d in dirs:
+            processes.start(f"join-{d.name}", [str(BIN / "blossom-site"), "join", str(d), "--coordinator", address,
+                                               "--root-certificates", str(certs / "ca.pem")])
+        serve = [str(BIN / "blossom"), "coordinator", "serve", "--federation", str(sites / "federation.toml"),
+                 "--roster", str(roster), "--certificates", str(certs), "--address", address, "--rounds", "1",
+                 "--out", str(out), "--wait-for-sites-s", "240", "--run-timeout-s", "420"]
+        done = subprocess.run(serve, capture_output=True, text=True, env=env, timeout=540)
+        assert done.returncode == 0, (done.stdout, done.stderr)
+        assert "round 0: " in done.stdout and "aggregated" in done.stdout and "SuperLink stopped" in done.stdout
+        assert json.loads((out / "coordinator-state.json").read_text())["next_round"] == 1
+        first = json.loads((out / "metrics.json").read_text())
+        assert list(first["blocks"]) == ["0"]
+        # a restart continues with round 1 (the sites, still joined, reconnect)
+        again = subprocess.run(serve, capture_output=True, text=True, env=env, timeout=540)
+        assert again.returncode == 0, (again.stdout, again.stderr)
+        assert "rounds 1 to 1" in again.stdout and "round 1: " in again.stdout
+        assert json.loads((out / "coordinator-state.json").read_text())["next_round"] == 2
+        assert all(p.poll() is None for p in processes.started.values())  # the sites are still joined
+    assert all(p.poll() is not None for p in processes.started.values())
+    assert processes.alive_after_stop == []
+    for d in dirs:
+        records = join_records(d)  # verifies the whole log
+        assert records == []
+        key = load_identity_key(d / "keys")
+        _, all_records = audit.read_verified_records(d / "state" / "audit.jsonl", public_key=identity_public_key(key))
+        answered = {r["round_id"] for r in all_records if r["event"] == audit.EGRESS and r["round_id"] is not None}
+        assert answered == {0, 1}
+
+
+def _serve_args(sites: Path, roster: Path, certs: Path, out: Path, port: int) -> list[str]:
+    return ["blossom", "coordinator", "serve", "--federation", str(sites / "federation.toml"), "--roster",
+            str(roster), "--certificates", str(certs), "--address", f"127.0.0.1:{port}", "--rounds", "1",
+            "--out", str(out)]
+
+
+@pytest.fixture
+def roster(tiny_sites) -> Path:
+    entries = []
+    for name in ("st-mary", "northgate"):
+        assert cli("blossom-site", "init", str(tiny_sites / name)).returncode == 0
+        entries.append(cli("blossom-site", "roster-entry", str(tiny_sites / name)).stdout.splitlines()[-1])
+    path = tiny_sites / "roster.toml"
+    path.write_text('[roster]\nfederation = "blossom-demo"\n\n[roster.sites]\n' + "\n".join(entries) + "\n")
+    return path
+
+
+def test_serve_refuses_bad_certificates_and_a_foreign_round_counter(tiny_sites, roster, tmp_path):
+    certs = tmp_path / "certs"
+    write_dev_certificates(certs)
+    (certs / "server.key").unlink()
+    proc = cli(*_serve_args(tiny_sites, roster, certs, tmp_path / "out", free_port()))
+    assert proc.returncode == 2 and proc.stderr.startswith("error:") and "server.key" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    (certs / "server.pem").write_text("not a certificate\n")
+    proc = cli(*_serve_args(tiny_sites, roster, certs, tmp_path / "out", free_port()))
+    assert proc.returncode == 2 and "server.pem" in proc.stderr and "Traceback" not in proc.stderr
+    write_dev_certificates(certs, force=True)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "coordinator-state.json").write_text('{"format": 1, "federation": "other", "next_round": 3}')
+    proc = cli(*_serve_args(tiny_sites, roster, certs, tmp_path / "out", free_port()))
+    assert proc.returncode == 2 and "'other'" in proc.stderr and "Traceback" not in proc.stderr
+    proc = cli(*_serve_args(tiny_sites, roster, certs, tmp_path / "out", free_port())[:-4], "--address", "nowhere")
+    assert proc.returncode == 2 and "HOST:PORT" in proc.stderr
+
+
+@pytest.mark.deployment
+def test_serve_exits_4_and_stops_the_superlink_when_no_site_joins(tiny_sites, roster, tmp_path):
+    certs = tmp_path / "certs"
+    write_dev_certificates(certs)
+    port = free_port()
+    proc = cli(*_serve_args(tiny_sites, roster, certs, tmp_path / "out", port), "--wait-for-sites-s", "2",
+               timeout_s=300)
+    assert proc.returncode == 4, (proc.stdout, proc.stderr)
+    assert proc.stderr.startswith("error: the run ended") and "Traceback" not in proc.stderr
+    assert "SuperLink stopped" in proc.stdout
+    # the round numbers stay reserved, and nothing listens any more
+    assert json.loads((tmp_path / "out" / "coordinator-state.json").read_text())["next_round"] == 1
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
