@@ -20,7 +20,7 @@ from blossom_secure.crypto import IdentityKey
 from blossom_secure.egress import Egress
 from blossom_secure.secagg import SecAggParams, SiteContribution, run_secure_aggregation
 
-__all__ = ["SecureAggregator", "federation_sha256", "secagg_params"]
+__all__ = ["SecureAggregator", "block_outcome", "federation_sha256", "secagg_params"]
 
 logger = logging.getLogger(__name__)
 
@@ -139,13 +139,15 @@ class SecureAggregator:
         self.last_bytes_received = dict(result.bytes_received)
         for site, error in result.site_errors.items():
             logger.warning("secure aggregation, round %d: site %s stopped: %s", round_id, site, error)
-        outcomes = {}
-        for block, r in result.blocks.items():
-            if r.failure is not None or r.weighted_sum is None or not r.weight_sum:
-                outcomes[block] = BlockOutcome(block=block, contributors=tuple(r.contributors), mean_update=None,
-                                               weight_sum=0, failure=r.failure or "not aggregated")
-            else:
-                outcomes[block] = BlockOutcome(block=block, contributors=tuple(r.contributors),
-                                               mean_update=(r.weighted_sum / r.weight_sum).astype(np.float32),
-                                               weight_sum=int(r.weight_sum))
-        return outcomes
+        return {block: block_outcome(block, r) for block, r in result.blocks.items()}
+
+
+def block_outcome(block: str, result) -> BlockOutcome:
+    """A block's :class:`BlockOutcome` from its secure-aggregation result: the weighted mean
+    of the contributors' updates, or the failure (no sum, no mean)."""
+    if result.failure is not None or result.weighted_sum is None or not result.weight_sum:
+        return BlockOutcome(block=block, contributors=tuple(result.contributors), mean_update=None,
+                            weight_sum=0, failure=result.failure or "not aggregated")
+    return BlockOutcome(block=block, contributors=tuple(result.contributors),
+                        mean_update=(result.weighted_sum / result.weight_sum).astype(np.float32),
+                        weight_sum=int(result.weight_sum))

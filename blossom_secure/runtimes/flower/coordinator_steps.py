@@ -38,7 +38,7 @@ from blossom_secure.runtimes.flower import wire
 from blossom_secure.secagg import CoordinatorStageMachine
 from blossom_secure.secagg.errors import InconsistentMessageError, MalformedMessageError
 from blossom_secure.secagg.messages import AdvertiseKeys, decode_site_message
-from blossom_secure.secure_aggregator import federation_sha256, secagg_params
+from blossom_secure.secure_aggregator import block_outcome, federation_sha256, secagg_params
 
 __all__ = ["MAX_REPORT_BYTES", "RoundCoordinator", "SendFn", "metrics_document", "save_results"]
 
@@ -182,13 +182,7 @@ class RoundCoordinator:
         for block, r in machine.results().items():
             if block not in offered:
                 continue
-            if r.failure is not None or r.weighted_sum is None or not r.weight_sum:
-                outcomes[block] = BlockOutcome(block=block, contributors=tuple(r.contributors), mean_update=None,
-                                               weight_sum=0, failure=r.failure or "not aggregated")
-            else:
-                outcomes[block] = BlockOutcome(block=block, contributors=tuple(r.contributors),
-                                               mean_update=(r.weighted_sum / r.weight_sum).astype(np.float32),
-                                               weight_sum=int(r.weight_sum))
+            outcomes[block] = block_outcome(block, r)
         return outcomes
 
     def _deliver(self, machine: CoordinatorStageMachine, stage: str, site: str, untrusted_message: bytes) -> bool:
