@@ -38,8 +38,9 @@ def tiny_sites(tmp_path) -> Path:
 def tiny_sites_with_data(tmp_path_factory) -> Path:
     """A tiny federation whose synthetic data are generated once per test session.
     Tests must copy it (``copy_sites``) before changing anything."""
-    from blossom_secure.config import load_federation, load_site, site_dirs
-    from blossom_secure.site_agent import ensure_site_data
+    from blossom_secure.config import load_federation
+    from blossom_secure.site.config import load_site, site_dirs
+    from blossom_secure.site.agent import ensure_site_data
 
     sites = make_tiny_federation(tmp_path_factory.mktemp("tiny"))
     fed = load_federation(sites / "federation.toml")

@@ -5,14 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from blossom_secure.aggregation import (
-    Contribution,
-    PlaintextAggregator,
-    decode_plain_update,
-    encode_plain_update,
-    settle_groups,
-)
-from blossom_secure.egress import select_egress
+from blossom_secure.exchange import Contribution, decode_plain_update, settle_groups
+
+from blossom_secure.runtimes.embedded.aggregators import PlaintextAggregator
+
+from blossom_secure.site.egress import encode_plain_update
+from blossom_secure.site.egress import select_egress
 from blossom_secure.errors import ProtocolError
 from tests.test_egress import make_policy
 

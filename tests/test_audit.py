@@ -24,8 +24,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blossom_secure import audit, crypto
-from blossom_secure.audit import (
+from blossom_secure import crypto
+from blossom_secure.audit import log as audit
+from blossom_secure.audit.log import (
     GENESIS_SHA256,
     MAX_RECORD_BYTES,
     RECORD_SIGNING_CONTEXT,

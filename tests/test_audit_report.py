@@ -14,8 +14,8 @@ import pytest
 from rich.console import Console
 
 from blossom_secure import crypto
-from blossom_secure.audit import AuditLog, read_verified_records
-from blossom_secure.audit_report import PROTOCOL_BYTES, review_table, summarise, write_html
+from blossom_secure.audit.log import AuditLog, read_verified_records
+from blossom_secure.audit.report import PROTOCOL_BYTES, review_table, summarise, write_html
 from blossom_secure.errors import AuditIntegrityError
 
 KEY = crypto.generate_identity_key()

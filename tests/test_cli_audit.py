@@ -70,7 +70,8 @@ def test_every_site_log_verifies_after_a_federation(federated_sites):
 
 
 def test_egress_records_name_only_policy_blocks_and_no_head(federated_sites):
-    from blossom_secure.config import load_federation, load_site
+    from blossom_secure.config import load_federation
+    from blossom_secure.site.config import load_site
 
     fed = load_federation(federated_sites / "federation.toml")
     for site_dir in sorted(p.parent for p in federated_sites.glob("*/site.toml")):
@@ -131,7 +132,7 @@ def _insert_forged(site):
     forged = json.loads(lines[2])
     forged["details"] = {"reason": "nothing to see"}
     forged["event"] = "round_declined"
-    from blossom_secure.audit import canonical_bytes
+    from blossom_secure.audit.log import canonical_bytes
 
     lines.insert(3, canonical_bytes(forged) + b"\n")
     write_lines(site, lines)
@@ -145,7 +146,7 @@ def _truncate_tail(site):
 
 
 def _other_key(site):
-    from blossom_secure import audit
+    from blossom_secure.audit import log as audit
 
     other = generate_identity_key()
     lines = log_lines(site)

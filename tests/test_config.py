@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from blossom_secure.config import load_federation, load_site, site_dirs
+from blossom_secure.config import load_federation
+
+from blossom_secure.site.config import load_site, site_dirs
 from blossom_secure.errors import PolicyError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,7 +186,7 @@ def test_group_lets_a_block_held_by_half_the_sites_have_a_threshold_below_a_majo
     """10 sites, encoder.image held by 5 of them: against max_sites t would have to be at
     least 6 > 5 holders; against the declared group, 3 (2 * 3 > 5) is accepted and the
     default is floor(2 * 5 / 3) + 1 = 4."""
-    from blossom_secure.secure_aggregator import secagg_params
+    from blossom_secure.secagg.terms import secagg_params
 
     path = sites / "federation.toml"
     five = '"encoder.image" = ["s0", "s1", "s2", "s3", "s4"]'
@@ -205,7 +207,7 @@ def test_group_lets_a_block_held_by_half_the_sites_have_a_threshold_below_a_majo
 
 
 def test_demo_group_thresholds_follow_the_group_rule(sites):
-    from blossom_secure.secure_aggregator import secagg_params
+    from blossom_secure.secagg.terms import secagg_params
 
     path = sites / "federation.toml"
     params = secagg_params(load_federation(path), roster_size=4)

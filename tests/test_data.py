@@ -1,9 +1,9 @@
-"""Tests for blossom_secure.data: reading DICOM studies, the clinical CSV, a whole site,
+"""Tests for blossom_secure.site.data: reading DICOM studies, the clinical CSV, a whole site,
 and the held-out split.
 
 Real inputs come from the DICOM files bundled inside the pydicom wheel (written by other
 toolkits: GE, Siemens, dcmtk, GDCM, ...); the rest is written here with pydicom or by
-blossom_secure.synth.
+blossom_secure.site.synth.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import MPEG2MPML, CTImageStorage, JPEGBaseline8Bit, generate_uid
 
-from blossom_secure.data import SiteArrays, load_site_arrays, read_study, split_holdout
+from blossom_secure.site.data import SiteArrays, load_site_arrays, read_study, split_holdout
 from blossom_secure.errors import DataError
-from blossom_secure.synth import generate_site_data
+from blossom_secure.site.synth import generate_site_data
 
 FEATURES = ("age", "bmi", "crp")
 TASKS = {"diagnosis": "diagnosis_label", "grade": "grade_label"}

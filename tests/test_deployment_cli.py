@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from blossom_secure import audit
+from blossom_secure.audit import log as audit
 from blossom_secure.crypto import identity_public_key
-from blossom_secure.keys import load_identity_key
+from blossom_secure.site.keys import load_identity_key
 from blossom_secure.runtimes.flower import write_dev_certificates
 from blossom_secure.runtimes.flower.processes import is_loopback_host, parse_address
 from tests.test_flower_deployment import Processes, free_port, wait_listening

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blossom_secure.aggregation import encode_plain_update
-from blossom_secure.egress import Egress, select_egress
-from blossom_secure.policy import Policy, PrivacyTerms
+from blossom_secure.site.egress import encode_plain_update
+from blossom_secure.site.egress import Egress, select_egress
+from blossom_secure.site.policy import Policy, PrivacyTerms
 
 TERMS = PrivacyTerms(accountant="rdp", delta=1e-5, max_grad_norm=1.0, epsilon_budget=8.0,
                      noise_multiplier=1.0, target_epsilon_per_round=None)
@@ -84,7 +84,7 @@ def test_egress_holds_read_only_copies():
 def test_report_stays_in_unless_the_policy_lets_metrics_leave():
     from dataclasses import replace
 
-    from blossom_secure.egress import SiteReport, select_report
+    from blossom_secure.site.egress import SiteReport, select_report
 
     args = dict(site_id="s", round_id=3, declined=None, tasks={"t": {"accuracy": 0.5, "macro_f1": 0.4, "n": 17}},
                 majority_class_rate={"t": 0.6}, epsilon_total=1.25, epsilon_nominal=False)

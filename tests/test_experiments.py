@@ -268,7 +268,7 @@ def test_dp_off_sites_spend_nothing_and_report_no_epsilon(tmp_path, tiny_config)
 
 def test_training_without_dp_needs_a_simulation_seed(copy_sites):
     from blossom_secure.config import load_federation
-    from blossom_secure.site_agent import SiteAgent
+    from blossom_secure.site.agent import SiteAgent
 
     sites = copy_sites()
     fed = load_federation(sites / "federation.toml")
@@ -371,7 +371,8 @@ def test_extra_tabular_modality_gets_its_own_encoder_block(tmp_path):
 
 
 def test_extra_tabular_modality_in_federation_and_site_files(copy_sites):
-    from blossom_secure.config import load_federation, load_site
+    from blossom_secure.config import load_federation
+    from blossom_secure.site.config import load_site
     from blossom_secure.errors import PolicyError
 
     sites = copy_sites()
@@ -399,7 +400,7 @@ def test_extra_tabular_modality_in_federation_and_site_files(copy_sites):
 
 
 def test_extra_tabular_modality_presence_is_read_per_group(tmp_path):
-    from blossom_secure.data import load_site_arrays
+    from blossom_secure.site.data import load_site_arrays
 
     csv_path = tmp_path / "clinical.csv"
     csv_path.write_text("patient_id,a1,a2,b1,y\np1,1,2,3,0\np2,1,,4,1\np3,,,,1\np4,5,6,,0\n")
@@ -417,7 +418,7 @@ def test_extra_tabular_modality_presence_is_read_per_group(tmp_path):
 def test_cached_rdp_epsilon_is_bit_for_bit_opacus():
     from opacus.accountants import create_accountant
 
-    from blossom_secure.privacy import compute_epsilon
+    from blossom_secure.site.ledger import compute_epsilon
 
     rng = random.Random(7)
     for _ in range(10):

@@ -8,9 +8,10 @@ import re
 import numpy as np
 import pytest
 
-from blossom_secure.federation import simulate
-from blossom_secure.privacy import PrivacyLedger
-from blossom_secure.config import load_federation, load_site
+from blossom_secure.runtimes.embedded.federation import simulate
+from blossom_secure.site.ledger import PrivacyLedger
+from blossom_secure.config import load_federation
+from blossom_secure.site.config import load_site
 
 pytestmark = pytest.mark.slow
 
@@ -86,7 +87,7 @@ def test_crash_between_training_and_sending_never_under_counts(copy_sites, tmp_p
     sites = copy_sites()
     for policy in (sites.parent / "policies").glob("*.toml"):
         policy.write_text(policy.read_text().replace("required = true", "required = false"))
-    import blossom_secure.site_agent as site_agent
+    import blossom_secure.site.agent as site_agent
 
     class Crash(Exception):
         pass
@@ -139,7 +140,7 @@ def _plaintext_allowed_copy(src, dest):
 
 
 def test_secure_result_equals_plaintext_within_quantisation_bound(tiny_sites_with_data, tmp_path):
-    from blossom_secure.secure_aggregator import secagg_params
+    from blossom_secure.secagg.terms import secagg_params
 
     a = _plaintext_allowed_copy(tiny_sites_with_data, tmp_path / "a")
     b = _plaintext_allowed_copy(tiny_sites_with_data, tmp_path / "b")

@@ -23,11 +23,13 @@ import pytest
 
 import flwr  # noqa: E402,F401 - the flower extra is part of the README install; missing it is a failure
 
-from blossom_secure.config import load_federation, load_site, site_dirs  # noqa: E402
+from blossom_secure.config import load_federation  # noqa: E402
+
+from blossom_secure.site.config import load_site, site_dirs
 from blossom_secure.runtimes.flower import write_dev_certificates  # noqa: E402
 from blossom_secure.runtimes.flower.control import start_run, stop_run, wait_for_run  # noqa: E402
-from blossom_secure.runtimes.flower.roster import load_roster  # noqa: E402
-from blossom_secure.secure_aggregator import secagg_params  # noqa: E402
+from blossom_secure.roster import load_roster  # noqa: E402
+from blossom_secure.secagg.terms import secagg_params  # noqa: E402
 from tests.test_flower_rounds import SEED, embedded, flower_copy, records_of  # noqa: E402,F401
 
 pytestmark = [pytest.mark.deployment, pytest.mark.slow,

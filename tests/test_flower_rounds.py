@@ -1,6 +1,6 @@
 """The deployment runtime's round, without Flower: the coordinator's driver
-(:mod:`blossom_secure.runtimes.flower.coordinator_steps`) sends each request to the
-site's step (:mod:`blossom_secure.runtimes.flower.site_steps`) in this process or in a
+(:mod:`blossom_secure.coordinator.steps`) sends each request to the
+site's step (:mod:`blossom_secure.site.steps`) in this process or in a
 fresh process per request (as Flower runs a ClientApp), and the result is the embedded
 runtime's, every site's audit log verifies and accounts for every byte the coordinator
 took, and a dropout after the masked input does not stop the round."""
@@ -17,14 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from blossom_secure import audit
+from blossom_secure.audit import log as audit
 from blossom_secure.errors import BlossomError
-from blossom_secure.config import load_federation, load_site, site_dirs
-from blossom_secure.federation import simulate
-from blossom_secure.runtimes.flower import site_steps
-from blossom_secure.runtimes.flower.coordinator_steps import RoundCoordinator, metrics_document, save_results
-from blossom_secure.runtimes.flower.roster import load_roster, write_roster
-from blossom_secure.runtimes.flower.site_steps import (
+from blossom_secure.config import load_federation
+from blossom_secure.site.config import load_site, site_dirs
+from blossom_secure.runtimes.embedded.federation import simulate
+from blossom_secure.site import steps as site_steps
+from blossom_secure.coordinator.steps import RoundCoordinator, metrics_document, save_results
+from blossom_secure.roster import load_roster, write_roster
+from blossom_secure.site.steps import (
     PolicyChangedError,
     SiteFiles,
     StaleRoundError,
@@ -32,7 +33,7 @@ from blossom_secure.runtimes.flower.site_steps import (
     site_identity,
 )
 from blossom_secure.secagg.errors import StageOrderError
-from blossom_secure.secure_aggregator import secagg_params
+from blossom_secure.secagg.terms import secagg_params
 
 pytestmark = pytest.mark.slow
 
@@ -101,7 +102,7 @@ class FreshProcesses(InProcess):
 
     def answer(self, site: str, request: bytes) -> bytes:
         done = subprocess.run(
-            [sys.executable, "-m", "blossom_secure.runtimes.flower.site_steps", str(self.files[site].site_dir),
+            [sys.executable, "-m", "blossom_secure.site.steps", str(self.files[site].site_dir),
              "--simulation-seed", str(SEED)],
             input=request, capture_output=True, timeout=600, check=False)
         assert done.returncode == 0, done.stderr.decode(errors="replace")
@@ -216,7 +217,7 @@ def test_site_dropped_after_masked_input_does_not_stop_the_round(tiny_sites_with
 
 
 def _offer_of_round(coordinator: RoundCoordinator, round_id: int, site: str) -> bytes:
-    from blossom_secure.runtimes.flower import wire
+    from blossom_secure import wire
 
     spec, body = wire.encode_blocks(coordinator.global_blocks)
     return coordinator._request("offer", round_id, site, body=body, blocks=spec)
@@ -260,6 +261,6 @@ def test_round_with_every_site_step_in_a_fresh_process(tiny_sites_with_data, tmp
 
 
 def test_audit_file_name_is_the_site_agents():
-    from blossom_secure.site_agent import AUDIT_FILE
+    from blossom_secure.site.agent import AUDIT_FILE
 
     assert site_steps.AUDIT_FILE == AUDIT_FILE

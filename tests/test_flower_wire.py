@@ -15,9 +15,9 @@ import pytest
 from blossom_secure.config import load_federation
 from blossom_secure.crypto import generate_identity_key, identity_public_key
 from blossom_secure.errors import AuthenticationError, PolicyError
-from blossom_secure.runtimes.flower import wire
-from blossom_secure.runtimes.flower.coordinator_steps import _checked_report
-from blossom_secure.runtimes.flower.roster import load_roster, write_roster
+from blossom_secure import wire
+from blossom_secure.coordinator.steps import _checked_report
+from blossom_secure.roster import load_roster, write_roster
 from blossom_secure.secagg.errors import (
     InconsistentMessageError,
     MalformedMessageError,

@@ -9,7 +9,7 @@ import pytest
 
 from blossom_secure.crypto import identity_public_key, key_fingerprint, sign, verify_signature
 from blossom_secure.errors import AuthenticationError
-from blossom_secure.keys import KeyFileError, create_identity_key, load_identity_key, load_or_create_identity_key
+from blossom_secure.site.keys import KeyFileError, create_identity_key, load_identity_key, load_or_create_identity_key
 
 
 def test_created_with_owner_only_mode_and_reloads(tmp_path):

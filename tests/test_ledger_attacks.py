@@ -18,12 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from blossom_secure import audit
-from blossom_secure.config import load_federation, load_site
+from blossom_secure.audit import log as audit
+from blossom_secure.config import load_federation
+from blossom_secure.site.config import load_site
 from blossom_secure.crypto import identity_public_key, key_fingerprint
-from blossom_secure.keys import load_or_create_identity_key
-from blossom_secure.privacy import LedgerError, PrivacyLedger
-from blossom_secure.site_agent import SiteAgent
+from blossom_secure.site.keys import load_or_create_identity_key
+from blossom_secure.site.ledger import LedgerError, PrivacyLedger
+from blossom_secure.site.agent import SiteAgent
 from tests.test_cli import assert_clean_failure, cli
 
 SITE = "riverside"  # clinical data only: the fastest example site

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from blossom_secure.config import FeatureScale, ImageConfig, ModelLayout, TabularConfig
-from blossom_secure.dp_random import DPRandomness
+from blossom_secure.site.dp_random import DPRandomness
 from blossom_secure.model import BlockModel, Fusion
-from blossom_secure.policy import PrivacyTerms
-from blossom_secure.training import SiteTensors, evaluate, plan_round, train_dp
+from blossom_secure.site.policy import PrivacyTerms
+from blossom_secure.site.training import SiteTensors, evaluate, plan_round, train_dp
 
 
 def layout(spatial_dims: int = 2, arch: str = "cnn", norm: str = "group") -> ModelLayout:

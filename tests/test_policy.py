@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from blossom_secure.errors import PolicyError
-from blossom_secure.policy import load_policy
+from blossom_secure.site.policy import load_policy
 
 VALID = """
 [policy]

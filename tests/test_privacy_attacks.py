@@ -15,12 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from blossom_secure.config import load_federation, load_site
-from blossom_secure.dp_random import DPRandomness
+from blossom_secure.config import load_federation
+
+from blossom_secure.site.config import load_site
+from blossom_secure.site.dp_random import DPRandomness
 from blossom_secure.errors import PolicyError
-from blossom_secure.federation import simulate
-from blossom_secure.privacy import PrivacyLedger
-from blossom_secure.site_agent import SiteAgent
+from blossom_secure.runtimes.embedded.federation import simulate
+from blossom_secure.site.ledger import PrivacyLedger
+from blossom_secure.site.agent import SiteAgent
 
 pytestmark = pytest.mark.slow
 
@@ -253,8 +255,8 @@ def test_public_sampling_makes_the_round_plan_independent_of_the_patient_count()
     """With the federation's public sampling rate and steps, a site with one patient more
     runs exactly the same mechanism (rate, steps, noise, divisor): nothing in the accounted
     training depends on its count. Opacus's default (no public values) does depend on it."""
-    from blossom_secure.policy import PrivacyTerms
-    from blossom_secure.training import plan_round
+    from blossom_secure.site.policy import PrivacyTerms
+    from blossom_secure.site.training import plan_round
 
     terms = PrivacyTerms(accountant="rdp", delta=1e-5, max_grad_norm=1.0, epsilon_budget=8.0,
                          noise_multiplier=None, target_epsilon_per_round=1.0)
@@ -305,7 +307,7 @@ def test_site_outside_a_declared_group_keeps_that_block_and_spends_nothing_for_i
     fed = load_federation(fed_path)
     agent = SiteAgent(sites / "riverside", fed, seed=0)
     assert "fusion" not in agent.shared_blocks and "encoder.tabular" in agent.shared_blocks
-    from blossom_secure.federation import initial_global_blocks
+    from blossom_secure.coordinator.rounds import initial_global_blocks
 
     offer = agent.offer(round_id=0, global_blocks=initial_global_blocks(fed, include_heads=False, seed=0),
                         secure=True)

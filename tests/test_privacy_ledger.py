@@ -11,10 +11,11 @@ from dataclasses import fields
 
 import pytest
 
-from blossom_secure import audit, crypto
+from blossom_secure import crypto
+from blossom_secure.audit import log as audit
 from blossom_secure.errors import PrivacyBudgetExceededError
-from blossom_secure.policy import PrivacyTerms
-from blossom_secure.privacy import (
+from blossom_secure.site.policy import PrivacyTerms
+from blossom_secure.site.ledger import (
     LedgerEntry,
     LedgerError,
     PrivacyLedger,
@@ -25,7 +26,7 @@ from blossom_secure.privacy import (
     rebuild_ledger,
     verify_ledger_covers,
 )
-from blossom_secure.training import plan_round
+from blossom_secure.site.training import plan_round
 
 
 def terms(budget: float = 8.0, accountant: str = "rdp", noise: float | None = 1.0, target: float | None = None):
@@ -81,8 +82,8 @@ def test_crash_after_reserve_never_under_counts(tmp_path):
     path = tmp_path / "ledger.json"
     script = textwrap.dedent(f"""
         import os
-        from blossom_secure.policy import PrivacyTerms
-        from blossom_secure.privacy import PrivacyLedger
+        from blossom_secure.site.policy import PrivacyTerms
+        from blossom_secure.site.ledger import PrivacyLedger
         terms = PrivacyTerms(accountant="rdp", delta=1e-5, max_grad_norm=1.0, epsilon_budget=8.0,
                              noise_multiplier=1.0, target_epsilon_per_round=None)
         ledger = PrivacyLedger({str(path)!r}, site_id="a", terms=terms)

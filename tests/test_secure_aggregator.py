@@ -9,11 +9,13 @@ import hashlib
 import numpy as np
 import pytest
 
-from blossom_secure.aggregation import Contribution, PlaintextAggregator
+from blossom_secure.exchange import Contribution
+
+from blossom_secure.runtimes.embedded.aggregators import PlaintextAggregator
 from blossom_secure.crypto import generate_identity_key, identity_public_key
-from blossom_secure.egress import select_egress
+from blossom_secure.site.egress import select_egress
 from blossom_secure.secagg import SecAggParams
-from blossom_secure.secure_aggregator import SecureAggregator
+from blossom_secure.runtimes.embedded.aggregators import SecureAggregator
 from tests.test_egress import make_policy
 
 SITES = ("a", "b", "c", "d")
@@ -83,7 +85,7 @@ def test_too_many_dropouts_fail_the_block_cleanly():
 
 def test_secagg_params_take_thresholds_and_max_sites_from_the_federation_file(tmp_path):
     from blossom_secure.config import load_federation
-    from blossom_secure.secure_aggregator import federation_sha256, secagg_params
+    from blossom_secure.secagg.terms import federation_sha256, secagg_params
     from tests.conftest import ROOT
 
     from tests.test_config import DEMO_GROUPS, without_tables
@@ -116,7 +118,7 @@ def test_a_federation_without_a_file_hash_cannot_aggregate_securely():
     import dataclasses
 
     from blossom_secure.config import load_federation
-    from blossom_secure.secure_aggregator import federation_sha256
+    from blossom_secure.secagg.terms import federation_sha256
     from tests.conftest import ROOT
 
     fed = load_federation(ROOT / "sites" / "federation.toml")

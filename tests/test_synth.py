@@ -1,5 +1,5 @@
-"""Tests for blossom_secure.synth: deterministic synthetic sites that read back through
-blossom_secure.data, carry learnable signal in both modalities, and are written atomically."""
+"""Tests for blossom_secure.site.synth: deterministic synthetic sites that read back through
+blossom_secure.site.data, carry learnable signal in both modalities, and are written atomically."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pydicom
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
-from blossom_secure import synth
-from blossom_secure.data import load_site_arrays, read_study
-from blossom_secure.synth import SynthSummary, generate_site_data
+from blossom_secure.site import synth
+from blossom_secure.site.data import load_site_arrays, read_study
+from blossom_secure.site.synth import SynthSummary, generate_site_data
 
 FEATURES = ("age", "bmi", "systolic_bp", "crp", "wbc", "ldh")
 TASKS = {"diagnosis": "diagnosis_label", "grade": "grade_label"}

@@ -186,7 +186,7 @@ def _coordinator_serve(args) -> int:
     from blossom_secure.config import load_federation
     from blossom_secure.runtimes.flower import processes
     from blossom_secure.runtimes.flower.certificates import CA_CERT_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE
-    from blossom_secure.runtimes.flower.roster import load_roster
+    from blossom_secure.roster import load_roster
 
     federation = load_federation(args.federation)
     roster = load_roster(args.roster, federation=federation)
@@ -319,7 +319,7 @@ def _experiment(args, argv: list[str]) -> int:
 
 
 def _simulate(args) -> int:
-    from blossom_secure.federation import simulate
+    from blossom_secure.runtimes.embedded.federation import simulate
 
     rounds = args.rounds
     if args.quick:
@@ -382,8 +382,9 @@ def _rate(x: float | None) -> str:
 
 
 def _synth(args) -> int:
-    from blossom_secure.config import load_federation, load_site, site_dirs
-    from blossom_secure.site_agent import ensure_site_data
+    from blossom_secure.config import load_federation
+    from blossom_secure.site.config import load_site, site_dirs
+    from blossom_secure.site.agent import ensure_site_data
 
     federation = load_federation(args.sites / "federation.toml")
     for d in site_dirs(args.sites):

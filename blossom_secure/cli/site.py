@@ -84,7 +84,8 @@ def main(argv: list[str]) -> int:
 
 def _load(args, *, with_data: bool = False):
     """Federation + site config (no data, no state written)."""
-    from blossom_secure.config import load_federation, load_site
+    from blossom_secure.config import load_federation
+    from blossom_secure.site.config import load_site
     from blossom_secure.errors import PolicyError, Problem
 
     site_dir: Path = args.site_dir
@@ -104,7 +105,7 @@ def _load(args, *, with_data: bool = False):
 def _check(args) -> int:
     from blossom_secure.errors import DataError, Problem
     from blossom_secure.model import BlockModel
-    from blossom_secure.site_agent import load_arrays
+    from blossom_secure.site.agent import load_arrays
 
     federation, site = _load(args)
     missing = []
@@ -181,10 +182,10 @@ def _print_public_terms(federation, site) -> None:
 
 
 def _budget(args) -> int:
-    from blossom_secure import audit
+    from blossom_secure.audit import log as audit
     from blossom_secure.crypto import identity_public_key
-    from blossom_secure.privacy import PrivacyLedger, compute_epsilon, load_reconciled_ledger
-    from blossom_secure.site_agent import AUDIT_FILE, LEDGER_FILE
+    from blossom_secure.site.ledger import PrivacyLedger, compute_epsilon, load_reconciled_ledger
+    from blossom_secure.site.agent import AUDIT_FILE, LEDGER_FILE
 
     _, site = _load(args)
     terms = site.policy.privacy
@@ -219,16 +220,16 @@ def _budget(args) -> int:
 
 
 def _open_key(site):
-    from blossom_secure.keys import load_identity_key
+    from blossom_secure.site.keys import load_identity_key
 
     return load_identity_key(site.keys_dir)
 
 
 def _init(args) -> int:
-    from blossom_secure import audit
+    from blossom_secure.audit import log as audit
     from blossom_secure.crypto import identity_public_key, key_fingerprint
-    from blossom_secure.keys import load_or_create_identity_key
-    from blossom_secure.site_agent import AUDIT_FILE
+    from blossom_secure.site.keys import load_or_create_identity_key
+    from blossom_secure.site.agent import AUDIT_FILE
 
     _, site = _load(args)
     key, created = load_or_create_identity_key(site.keys_dir)
@@ -268,10 +269,10 @@ def _checked_key(args, site):
 
 
 def _verified_records(args, site):
-    from blossom_secure import audit
+    from blossom_secure.audit import log as audit
     from blossom_secure.crypto import identity_public_key
     from blossom_secure.errors import DataError, Problem
-    from blossom_secure.site_agent import AUDIT_FILE
+    from blossom_secure.site.agent import AUDIT_FILE
 
     checked = _checked_key(args, site)
     if checked is None:
@@ -298,7 +299,7 @@ def _audit_verify(args) -> int:
 
 
 def _audit_review(args) -> int:
-    from blossom_secure import audit_report
+    from blossom_secure.audit import report as audit_report
 
     _, site = _load(args)
     verified = _verified_records(args, site)
@@ -324,10 +325,10 @@ def _audit_review(args) -> int:
 
 
 def _ledger_rebuild(args) -> int:
-    from blossom_secure import audit
+    from blossom_secure.audit import log as audit
     from blossom_secure.errors import DataError, Problem
-    from blossom_secure.privacy import rebuild_ledger
-    from blossom_secure.site_agent import AUDIT_FILE, LEDGER_FILE
+    from blossom_secure.site.ledger import rebuild_ledger
+    from blossom_secure.site.agent import AUDIT_FILE, LEDGER_FILE
 
     _, site = _load(args)
     checked = _checked_key(args, site)
@@ -398,7 +399,7 @@ def _join(args) -> int:
 
     from blossom_secure.errors import DataError, Problem
     from blossom_secure.runtimes.flower import processes
-    from blossom_secure.runtimes.flower.site_steps import AUDIT_FILE
+    from blossom_secure.site.steps import AUDIT_FILE
 
     _, site = _load(args)
     key = _open_key(site)  # KeyFileError (exit 2) if the site was never initialised
@@ -471,8 +472,8 @@ class _Terminated(BaseException):
 def _refuse_join(site, key, message: str, *, problem=None):
     """Record the refusal in the site's audit log (an ``error`` record, ``error_type``
     ``JoinRefused``), then raise :class:`UsageError` with one line (exit 2)."""
-    from blossom_secure import audit
-    from blossom_secure.runtimes.flower.site_steps import AUDIT_FILE
+    from blossom_secure.audit import log as audit
+    from blossom_secure.site.steps import AUDIT_FILE
 
     site.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:

@@ -1,7 +1,7 @@
 """The benchmark data sets as pools of examples with two modalities, and writing a site's
 share of a pool as a real site data folder (clinical CSV, DICOM studies).
 
-* ``synthetic``: the toolkit's synthetic hospital (:mod:`blossom_secure.synth`): DICOM CT
+* ``synthetic``: the toolkit's synthetic hospital (:mod:`blossom_secure.site.synth`): DICOM CT
   studies (modality A, ``image``) and a clinical table (modality B, ``tabular``); two tasks
   (``malignancy``, 2 classes; ``severity``, 3 classes) so that sites can hold different
   tasks. Nothing describes a real patient.
@@ -138,7 +138,7 @@ def _digits() -> Pool:
 
 
 def _synthetic(work_dir: Path, *, patients: int, image_size: tuple[int, int]) -> Pool:
-    from blossom_secure.synth import generate_site_data, public_feature_scaling
+    from blossom_secure.site.synth import generate_site_data, public_feature_scaling
 
     root = work_dir / "pools" / f"synthetic-{patients}-{image_size[0]}x{image_size[1]}"
     data = root / "data"

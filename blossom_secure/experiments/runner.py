@@ -3,8 +3,8 @@
 For every cell the runner writes, under its work folder, a federation file, one policy
 and one ``site.toml`` per site, and then runs the real components: :class:`SiteAgent`
 (policy, privacy ledger, signed audit log, DP-SGD through Opacus), the
-:class:`~blossom_secure.federation.Coordinator` and, for block-wise schemes, the
-:class:`~blossom_secure.secure_aggregator.SecureAggregator`. The data of a cell's sites
+:class:`~blossom_secure.runtimes.embedded.federation.Coordinator` and, for block-wise schemes, the
+:class:`~blossom_secure.runtimes.embedded.aggregators.SecureAggregator`. The data of a cell's sites
 (clinical CSV, DICOM studies) are written once per data set, partition, split and seed and
 shared by the cells that use them.
 
@@ -160,7 +160,7 @@ def site_indices(config: ExperimentConfig, pool: Pool, partition: str, seed: int
 
 def build_data(config: ExperimentConfig, cell: Cell, work_dir: Path, pools: dict[str, Pool]) -> Path:
     """Write the site data folders of ``cell.data_key`` (once) and a ``sites.json`` describing them."""
-    from blossom_secure.data import split_holdout
+    from blossom_secure.site.data import split_holdout
 
     root = work_dir / "data" / cell.data_key
     meta_path = root / "sites.json"
@@ -194,10 +194,10 @@ def build_data(config: ExperimentConfig, cell: Cell, work_dir: Path, pools: dict
 def noise_for_run(*, batches: int, epochs: int, rounds: int, target_epsilon: float, delta: float,
                   accountant: str) -> float:
     """The noise multiplier with which ``rounds`` rounds of ``epochs`` epochs of ``batches``
-    Poisson-sampled steps (sample rate ``1 / batches``, as :func:`~blossom_secure.training.plan_round`
+    Poisson-sampled steps (sample rate ``1 / batches``, as :func:`~blossom_secure.site.training.plan_round`
     plans them) cost at most ``target_epsilon`` in total at ``delta``: Opacus's
     ``get_noise_multiplier`` over all ``rounds * epochs * batches`` steps."""
-    from blossom_secure.privacy import noise_for_target
+    from blossom_secure.site.ledger import noise_for_target
 
     return noise_for_target(target_epsilon=target_epsilon, delta=delta, sample_rate=1.0 / batches,
                             steps=batches * epochs * rounds, accountant=accountant)
@@ -364,10 +364,12 @@ def run_cell(config: ExperimentConfig, cell: Cell, work_dir: Path, pool_meta: di
     """
     import torch
 
-    from blossom_secure.config import load_federation, site_dirs
-    from blossom_secure.federation import Coordinator, make_aggregator
-    from blossom_secure.privacy import PrivacyLedger
-    from blossom_secure.site_agent import LEDGER_FILE, SiteAgent
+    from blossom_secure.config import load_federation
+
+    from blossom_secure.site.config import site_dirs
+    from blossom_secure.runtimes.embedded.federation import Coordinator, make_aggregator
+    from blossom_secure.site.ledger import PrivacyLedger
+    from blossom_secure.site.agent import LEDGER_FILE, SiteAgent
 
     torch.set_num_threads(1)
     started = time.perf_counter()

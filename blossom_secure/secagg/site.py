@@ -928,7 +928,7 @@ class SiteStageMachine:
         """Everything this machine needs to go on from where it stopped, as signed,
         canonical JSON (:mod:`blossom_secure.secagg.site_state`).
 
-        Save it (:func:`blossom_secure.round_state.save_round_state`) after each stage
+        Save it (:func:`blossom_secure.site.round_state.save_round_state`) after each stage
         method returns and *before* that method's message leaves the site; in the next
         process, :meth:`from_state` gives a machine that answers, refuses and exports
         exactly as this one would.

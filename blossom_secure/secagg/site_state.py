@@ -5,7 +5,7 @@ Flower runs a ClientApp in a fresh process for every message, so a site's
 round, in the site's own folder, and restored in the next process
 (:meth:`SiteStageMachine.export_state` and :meth:`SiteStageMachine.from_state`). This
 module is the codec of that state, pure like the rest of the core (bytes in, bytes out);
-:mod:`blossom_secure.round_state` writes, reads and deletes the files.
+:mod:`blossom_secure.site.round_state` writes, reads and deletes the files.
 
 Format, version 1: one JSON object, canonical (keys sorted, no whitespace, ASCII only,
 integers only, no floats), every byte string in standard base64 with padding, so one state
@@ -450,7 +450,7 @@ def decode_site_state(
         refused if they differ. The signature makes any change to the file (a rolled back
         stage, a swapped seed) a refusal rather than a different answer; it cannot stop a
         whole older file being put back, which only the file system can (see
-        :mod:`blossom_secure.round_state`).
+        :mod:`blossom_secure.site.round_state`).
     """
     document = _parse(data, max_bytes)
     version = document.get("version")

@@ -28,7 +28,7 @@ from secagg_harness import FEDERATION, FEDERATION_SHA256, ROUND, Federation, mak
 import blossom_secure.secagg as secagg
 from blossom_secure import crypto
 from blossom_secure._fs import save_arrays_npz
-from blossom_secure.round_state import discard_round_state, load_round_state, round_state_path, save_round_state
+from blossom_secure.site.round_state import discard_round_state, load_round_state, round_state_path, save_round_state
 from blossom_secure.secagg import (
     STAGE_NAMES,
     BothSharesRequestedError,
@@ -229,7 +229,7 @@ import json, sys
 from pathlib import Path
 from blossom_secure import crypto
 from blossom_secure._fs import load_arrays_npz
-from blossom_secure.round_state import load_round_state, save_round_state
+from blossom_secure.site.round_state import load_round_state, save_round_state
 from blossom_secure.secagg import SecAggParams, SiteContribution, SiteStageMachine
 
 work, stage = Path(sys.argv[1]), sys.argv[2]

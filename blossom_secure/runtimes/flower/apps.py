@@ -1,13 +1,13 @@
 """The Flower ``ServerApp`` (coordinator) and ``ClientApp`` (site agent) of the deployment runtime.
 
 Both are thin: the ClientApp hands each request's bytes to
-:func:`blossom_secure.runtimes.flower.site_steps.handle_request` and returns its reply; the
-ServerApp runs :class:`blossom_secure.runtimes.flower.coordinator_steps.RoundCoordinator`
+:func:`blossom_secure.site.steps.handle_request` and returns its reply; the
+ServerApp runs :class:`blossom_secure.coordinator.steps.RoundCoordinator`
 with a ``send`` that pushes the requests to the SuperNodes and pulls their replies
 (:class:`FlowerTransport`). Neither adds anything to what may leave a site.
 
 Each message is one Flower *query* (``query.<stage>``, one per stage of
-:data:`blossom_secure.runtimes.flower.wire.STAGES`) carrying one ``ConfigRecord`` named
+:data:`blossom_secure.wire.STAGES`) carrying one ``ConfigRecord`` named
 ``blossom`` with the request's bytes under ``request`` (the reply's under ``reply``).
 
 Configuration:
@@ -38,10 +38,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from blossom_secure.config import load_federation
 from blossom_secure.errors import BlossomError
-from blossom_secure.runtimes.flower import wire
-from blossom_secure.runtimes.flower.coordinator_steps import RoundCoordinator, metrics_document, save_results
-from blossom_secure.runtimes.flower.roster import load_roster, roster_path
-from blossom_secure.runtimes.flower.site_steps import SiteFiles, handle_request
+from blossom_secure import wire
+from blossom_secure.coordinator.steps import RoundCoordinator, metrics_document, save_results
+from blossom_secure.roster import load_roster, roster_path
+from blossom_secure.site.steps import SiteFiles, handle_request
 
 __all__ = ["RECORD", "RUN_CONFIG_DEFAULTS", "FlowerTransport", "RunSettings", "client_app", "server_app"]
 

@@ -50,7 +50,7 @@ from rich.table import Table
 from rich.text import Text
 
 from blossom_secure._fs import atomic_write
-from blossom_secure.audit import (
+from blossom_secure.audit.log import (
     EGRESS,
     ERROR,
     LEDGER_REBUILT,

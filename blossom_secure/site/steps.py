@@ -11,7 +11,7 @@ steps everything lives in the site's own state folder (mode 0700):
 * ``flower-update-<r>.npz``: the egress update (what the egress guard cleared; mode 0600,
   no pickle) until the masked input can no longer be asked for again;
 * ``secagg-round-<r>.json``: the secure-aggregation stage machine's signed state
-  (:mod:`blossom_secure.round_state`), saved *before* each message leaves.
+  (:mod:`blossom_secure.site.round_state`), saved *before* each message leaves.
 
 The stages are the embedded runtime's, run by the same code:
 
@@ -19,7 +19,7 @@ The stages are the embedded runtime's, run by the same code:
   which site from the roster key, never from the transport's own ids;
 * ``offer`` (the round announcement with the global blocks): the site agent checks its
   policy, the public terms and its privacy ledger, reserves the budget durably, trains
-  under DP (:meth:`blossom_secure.site_agent.SiteAgent.offer`), saves its blocks and its
+  under DP (:meth:`blossom_secure.site.agent.SiteAgent.offer`), saves its blocks and its
   egress update, and answers with its signed key advertisement (joined), nothing
   (joined, nothing to share), or a decline;
 * ``share_keys``, ``masked_input``, ``consistency``, ``unmask``: the
@@ -57,21 +57,22 @@ from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from blossom_secure import audit
+from blossom_secure.audit import log as audit
 from blossom_secure._fs import atomic_write, fsync_dir, load_arrays_npz, save_arrays_npz
-from blossom_secure.aggregation import BlockOutcome
+from blossom_secure.exchange import BlockOutcome
 from blossom_secure.blocks import is_head
-from blossom_secure.config import FederationConfig, SiteConfig, load_federation, load_site
+from blossom_secure.config import FederationConfig, load_federation
+from blossom_secure.site.config import SiteConfig, load_site
 from blossom_secure.crypto import IdentityKey, identity_public_key, key_fingerprint
 from blossom_secure.errors import BlossomError, PolicyError, Problem, ProtocolError
-from blossom_secure.keys import load_identity_key, load_or_create_identity_key
-from blossom_secure.round_state import discard_round_state, load_round_state, read_private_file, save_round_state
-from blossom_secure.runtimes.flower import wire
-from blossom_secure.runtimes.flower.roster import load_roster, roster_path
+from blossom_secure.site.keys import load_identity_key, load_or_create_identity_key
+from blossom_secure.site.round_state import discard_round_state, load_round_state, read_private_file, save_round_state
+from blossom_secure import wire
+from blossom_secure.roster import load_roster, roster_path
 from blossom_secure.secagg import STAGE_NAMES, SecAggParams, SiteContribution, SiteStageMachine
 from blossom_secure.secagg.errors import ReplayedMessageError, StageOrderError
 from blossom_secure.secagg.site_state import SiteStateError
-from blossom_secure.secure_aggregator import federation_sha256, secagg_params
+from blossom_secure.secagg.terms import federation_sha256, secagg_params
 
 try:
     import fcntl
@@ -313,7 +314,7 @@ def _record_secagg_outcome(log: audit.AuditLog, policy_sha256: str, round_id: in
     """Write, once per round, a ``secagg_stage_completed`` record for each stage this site
     sent its message for (read back from its verified egress records) and, if the round
     stopped it, ``secagg_aborted`` with the reason: the records the embedded runtime writes
-    (:meth:`blossom_secure.site_agent.SiteAgent.record_secagg_outcome`)."""
+    (:meth:`blossom_secure.site.agent.SiteAgent.record_secagg_outcome`)."""
     _, records = log.verified_records(events=(audit.EGRESS, audit.SECAGG_STAGE_COMPLETED, audit.SECAGG_ABORTED))
     mine = [r for r in records if r["round_id"] == round_id]
     if any(r["event"] != audit.EGRESS for r in mine):
@@ -555,7 +556,7 @@ def handle_request(files: SiteFiles, untrusted_request: bytes, *, seed: int | No
         untrusted_request: The request as received.
         seed: **Simulation only**, from the site's own configuration (never from the
             coordinator): seeds DP noise on a site with synthetic data, as
-            :class:`~blossom_secure.site_agent.SiteAgent` explains. ``None`` in a
+            :class:`~blossom_secure.site.agent.SiteAgent` explains. ``None`` in a
             deployment.
         lock_timeout_s: How long to wait for another step of this site to finish.
 
@@ -624,7 +625,7 @@ def _offer(files: SiteFiles, federation: FederationConfig, request: wire.Request
         ctx.close_rounds_before(r)
         roster, params, digest = ctx.roster, ctx.params, ctx.federation_sha256
     sizes = layout_block_sizes(federation)
-    from blossom_secure.site_agent import SiteAgent
+    from blossom_secure.site.agent import SiteAgent
 
     agent = SiteAgent(files.site_dir, federation, seed=seed)
     try:
@@ -761,7 +762,7 @@ def _finish(files: SiteFiles, federation: FederationConfig, request: wire.Reques
             return record.finish_reply
         if record.contributing:
             _record_secagg_outcome(ctx.log, ctx.config.policy.sha256, r, error=record.secagg_error)
-    from blossom_secure.site_agent import SiteAgent
+    from blossom_secure.site.agent import SiteAgent
 
     agent = SiteAgent(files.site_dir, federation, seed=seed)
     try:
@@ -776,7 +777,7 @@ def _finish(files: SiteFiles, federation: FederationConfig, request: wire.Reques
 
 def _finish_with_agent(agent, record: _RoundRecord, request: wire.Request, untrusted: bytes,
                        request_sha256: str) -> bytes:
-    from blossom_secure.egress import select_report
+    from blossom_secure.site.egress import select_report
 
     r = request.round_id
     state_dir = agent.config.state_dir
@@ -806,10 +807,10 @@ def _finish_with_agent(agent, record: _RoundRecord, request: wire.Request, untru
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m blossom_secure.runtimes.flower.site_steps SITE_DIR``: answer the request
+    """``python -m blossom_secure.site.steps SITE_DIR``: answer the request
     on standard input with the reply on standard output, in a process of its own (as
     Flower runs a ClientApp). Exit 0, or 2 with one line on standard error."""
-    parser = argparse.ArgumentParser(prog="python -m blossom_secure.runtimes.flower.site_steps")
+    parser = argparse.ArgumentParser(prog="python -m blossom_secure.site.steps")
     parser.add_argument("site_dir", type=Path)
     parser.add_argument("--federation", type=Path, default=None)
     parser.add_argument("--roster", type=Path, default=None)

@@ -11,10 +11,10 @@ A site missing from the answer did not reply in time: it has dropped, and the ro
 on without it as long as the public thresholds allow. ``send`` is the whole transport:
 Flower's Grid in the deployment runtime (:mod:`blossom_secure.runtimes.flower.apps`), a
 function call or a subprocess per request in the tests. The result is the embedded
-runtime's :class:`~blossom_secure.federation.RoundReport` and ``metrics.json`` structure.
+runtime's :class:`~blossom_secure.coordinator.rounds.RoundReport` and ``metrics.json`` structure.
 
 The coordinator authenticates each reply with the roster key of the site it claims to come
-from (:func:`blossom_secure.runtimes.flower.wire.decode_reply`): the transport's labels
+from (:func:`blossom_secure.wire.decode_reply`): the transport's labels
 are routing hints only. Reports are size-limited and checked before they are read.
 """
 
@@ -30,15 +30,15 @@ from pathlib import Path
 import numpy as np
 
 from blossom_secure._fs import atomic_write, save_arrays_npz
-from blossom_secure.aggregation import BlockOutcome
+from blossom_secure.exchange import BlockOutcome
 from blossom_secure.config import FederationConfig
 from blossom_secure.errors import BlossomError, PolicyError, Problem, ProtocolError
-from blossom_secure.federation import RoundReport, initial_global_blocks, site_report_view
-from blossom_secure.runtimes.flower import wire
+from blossom_secure.coordinator.rounds import RoundReport, initial_global_blocks, site_report_view
+from blossom_secure import wire
 from blossom_secure.secagg import CoordinatorStageMachine
 from blossom_secure.secagg.errors import InconsistentMessageError, MalformedMessageError
 from blossom_secure.secagg.messages import AdvertiseKeys, decode_site_message
-from blossom_secure.secure_aggregator import block_outcome, federation_sha256, secagg_params
+from blossom_secure.secagg.terms import block_outcome, federation_sha256, secagg_params
 
 __all__ = ["MAX_REPORT_BYTES", "RoundCoordinator", "SendFn", "metrics_document", "save_results"]
 
@@ -66,7 +66,7 @@ class RoundCoordinator:
 
     Raises:
         PolicyError: the federation's aggregation parameters are unusable with this roster
-            (see :func:`blossom_secure.secure_aggregator.secagg_params`).
+            (see :func:`blossom_secure.secagg.terms.secagg_params`).
 
     Notes:
         Only block-wise secure aggregation runs here: there is no plaintext mode and no
@@ -123,7 +123,7 @@ class RoundCoordinator:
 
         Returns:
             The embedded runtime's report structure: per site the view
-            :func:`~blossom_secure.federation.site_report_view` gives of its report, per
+            :func:`~blossom_secure.runtimes.embedded.federation.site_report_view` gives of its report, per
             block its contributors or failure, per site the bytes of its replies accepted.
 
         Raises:
@@ -239,8 +239,8 @@ def _advertised_blocks(advertisement: bytes, coordinator: RoundCoordinator, roun
 
 
 def _checked_report(untrusted_report: bytes, *, site_id: str, round_id: int) -> bytes:
-    """Check a site's round report (:func:`blossom_secure.egress.select_report`'s format)
-    before :func:`~blossom_secure.federation.site_report_view` reads it.
+    """Check a site's round report (:func:`blossom_secure.site.egress.select_report`'s format)
+    before :func:`~blossom_secure.runtimes.embedded.federation.site_report_view` reads it.
 
     Raises:
         MalformedMessageError: too long, not the report format, or values out of range.
@@ -249,7 +249,7 @@ def _checked_report(untrusted_report: bytes, *, site_id: str, round_id: int) -> 
     Notes:
         The reply carrying the report is signed by the site, but a site is a peer, not
         the coordinator's own code: the report is held to the exact format of
-        :func:`blossom_secure.egress.select_report` (rates in [0, 1], a decline category,
+        :func:`blossom_secure.site.egress.select_report` (rates in [0, 1], a decline category,
         no counts), so nothing else is stored in ``metrics.json`` under its name.
     """
     if len(untrusted_report) > MAX_REPORT_BYTES:

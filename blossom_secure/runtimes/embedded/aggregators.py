@@ -1,10 +1,14 @@
-"""Secure aggregation behind the :class:`~blossom_secure.aggregation.Aggregator` interface.
+"""The embedded runtime's aggregators: every site and the coordinator in one process.
 
-Each block's weighted sum is computed with the pairwise-masked protocol of
-:mod:`blossom_secure.secagg` (Bonawitz et al. 2017, per block group): the coordinator learns
-the sum over the sites that contributed the block, never one site's update. Only an
-:class:`~blossom_secure.egress.Egress` (what the policy cleared) is handed to the protocol,
-so the egress guard stays the single gate for what leaves.
+:class:`PlaintextAggregator` sends each site's :class:`~blossom_secure.site.egress.Egress`
+to the coordinator in the clear (for tests and explicitly requested runs);
+:class:`SecureAggregator` computes each block's weighted sum with the pairwise-masked
+protocol of :mod:`blossom_secure.secagg` (Bonawitz et al. 2017, per block group): the
+coordinator learns the sum over the sites that contributed the block, never one site's
+update. Only an ``Egress`` (what the policy cleared) is handed to either, so the egress
+guard stays the single gate for what leaves. Both implement
+:class:`blossom_secure.exchange.Aggregator`; only bytes cross from a site's side to the
+coordinator's.
 """
 
 from __future__ import annotations
@@ -14,62 +18,74 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from blossom_secure.aggregation import BlockOutcome, Contribution, EgressHook
-from blossom_secure.config import FederationConfig
 from blossom_secure.crypto import IdentityKey
-from blossom_secure.egress import Egress
+from blossom_secure.errors import BlossomError
+from blossom_secure.exchange import BlockOutcome, Contribution, EgressHook, decode_plain_update, settle_groups
 from blossom_secure.secagg import SecAggParams, SiteContribution, run_secure_aggregation
+from blossom_secure.secagg.terms import block_outcome
+from blossom_secure.site.egress import Egress, encode_plain_update
 
-__all__ = ["SecureAggregator", "block_outcome", "federation_sha256", "secagg_params"]
+__all__ = ["PlaintextAggregator", "SecureAggregator"]
 
 logger = logging.getLogger(__name__)
 
 
-def secagg_params(federation: FederationConfig, *, roster_size: int) -> SecAggParams:
-    """Protocol parameters from the federation file (quantisation range, ring, minimums,
-    the public bound on sites, the public block groups and the Shamir thresholds).
+class PlaintextAggregator:
+    """Block-wise weighted mean with updates sent in the clear.
+
+    The coordinator sees every site's update: use only where that is acceptable (tests,
+    baselines, a federation of one organisation). A site whose policy requires secure
+    aggregation declines a plaintext round.
 
     Args:
-        federation: The federation file.
-        roster_size: Number of sites in the roster. It stands in for ``max_sites`` only
-            when the file declares none, and may never exceed a declared one.
-
-    Raises:
-        ValueError: the roster is larger than ``max_sites``, thresholds that are not a
-            strict majority of it (or of the block's declared group), or parameters under
-            which a sum could wrap (the message names the bound).
-
-    Notes:
-        Every party derives the thresholds from this file only (Bonawitz et al. 2017,
-        section 4: ``t`` is a public parameter of the protocol), never from what the
-        coordinator shows of a round; the file's SHA-256 is bound into every message.
-        Without ``threshold`` the default is ``floor(2 * max_sites / 3) + 1``
-        (:func:`blossom_secure.secagg.params.default_threshold`). A block with a public
-        group ``P_b`` (``[aggregation.groups]``) is aggregated among members of ``P_b``
-        only, with a threshold that is a strict majority of ``|P_b|`` (default
-        :func:`blossom_secure.secagg.params.default_group_threshold`): only members can
-        sign for it, so ``2 t_b > |P_b|`` keeps two survivor sets from both passing the
-        consistency check.
+        min_contributors: The federation's minimum group size per block (>= 2).
     """
-    ag = federation.aggregation
-    max_sites = ag.max_sites if ag.max_sites is not None else max(2, roster_size)
-    if roster_size > max_sites:
-        raise ValueError(f"the roster has {roster_size} sites, more than max_sites = {max_sites}")
-    return SecAggParams(ring_bits=ag.ring_bits, clip=ag.clip, max_weight=ag.max_weight,
-                        max_group_size=max_sites, threshold=ag.threshold, block_thresholds=dict(ag.thresholds),
-                        block_groups=dict(ag.groups), min_contributors=ag.min_contributors)
 
+    secure = False
 
-def federation_sha256(federation: FederationConfig) -> bytes:
-    """The 32-byte SHA-256 of the federation file, as bound into every protocol message.
+    def __init__(self, *, min_contributors: int) -> None:
+        if min_contributors < 2:
+            raise ValueError("min_contributors must be at least 2")
+        self.min_contributors = min_contributors
+        self.last_bytes_received: dict[str, int] = {}
+        self.last_site_errors: dict[str, str] = {}
 
-    Raises:
-        ValueError: the configuration carries no valid hash (it was not read from a file).
-    """
-    digest = federation.sha256
-    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-        raise ValueError("the federation configuration carries no SHA-256 of its file")
-    return bytes.fromhex(digest)
+    def aggregate(self, *, federation_id: str, round_id: int, contributions: Mapping[str, Contribution],
+                  block_sizes: Mapping[str, int], on_egress: EgressHook | None) -> dict[str, BlockOutcome]:
+        self.last_bytes_received = {}
+        self.last_site_errors = {}
+        groups, failures = settle_groups(contributions, min_contributors=self.min_contributors)
+        outcomes = {b: BlockOutcome(block=b, contributors=(), mean_update=None, weight_sum=0, failure=why)
+                    for b, why in failures.items()}
+        for block, group in groups.items():
+            total, weight_sum, senders = None, 0, []
+            for site in group:
+                c = contributions[site]
+                payload = encode_plain_update(federation_id=federation_id, round_id=round_id, site_id=site,
+                                              block=block, egress=c.egress, weight=c.weight)
+                if on_egress is not None:
+                    try:
+                        on_egress(site, "plain_update", (block,), payload)
+                    except (BlossomError, OSError):  # the site could not record it: it must not send
+                        logger.warning("site %s could not record its egress of %s; not sent", site, block)
+                        self.last_site_errors[site] = f"could not record the egress of {block}; not sent"
+                        continue
+                # --- the coordinator's side: only bytes cross --------------------------------
+                self.last_bytes_received[site] = self.last_bytes_received.get(site, 0) + len(payload)
+                got_block, weight, values = decode_plain_update(
+                    payload, federation_id=federation_id, round_id=round_id, site_id=site, block_sizes=block_sizes)
+                part = weight * values.astype(np.float64)
+                total = part if total is None else total + part
+                weight_sum += weight
+                senders.append(site)
+            if len(senders) < self.min_contributors:
+                outcomes[block] = BlockOutcome(block=block, contributors=(), mean_update=None, weight_sum=0,
+                                               failure="too few sites delivered their update")
+            else:
+                outcomes[block] = BlockOutcome(block=block, contributors=tuple(senders),
+                                               mean_update=(total / weight_sum).astype(np.float32),
+                                               weight_sum=weight_sum)
+        return outcomes
 
 
 class SecureAggregator:
@@ -140,14 +156,3 @@ class SecureAggregator:
         for site, error in result.site_errors.items():
             logger.warning("secure aggregation, round %d: site %s stopped: %s", round_id, site, error)
         return {block: block_outcome(block, r) for block, r in result.blocks.items()}
-
-
-def block_outcome(block: str, result) -> BlockOutcome:
-    """A block's :class:`BlockOutcome` from its secure-aggregation result: the weighted mean
-    of the contributors' updates, or the failure (no sum, no mean)."""
-    if result.failure is not None or result.weighted_sum is None or not result.weight_sum:
-        return BlockOutcome(block=block, contributors=tuple(result.contributors), mean_update=None,
-                            weight_sum=0, failure=result.failure or "not aggregated")
-    return BlockOutcome(block=block, contributors=tuple(result.contributors),
-                        mean_update=(result.weighted_sum / result.weight_sum).astype(np.float32),
-                        weight_sum=int(result.weight_sum))

@@ -16,14 +16,17 @@ it never carries a count of patients.
 
 from __future__ import annotations
 
+import json
+import struct
 from collections.abc import Iterator, Mapping
 
 import numpy as np
 
 from blossom_secure.blocks import is_head, is_valid_block_name
-from blossom_secure.policy import Policy
+from blossom_secure.exchange import PLAIN_UPDATE_VERSION
+from blossom_secure.site.policy import Policy
 
-__all__ = ["Egress", "SiteReport", "select_egress", "select_report"]
+__all__ = ["Egress", "SiteReport", "encode_plain_update", "select_egress", "select_report"]
 
 _TOKEN = object()
 
@@ -140,3 +143,20 @@ def select_report(policy: Policy, *, site_id: str, round_id: int, declined: str 
     }
     payload = json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
     return SiteReport(payload, policy.sha256, _token=_TOKEN)
+
+
+def encode_plain_update(*, federation_id: str, round_id: int, site_id: str, block: str, egress: Egress,
+                        weight: int) -> bytes:
+    """One block's update as a plaintext message: a length-prefixed canonical JSON header
+    then the float32 values (little-endian).
+
+    Raises:
+        TypeError: ``egress`` is not an :class:`Egress` (nothing else may be sent).
+    """
+    if not isinstance(egress, Egress):
+        raise TypeError("only an Egress made by select_egress can be sent")
+    values = egress[block]
+    header = json.dumps({"v": PLAIN_UPDATE_VERSION, "type": "plain_update", "federation": federation_id,
+                         "round": round_id, "site": site_id, "block": block, "weight": int(weight),
+                         "n": int(values.size)}, sort_keys=True, separators=(",", ":")).encode()
+    return struct.pack("<I", len(header)) + header + values.astype("<f4").tobytes()

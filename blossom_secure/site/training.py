@@ -10,7 +10,7 @@ ledger can record the spend durably before any computation starts; after trainin
 is checked against the history Opacus's own accountant kept, and a mismatch is an error.
 
 Notes:
-    Batch sampling and noise come from :mod:`blossom_secure.dp_random`: a keyed AES-256-CTR
+    Batch sampling and noise come from :mod:`blossom_secure.site.dp_random`: a keyed AES-256-CTR
     stream whose key is drawn from the OS CSPRNG for every round, never from torch's
     Mersenne Twister (Opacus's ``secure_mode`` needs ``torchcsprng``, which cannot be
     installed for current torch). A seeded simulation derives the key from its seed, so
@@ -36,10 +36,10 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from torch import nn
 
 from blossom_secure.config import FeatureScale, ModelLayout
-from blossom_secure.dp_random import DPRandomness, PoissonBatchSampler
+from blossom_secure.site.dp_random import DPRandomness, PoissonBatchSampler
 from blossom_secure.model import BlockModel
-from blossom_secure.policy import PrivacyTerms
-from blossom_secure.privacy import noise_for_target
+from blossom_secure.site.policy import PrivacyTerms
+from blossom_secure.site.ledger import noise_for_target
 
 __all__ = ["RoundPlan", "SiteTensors", "TrainResult", "evaluate", "plan_round", "train_dp",
            "scale_features", "train_without_dp_simulation_only"]
@@ -66,7 +66,7 @@ class SiteTensors:
 
     @classmethod
     def from_arrays(cls, arrays, layout: ModelLayout) -> SiteTensors:
-        """Build from :class:`blossom_secure.data.SiteArrays`, scaling every tabular
+        """Build from :class:`blossom_secure.site.data.SiteArrays`, scaling every tabular
         feature with the public values the federation layout declares
         (:class:`~blossom_secure.config.FeatureScale`): clipped to the declared range, then
         centred and scaled. No statistic of the site's patients is used, so one patient's
@@ -212,7 +212,7 @@ def train_dp(model: BlockModel, data: SiteTensors, plan: RoundPlan, *, max_grad_
         momentum: SGD momentum (post-processing of the noisy gradients: no privacy cost;
             the momentum buffer starts at zero every round).
         randomness: The round's source of Poisson sampling and Gaussian noise
-            (:class:`~blossom_secure.dp_random.DPRandomness`): from the OS CSPRNG, or a
+            (:class:`~blossom_secure.site.dp_random.DPRandomness`): from the OS CSPRNG, or a
             seeded simulation whose epsilon is nominal.
 
     Returns:

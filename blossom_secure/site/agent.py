@@ -25,20 +25,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from blossom_secure import audit
+from blossom_secure.audit import log as audit
 from blossom_secure._fs import load_arrays_npz, save_arrays_npz
-from blossom_secure.aggregation import BlockOutcome, Contribution
+from blossom_secure.exchange import BlockOutcome, Contribution
 from blossom_secure.blocks import is_head
-from blossom_secure.config import FederationConfig, SiteConfig, load_site
+from blossom_secure.config import FederationConfig
+from blossom_secure.site.config import SiteConfig, load_site
 from blossom_secure.crypto import IdentityKey, identity_public_key, key_fingerprint
-from blossom_secure.data import SiteArrays, load_site_arrays, split_holdout
-from blossom_secure.dp_random import DPRandomness
-from blossom_secure.egress import select_egress, select_report
+from blossom_secure.site.data import SiteArrays, load_site_arrays, split_holdout
+from blossom_secure.site.dp_random import DPRandomness
+from blossom_secure.site.egress import select_egress, select_report
 from blossom_secure.errors import PrivacyBudgetExceededError
-from blossom_secure.keys import load_or_create_identity_key
+from blossom_secure.site.keys import load_or_create_identity_key
 from blossom_secure.model import BlockModel
-from blossom_secure.privacy import PrivacyLedger, load_reconciled_ledger
-from blossom_secure.training import SiteTensors, evaluate, plan_round, train_dp, train_without_dp_simulation_only
+from blossom_secure.site.ledger import PrivacyLedger, load_reconciled_ledger
+from blossom_secure.site.training import SiteTensors, evaluate, plan_round, train_dp, train_without_dp_simulation_only
 
 __all__ = ["RoundOffer", "SiteAgent", "ensure_site_data"]
 
@@ -67,7 +68,7 @@ def ensure_site_data(site: SiteConfig, federation: FederationConfig) -> bool:
     have_dicom = site.dicom_dir is None or site.dicom_dir.exists()
     if have_csv and have_dicom:
         return False
-    from blossom_secure.synth import generate_site_data
+    from blossom_secure.site.synth import generate_site_data
 
     layout = federation.layout
     generate_site_data(
@@ -136,7 +137,7 @@ class SiteAgent:
             CSPRNG, whatever seed is given (the seed then only fixes the initial values
             of the private blocks, which do not depend on patient data).
         simulation_without_dp: **Simulation only.** Train without differential privacy
-            (no clipping, no noise; :func:`~blossom_secure.training.train_without_dp_simulation_only`)
+            (no clipping, no noise; :func:`~blossom_secure.site.training.train_without_dp_simulation_only`)
             to measure what DP costs in a benchmark. Nothing is written to the privacy
             ledger, no ``training_finished`` record is written to the audit log (there is
             no privacy spend to record), and the round's ``epsilon_total`` is reported as
@@ -379,7 +380,7 @@ class SiteAgent:
                      metrics: Mapping[str, Mapping[str, float]]) -> bytes | None:
         """The round report this site sends to the coordinator, or ``None`` if its policy
         keeps metrics in. It passes the egress guard
-        (:func:`~blossom_secure.egress.select_report`) and is written to the audit log
+        (:func:`~blossom_secure.site.egress.select_report`) and is written to the audit log
         before it is returned; the coordinator learns nothing else about the round's
         evaluation.
 

@@ -51,9 +51,9 @@ from typing import Any
 import numpy as np
 
 from blossom_secure._fs import atomic_write, fsync_dir
-from blossom_secure.audit import TRAINING_FINISHED
+from blossom_secure.audit.log import TRAINING_FINISHED
 from blossom_secure.errors import InputError, PrivacyBudgetExceededError, Problem
-from blossom_secure.policy import PrivacyTerms
+from blossom_secure.site.policy import PrivacyTerms
 
 __all__ = [
     "LedgerEntry",
@@ -88,7 +88,7 @@ class LedgerEntry:
     epsilon_total: float
     time_utc: str
     #: ``os-csprng`` (noise secret: epsilon is a guarantee) or ``seeded-simulation`` (noise
-    #: derivable from a public seed: epsilon is nominal). See :mod:`blossom_secure.dp_random`.
+    #: derivable from a public seed: epsilon is nominal). See :mod:`blossom_secure.site.dp_random`.
     randomness: str = "os-csprng"
 
     @property

@@ -28,26 +28,21 @@ import numpy as np
 import torch
 
 from blossom_secure._fs import atomic_write, save_arrays_npz
-from blossom_secure.aggregation import Aggregator, BlockOutcome, PlaintextAggregator
+from blossom_secure.exchange import Aggregator, BlockOutcome
+from blossom_secure.runtimes.embedded.aggregators import PlaintextAggregator
 from blossom_secure.blocks import is_head
-from blossom_secure.config import FederationConfig, load_federation, site_dirs
+from blossom_secure.config import FederationConfig, load_federation
+from blossom_secure.coordinator.rounds import RoundReport, initial_global_blocks, site_report_view
+from blossom_secure.site.config import site_dirs
 from blossom_secure.errors import PolicyError, Problem
 from blossom_secure.model import BlockModel
-from blossom_secure.site_agent import RoundOffer, SiteAgent
+from blossom_secure.site.agent import RoundOffer, SiteAgent
 
-__all__ = ["Coordinator", "RoundReport", "SimulationResult", "initial_global_blocks", "make_aggregator", "simulate"]
+__all__ = ["Coordinator", "SimulationResult", "make_aggregator", "simulate"]
 
 logger = logging.getLogger(__name__)
 
 MODES = ("blockwise", "full-model", "local")
-
-
-def initial_global_blocks(federation: FederationConfig, *, include_heads: bool, seed: int) -> dict[str, np.ndarray]:
-    """Initial values of every block of the federation layout, from ``seed``."""
-    layout = federation.layout
-    torch.manual_seed(seed)
-    full = BlockModel(layout, layout.modalities, tuple(layout.tasks))
-    return {b: v for b, v in full.get_blocks().items() if include_heads or not is_head(b)}
 
 
 def make_aggregator(federation: FederationConfig, agents: list[SiteAgent], *, secure: bool) -> Aggregator:
@@ -60,7 +55,8 @@ def make_aggregator(federation: FederationConfig, agents: list[SiteAgent], *, se
     """
     if not secure:
         return PlaintextAggregator(min_contributors=federation.aggregation.min_contributors)
-    from blossom_secure.secure_aggregator import SecureAggregator, federation_sha256, secagg_params
+    from blossom_secure.runtimes.embedded.aggregators import SecureAggregator
+    from blossom_secure.secagg.terms import federation_sha256, secagg_params
 
     try:
         params = secagg_params(federation, roster_size=len(agents))
@@ -73,32 +69,6 @@ def make_aggregator(federation: FederationConfig, agents: list[SiteAgent], *, se
             logger.warning("[aggregation.groups] %s names site(s) not in the roster: %s", block, ", ".join(absent))
     return SecureAggregator(params=params, federation_sha256=digest, roster={a.id: a.public_key for a in agents},
                             identity_keys={a.id: a.identity_key for a in agents})
-
-
-def site_report_view(untrusted_payload: bytes | None, *, joined: bool) -> dict:
-    """What the coordinator knows of one site after a round: whether it joined (visible
-    from the protocol) and, if its policy let the report leave, the report's contents.
-
-    Returns:
-        ``{"joined", "reported", "tasks", "epsilon", "epsilon_nominal", "declined"}``;
-        ``tasks`` is empty and ``epsilon`` ``None`` when the site sent no report.
-    """
-    view = {"joined": joined, "reported": False, "tasks": {}, "epsilon": None, "epsilon_nominal": False,
-            "declined": None if joined else "not reported"}
-    if untrusted_payload is None:
-        return view
-    doc = json.loads(untrusted_payload.decode("utf-8"))
-    view.update(reported=True, tasks=doc["tasks"], declined=doc["declined"],
-                epsilon=doc["epsilon_total"], epsilon_nominal=doc["epsilon_nominal"])
-    return view
-
-
-@dataclass
-class RoundReport:
-    round_id: int
-    sites: dict[str, dict]  # site -> site_report_view(...)
-    blocks: dict[str, dict]  # block -> {"contributors", "failure"}
-    bytes_received: dict[str, int]  # site -> bytes the coordinator took delivery of
 
 
 @dataclass
@@ -311,7 +281,7 @@ def _metrics_document(federation: FederationConfig, agents: list[SiteAgent], rep
 
 
 def _check_synthetic(dirs: list[Path], federation: FederationConfig, *, reason: str) -> None:
-    from blossom_secure.config import load_site
+    from blossom_secure.site.config import load_site
 
     problems = []
     for d in dirs:

@@ -496,7 +496,7 @@ def _bool(value: Any) -> str | None:
     return None if isinstance(value, bool) else "must be true or false"
 
 
-#: Where a round's DP noise came from (see :mod:`blossom_secure.dp_random`).
+#: Where a round's DP noise came from (see :mod:`blossom_secure.site.dp_random`).
 RANDOMNESS_KINDS = ("os-csprng", "seeded-simulation")
 
 
