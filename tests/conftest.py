@@ -56,3 +56,10 @@ def copy_sites(tmp_path, tiny_sites_with_data):
         shutil.copytree(tiny_sites_with_data, tmp_path / "sites")
         return tmp_path / "sites"
     return copy
+
+
+def allow_coordinators(sites: Path, *addresses: str) -> None:
+    """Add ``addresses`` to every example policy's ``[policy] coordinators``."""
+    listed = ", ".join(f'"{a}"' for a in ("embedded", *addresses))
+    for policy in (sites.parent / "policies").glob("*.toml"):
+        policy.write_text(policy.read_text().replace('coordinators = ["embedded"]', f"coordinators = [{listed}]"))

@@ -6,6 +6,7 @@ process when the command is told to stop, and (slow) one round end to end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -24,6 +25,7 @@ from blossom_secure.crypto import identity_public_key
 from blossom_secure.site.keys import load_identity_key
 from blossom_secure.runtimes.flower import write_dev_certificates
 from blossom_secure.runtimes.flower.processes import is_loopback_host, parse_address
+from tests.conftest import allow_coordinators
 from tests.test_flower_deployment import Processes, free_port, wait_listening
 
 BIN = Path(sys.executable).parent
@@ -37,13 +39,6 @@ def cli(*args: str, cwd: Path | None = None, timeout_s: float = 120) -> subproce
     env["COLUMNS"] = "400"
     return subprocess.run([str(BIN / name), *rest], capture_output=True, text=True, cwd=cwd, env=env,
                           timeout=timeout_s)
-
-
-def allow_coordinators(sites: Path, *addresses: str) -> None:
-    """Add ``addresses`` to every example policy's ``[policy] coordinators``."""
-    listed = ", ".join(f'"{a}"' for a in ("embedded", *addresses))
-    for policy in (sites.parent / "policies").glob("*.toml"):
-        policy.write_text(policy.read_text().replace('coordinators = ["embedded"]', f"coordinators = [{listed}]"))
 
 
 def join_records(site_dir: Path) -> list[dict]:
@@ -215,10 +210,34 @@ def test_join_runs_a_supernode_until_terminated(tiny_sites, tmp_path, how):
         assert [pid for pid in children if _alive(pid)] == []
 
 
+def _records_so_far(site_dir: Path) -> list[dict]:
+    """The audit records a running site has written (a line still being written is skipped)."""
+    path = site_dir / "state" / "audit.jsonl"
+    records = []
+    for line in (path.read_text(errors="replace").splitlines() if path.exists() else []):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def _sent(records: list[dict], round_id: int, message_type: str) -> bool:
+    return any(r["event"] == audit.EGRESS and r["round_id"] == round_id
+               and r["details"]["message_type"] == message_type for r in records)
+
+
 @pytest.mark.deployment
 @pytest.mark.slow
-def test_coordinator_serve_runs_a_round_with_joined_sites_and_continues_numbering(tiny_sites_with_data, tmp_path):
+def test_coordinator_killed_mid_round_resumes_without_undercount_or_double_send(tiny_sites_with_data, tmp_path):
+    """``blossom coordinator serve`` killed with SIGKILL in the middle of round 1 (after round 0
+    finished and after a site sent its masked input), then started again on the same --out:
+    its SuperLink went with it, the restart continues from round 0's global blocks with round
+    2 (round 1 is abandoned, its number never reused), the sites (``blossom-site join``) rejoin,
+    no site's ledger under-counts and no site sent anything twice for one round."""
     import shutil
+
+    from blossom_secure.site.agent import LEDGER_FILE
 
     sites = tmp_path / "sites"
     shutil.copytree(tiny_sites_with_data.parent / "policies", tmp_path / "policies")
@@ -241,35 +260,62 @@ def test_coordinator_serve_runs_a_round_with_joined_sites_and_continues_numberin
     env = {k: v for k, v in os.environ.items() if k != "BLOSSOM_DEBUG"}
     processes = Processes(tmp_path / "work")
     (tmp_path / "work").mkdir()
+    serve = [str(BIN / "blossom"), "coordinator", "serve", "--federation", str(sites / "federation.toml"),
+             "--roster", str(roster), "--certificates", str(certs), "--address", address,
+             "--out", str(out), "--wait-for-sites-s", "240", "--run-timeout-s", "420"]
     with ExitStack() as cleanup:
         cleanup.callback(processes.stop)
         for d in dirs:
             processes.start(f"join-{d.name}", [str(BIN / "blossom-site"), "join", str(d), "--coordinator", address,
                                                "--root-certificates", str(certs / "ca.pem")])
-        serve = [str(BIN / "blossom"), "coordinator", "serve", "--federation", str(sites / "federation.toml"),
-                 "--roster", str(roster), "--certificates", str(certs), "--address", address, "--rounds", "1",
-                 "--out", str(out), "--wait-for-sites-s", "240", "--run-timeout-s", "420"]
-        done = subprocess.run(serve, capture_output=True, text=True, env=env, timeout=540)
-        assert done.returncode == 0, (done.stdout, done.stderr)
-        assert "round 0: " in done.stdout and "aggregated" in done.stdout and "SuperLink stopped" in done.stdout
-        assert json.loads((out / "coordinator-state.json").read_text())["next_round"] == 1
-        first = json.loads((out / "metrics.json").read_text())
-        assert list(first["blocks"]) == ["0"]
-        # a restart continues with round 1 (the sites, still joined, reconnect)
-        again = subprocess.run(serve, capture_output=True, text=True, env=env, timeout=540)
-        assert again.returncode == 0, (again.stdout, again.stderr)
-        assert "rounds 1 to 1" in again.stdout and "round 1: " in again.stdout
+        first = processes.start("serve-1", [*serve, "--rounds", "2"])
+        deadline = time.monotonic() + 480
+        while not ((out / "coordinator-rounds.json").exists()
+                   and any(_sent(_records_so_far(d), 1, "secagg.masked_input") for d in dirs)):
+            assert first.poll() is None, (tmp_path / "work" / "serve-1.log").read_text()
+            assert time.monotonic() < deadline, "round 1 never reached the masked input"
+            time.sleep(0.05)
+        first.send_signal(signal.SIGKILL)  # the coordinator's process only, as `kill -9 PID` would
+        first.wait(timeout=30)
+        # its SuperLink ended with it (nothing listens on the port any more)
+        link_gone = time.monotonic() + 60
+        while time.monotonic() < link_gone:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except OSError:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the SuperLink outlived the coordinator killed with SIGKILL")
+        link_pid = int(re.search(r"SuperLink \(pid (\d+)\)", (tmp_path / "work" / "serve-1.log").read_text()).group(1))
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(link_pid, signal.SIGKILL)  # whatever of its group is left (nothing, normally)
         assert json.loads((out / "coordinator-state.json").read_text())["next_round"] == 2
-        assert all(p.poll() is None for p in processes.started.values())  # the sites are still joined
+        assert list(json.loads((out / "metrics.json").read_text())["blocks"]) == ["0"]
+
+        again = subprocess.run([*serve, "--rounds", "1"], capture_output=True, text=True, env=env, timeout=540)
+        assert again.returncode == 0, (again.stdout, again.stderr)
+        assert "continuing from the global blocks after round 0" in again.stdout
+        assert "rounds 2 to 2" in again.stdout and "round 2: " in again.stdout and "aggregated" in again.stdout
+        assert json.loads((out / "coordinator-state.json").read_text())["next_round"] == 3
+        doc = json.loads((out / "metrics.json").read_text())
+        assert list(doc["blocks"]) == ["0", "2"]  # round 0 kept, round 1 abandoned
+        assert all(p.poll() is None for p in processes.started.values() if p is not first)  # sites still joined
     assert all(p.poll() is not None for p in processes.started.values())
     assert processes.alive_after_stop == []
     for d in dirs:
-        records = join_records(d)  # verifies the whole log
-        assert records == []
+        assert join_records(d) == []  # no refused join; verifies the whole log
         key = load_identity_key(d / "keys")
-        _, all_records = audit.read_verified_records(d / "state" / "audit.jsonl", public_key=identity_public_key(key))
-        answered = {r["round_id"] for r in all_records if r["event"] == audit.EGRESS and r["round_id"] is not None}
-        assert answered == {0, 1}
+        _, records = audit.read_verified_records(d / "state" / "audit.jsonl", public_key=identity_public_key(key))
+        egress = [(r["round_id"], r["details"]["message_type"]) for r in records
+                  if r["event"] == audit.EGRESS and r["round_id"] is not None]
+        assert len(egress) == len(set(egress)), f"{d.name} sent something twice for one round: {egress}"
+        assert {r for r, _ in egress} == {0, 1, 2}
+        trained = sorted(r["round_id"] for r in records if r["event"] == audit.TRAINING_FINISHED)
+        ledger = json.loads((d / "state" / LEDGER_FILE).read_text())
+        charged = sorted(e["round_id"] for e in ledger["entries"])
+        assert trained and set(trained) <= set(charged), f"{d.name}: the ledger under-counts {trained} vs {charged}"
+        assert 1 in charged  # the abandoned round's training stays charged
 
 
 def _serve_args(sites: Path, roster: Path, certs: Path, out: Path, port: int) -> list[str]:
@@ -308,15 +354,38 @@ def test_serve_refuses_bad_certificates_and_a_foreign_round_counter(tiny_sites, 
     assert proc.returncode == 2 and "HOST:PORT" in proc.stderr
 
 
+def test_serve_refuses_insecure_off_loopback_and_a_tampered_checkpoint(tiny_sites, roster, tmp_path):
+    certs = tmp_path / "certs"
+    write_dev_certificates(certs)
+    args = _serve_args(tiny_sites, roster, certs, tmp_path / "out", free_port())
+    insecure = args[:args.index("--certificates")] + ["--insecure"] + args[args.index("--certificates") + 2:]
+    insecure[insecure.index("--address") + 1] = "10.0.0.5:9092"
+    proc = cli(*insecure)
+    assert proc.returncode == 2 and "--insecure is refused for 10.0.0.5:9092" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out" / "flower-superlink.log").exists()
+    both = cli(*args, "--insecure")
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
+    # a checkpoint that is not the one the coordinator wrote: refused before the SuperLink starts
+    (tmp_path / "out").mkdir(exist_ok=True)
+    (tmp_path / "out" / "coordinator-rounds.json").write_text('{"format": 1}')
+    proc = cli(*args)
+    assert proc.returncode == 2 and "coordinator-rounds.json" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "flower-superlink.log").exists()
+
+
 @pytest.mark.deployment
-def test_serve_exits_4_and_stops_the_superlink_when_no_site_joins(tiny_sites, roster, tmp_path):
+@pytest.mark.parametrize("how", ["tls", "insecure"])
+def test_serve_exits_4_and_stops_the_superlink_when_no_site_joins(tiny_sites, roster, tmp_path, how):
     certs = tmp_path / "certs"
     write_dev_certificates(certs)
     port = free_port()
-    proc = cli(*_serve_args(tiny_sites, roster, certs, tmp_path / "out", port), "--wait-for-sites-s", "2",
-               timeout_s=300)
+    args = _serve_args(tiny_sites, roster, certs, tmp_path / "out", port)
+    if how == "insecure":
+        args[args.index("--certificates"):args.index("--certificates") + 2] = ["--insecure"]
+    proc = cli(*args, "--wait-for-sites-s", "2", timeout_s=300)
     assert proc.returncode == 4, (proc.stdout, proc.stderr)
-    assert proc.stderr.startswith("error: the run ended") and "Traceback" not in proc.stderr
+    assert ("warning: --insecure: no TLS" in proc.stderr) == (how == "insecure")
+    assert proc.stderr.splitlines()[-1].startswith("error: the run ended") and "Traceback" not in proc.stderr
     assert "SuperLink stopped" in proc.stdout
     # the round numbers stay reserved, and nothing listens any more
     assert json.loads((tmp_path / "out" / "coordinator-state.json").read_text())["next_round"] == 1

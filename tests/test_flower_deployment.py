@@ -30,6 +30,7 @@ from blossom_secure.runtimes.flower import write_dev_certificates  # noqa: E402
 from blossom_secure.runtimes.flower.control import start_run, stop_run, wait_for_run  # noqa: E402
 from blossom_secure.roster import load_roster  # noqa: E402
 from blossom_secure.secagg.terms import secagg_params  # noqa: E402
+from tests.conftest import allow_coordinators  # noqa: E402
 from tests.test_flower_rounds import SEED, embedded, flower_copy, records_of  # noqa: E402,F401
 
 pytestmark = [pytest.mark.deployment, pytest.mark.slow,
@@ -153,6 +154,7 @@ def test_one_round_on_flowers_deployment_engine_with_tls(tiny_sites_with_data, t
     ca = certs.directory / "ca.pem"
     link_port = free_port()
     superlink = f"127.0.0.1:{link_port}"
+    allow_coordinators(sites, superlink)
     out = tmp_path / "out"
     processes = Processes(tmp_path / "work")
     with ExitStack() as cleanup:
@@ -165,7 +167,7 @@ def test_one_round_on_flowers_deployment_engine_with_tls(tiny_sites_with_data, t
         for site_dir, site_id in zip(dirs, ids, strict=True):
             processes.start(f"supernode-{site_id}", [
                 str(BIN / "flower-supernode"), "--root-certificates", str(ca), "--superlink", superlink,
-                "--node-config", f'site-dir="{site_dir}" simulation-seed={SEED}',
+                "--node-config", f'site-dir="{site_dir}" coordinator="{superlink}" simulation-seed={SEED}',
                 "--host", "127.0.0.1", "--port", str(free_port())])
         run_id = start_run(superlink, root_certificates=ca, run_config={
             "federation-file": str(sites / "federation.toml"), "out-dir": str(out), "rounds": 1, "seed": SEED,

@@ -23,7 +23,8 @@ from blossom_secure.config import load_federation
 from blossom_secure.site.config import load_site, site_dirs
 from blossom_secure.runtimes.embedded.federation import simulate
 from blossom_secure.site import steps as site_steps
-from blossom_secure.coordinator.steps import RoundCoordinator, metrics_document, save_results
+from blossom_secure.coordinator.checkpoint import load_checkpoint, save_checkpoint
+from blossom_secure.coordinator.steps import RoundCoordinator, metrics_document
 from blossom_secure.roster import load_roster, write_roster
 from blossom_secure.site.steps import (
     PolicyChangedError,
@@ -174,8 +175,12 @@ def test_round_with_steps_in_process_equals_embedded_runtime(tiny_sites_with_dat
     with pytest.raises(StageOrderError):
         handle_request(send.files[site], unmask[2], seed=SEED)
     doc = metrics_document(coordinator.federation, coordinator.roster, [report], seed=SEED)
-    path = save_results(tmp_path / "out", doc, coordinator.global_blocks)
+    path = save_checkpoint(tmp_path / "out", coordinator.federation, [report], coordinator.global_blocks, doc)
     assert {r["site"] for r in json.loads(path.read_text())["metrics"]} == set(coordinator.roster)
+    # a restarted coordinator continues from exactly these blocks and keeps the report
+    resumed = load_checkpoint(tmp_path / "out", coordinator.federation, block_sizes=coordinator.block_sizes)
+    assert resumed.last_round == 0 and resumed.reports == [report]
+    assert all(np.array_equal(resumed.global_blocks[b], v) for b, v in coordinator.global_blocks.items())
 
 
 def test_site_dropped_after_masked_input_does_not_stop_the_round(tiny_sites_with_data, tmp_path):
@@ -249,6 +254,35 @@ def test_site_whose_policy_changes_mid_round_stops_and_says_why(tiny_sites_with_
     assert "PolicyChangedError" in aborted["details"]["reason"]
     assert any(r["event"] == "policy_loaded" and r["details"]["policy_file"] == "standard-edited.toml"
                for r in records)
+
+
+def test_supernode_pointed_at_an_unlisted_coordinator_declines_the_round(tiny_sites_with_data, tmp_path):
+    """A site's SuperNode connected to an address its policy does not list (a hijacked DNS
+    name, an operator's typo) declines before it reserves budget or trains, even though the
+    federation file's ``coordinator`` ("embedded") is listed; the reason is in its audit log."""
+    from dataclasses import replace
+
+    from tests.conftest import allow_coordinators
+
+    sites = flower_copy(tiny_sites_with_data, tmp_path)
+    allow_coordinators(sites, "127.0.0.1:9092")
+    coordinator = coordinator_for(sites)
+    send = InProcess(sites)
+    send.files = {s: replace(f, coordinator="127.0.0.1:9092") for s, f in send.files.items()}
+    send.files["riverside"] = replace(send.files["riverside"], coordinator="10.66.6.6:9092")
+    report = coordinator.run_round(0, send)
+    assert not report.sites["riverside"]["joined"]
+    assert all(report.sites[s]["joined"] for s in ("lakeside", "northgate", "st-mary"))
+    records = records_of(sites / "riverside", coordinator.roster)
+    declined = [r for r in records if r["event"] == "round_declined"]
+    assert len(declined) == 1 and "'10.66.6.6:9092' is not allowed by the policy" in declined[0]["details"]["reason"]
+    assert not any(r["event"] == "training_finished" for r in records)
+
+    def charged_rounds(site: str) -> list[int]:
+        path = sites / site / "state" / "ledger.json"
+        return [e["round_id"] for e in json.loads(path.read_text())["entries"]] if path.exists() else []
+
+    assert charged_rounds("northgate") == [0] and charged_rounds("riverside") == []
 
 
 def test_round_with_every_site_step_in_a_fresh_process(tiny_sites_with_data, tmp_path, embedded):

@@ -85,12 +85,16 @@ def _parser() -> ArgumentParser:
         "serve", help="start the SuperLink, wait for the roster's sites, run the rounds, write the results, stop",
         description="Start a Flower SuperLink with TLS (ca.pem, server.pem, server.key from --certificates), wait "
                     "until the roster's sites have joined, run the rounds, write metrics.json and global_blocks.npz "
-                    "to --out, then stop the SuperLink. Round numbers continue after a restart (--out keeps "
-                    f"{COORDINATOR_STATE_FILE}).")
+                    "to --out, then stop the SuperLink. A restart on the same --out continues: round numbers "
+                    f"after the last one used ({COORDINATOR_STATE_FILE}), from the global blocks of the last "
+                    "finished round (coordinator-rounds.json); a round in progress when it stopped is abandoned.")
     serve.add_argument("--federation", type=Path, required=True, help="the federation file")
     serve.add_argument("--roster", type=Path, required=True, help="the roster (site ids and identity public keys)")
-    serve.add_argument("--certificates", type=Path, required=True, metavar="DIR",
-                       help="folder with ca.pem, server.pem and server.key (as `blossom dev certificates` writes)")
+    tls = serve.add_mutually_exclusive_group(required=True)
+    tls.add_argument("--certificates", type=Path, metavar="DIR",
+                     help="folder with ca.pem, server.pem and server.key (as `blossom dev certificates` writes)")
+    tls.add_argument("--insecure", action="store_true",
+                     help="no TLS: only for a trial on this machine (a loopback --address); warns on every start")
     serve.add_argument("--address", default="127.0.0.1:9092", metavar="HOST:PORT",
                        help="where the SuperLink listens; the sites' only connection (default 127.0.0.1:9092)")
     serve.add_argument("--rounds", type=int, default=None, help="rounds (default: the federation file's)")
@@ -184,9 +188,11 @@ def _coordinator_serve(args) -> int:
     from blossom_secure._fs import atomic_write
     from blossom_secure.cli import EXIT_PROTOCOL, err_console
     from blossom_secure.config import load_federation
+    from blossom_secure.coordinator.checkpoint import load_checkpoint
+    from blossom_secure.coordinator.rounds import initial_global_blocks
+    from blossom_secure.roster import load_roster
     from blossom_secure.runtimes.flower import processes
     from blossom_secure.runtimes.flower.certificates import CA_CERT_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE
-    from blossom_secure.roster import load_roster
 
     federation = load_federation(args.federation)
     roster = load_roster(args.roster, federation=federation)
@@ -198,18 +204,31 @@ def _coordinator_serve(args) -> int:
         raise UsageError("--rounds must be at least 1")
     if args.wait_for_sites_s < 0 or args.run_timeout_s <= 0:
         raise UsageError("--wait-for-sites-s must be >= 0 and --run-timeout-s > 0")
-    ca, cert, key = (args.certificates.resolve() / n for n in (CA_CERT_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE))
-    for path in (ca, cert):
-        try:
-            processes.check_ca_certificate(path)
-        except ValueError as exc:
-            raise UsageError(f"--certificates {exc}") from None
-    if not key.is_file():
-        raise UsageError(f"--certificates {key}: the SuperLink's private key is missing")
+    if args.insecure:
+        if not processes.is_loopback_host(host):
+            raise UsageError(f"--insecure is refused for {args.address}: without TLS the SuperLink may listen on "
+                             "this machine's loopback address only")
+        ca = certificates = None
+    else:
+        ca, cert, key = (args.certificates.resolve() / n for n in (CA_CERT_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE))
+        for path in (ca, cert):
+            try:
+                processes.check_ca_certificate(path)
+            except ValueError as exc:
+                raise UsageError(f"--certificates {exc}") from None
+        if not key.is_file():
+            raise UsageError(f"--certificates {key}: the SuperLink's private key is missing")
+        certificates = (ca, cert, key)
     out = args.out.resolve()
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     state_path = out / COORDINATOR_STATE_FILE
     first_round = _read_next_round(state_path, federation.id)
+    checkpoint = load_checkpoint(out, federation, block_sizes={
+        b: int(v.size) for b, v in initial_global_blocks(federation, include_heads=False, seed=0).items()})
+    if checkpoint is not None:
+        first_round = max(first_round, checkpoint.last_round + 1)
+        console.print(f"continuing from the global blocks after round {checkpoint.last_round} "
+                      f"({len(checkpoint.reports)} finished round(s) in {out})", markup=False)
     rounds = args.rounds or federation.training.rounds
     # reserve the round numbers before any site can answer them: a restart never reuses one
     atomic_write(state_path, json.dumps({"format": 1, "federation": federation.id,
@@ -222,12 +241,16 @@ def _coordinator_serve(args) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_sigterm)  # end the SuperLink (finally below), exit 130
-    command = processes.superlink_command(host=host, port=port, certificates=(ca, cert, key))
+    if args.insecure:
+        err_console.print(f"warning: --insecure: no TLS on {args.address}; anything on this machine could pose as a "
+                          "site's transport or read the traffic (for local trials only)", markup=False)
+    command = processes.superlink_command(host=host, port=port, certificates=certificates)
     process = processes.start_process(command, env=processes.flower_environment(out / processes.FLOWER_HOME_DIR),
                                       log_path=log_path, cwd=out)
     try:
-        console.print(f"SuperLink (pid {process.pid}) listening on {args.address} (TLS, certificate {cert}); "
-                      f"log: {log_path}", markup=False)
+        tls = "no TLS" if args.insecure else f"TLS, certificate {certificates[1]}"
+        console.print(f"SuperLink (pid {process.pid}) listening on {args.address} ({tls}); log: {log_path}",
+                      markup=False)
         if not processes.wait_listening(host if host not in ("0.0.0.0", "::") else "127.0.0.1", port,
                                         timeout_s=90, process=process):
             err_console.print(f"error: the SuperLink did not start; see {log_path}", markup=False)

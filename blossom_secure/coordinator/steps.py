@@ -40,7 +40,7 @@ from blossom_secure.secagg.errors import InconsistentMessageError, MalformedMess
 from blossom_secure.secagg.messages import AdvertiseKeys, decode_site_message
 from blossom_secure.secagg.terms import block_outcome, federation_sha256, secagg_params
 
-__all__ = ["MAX_REPORT_BYTES", "RoundCoordinator", "SendFn", "metrics_document", "save_results"]
+__all__ = ["MAX_REPORT_BYTES", "RoundCoordinator", "SendFn", "metrics_document"]
 
 logger = logging.getLogger(__name__)
 
@@ -318,14 +318,3 @@ def metrics_document(federation: FederationConfig, roster: Mapping[str, bytes], 
         "bytes_received": {str(r.round_id): r.bytes_received for r in reports},
         "metrics": rows,
     }
-
-
-def save_results(out_dir: Path, document: Mapping, global_blocks: Mapping[str, np.ndarray]) -> Path:
-    """Write ``metrics.json`` and ``global_blocks.npz`` to ``out_dir``; returns the metrics path."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "metrics.json"
-    atomic_write(path, json.dumps(document, indent=1).encode() + b"\n", mode=0o644)
-    save_arrays_npz(out_dir / "global_blocks.npz", dict(global_blocks))
-    return path
-

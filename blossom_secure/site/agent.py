@@ -228,8 +228,13 @@ class SiteAgent:
 
     # -- the round -----------------------------------------------------------------------------
 
-    def offer(self, *, round_id: int, global_blocks: Mapping[str, np.ndarray], secure: bool) -> RoundOffer:
+    def offer(self, *, round_id: int, global_blocks: Mapping[str, np.ndarray], secure: bool,
+              coordinator: str | None = None) -> RoundOffer:
         """Answer round ``round_id``: train and offer the shareable updates, or decline.
+
+        ``coordinator`` is the address this site is connected to (a deployed site: its own
+        ``join`` command's ``--coordinator``); ``None`` means the federation file's
+        ``coordinator`` (the embedded runtime). The policy must list it either way.
 
         An error after the site joined is written to the audit log (``error``) and raised.
         First the ledger is read again and checked against the verified audit log; a
@@ -237,7 +242,7 @@ class SiteAgent:
         ``AuditIntegrityError``) before anything is recorded or reserved.
         """
         self.ledger = self._reconciled_ledger()
-        reason = self.refusal(secure=secure)
+        reason = self.refusal(secure=secure, coordinator=coordinator)
         kind = DECLINED_POLICY
         entry = plan = None
         randomness = self._randomness(round_id)
@@ -314,8 +319,11 @@ class SiteAgent:
             return DPRandomness.seeded_simulation(self.seed, site_id=self.id, round_id=round_id)
         return DPRandomness.from_os_csprng()
 
-    def refusal(self, *, secure: bool) -> str | None:
+    def refusal(self, *, secure: bool, coordinator: str | None = None) -> str | None:
         """Why this site refuses to join a round, or ``None``.
+
+        ``coordinator``: the address the site is connected to (``None``: the federation
+        file's ``coordinator``, as in the embedded runtime).
 
         Every check that could refuse a contribution later in the protocol runs here,
         before the site reserves privacy budget or trains: the policy's federation and
@@ -324,8 +332,9 @@ class SiteAgent:
         """
         if self.policy.federation != self.federation.id:
             return f"policy allows federation {self.policy.federation!r} only"
-        if self.federation.coordinator not in self.policy.coordinators:
-            return f"coordinator {self.federation.coordinator!r} is not allowed by the policy"
+        connected = self.federation.coordinator if coordinator is None else coordinator
+        if connected not in self.policy.coordinators:
+            return f"coordinator {connected!r} is not allowed by the policy ([policy] coordinators)"
         if self.policy.secure_aggregation_required and not secure:
             return "policy requires secure aggregation; this round would aggregate in plaintext"
         weight = self.public_weight

@@ -139,11 +139,16 @@ class SiteFiles:
         site_dir: The site folder (``site.toml``, ``keys/``, ``state/``, its data).
         federation_file: The federation file, or ``None`` for the one the site file names.
         roster_file: The roster, or ``None`` for ``roster.toml`` beside the federation file.
+        coordinator: The coordinator address this site is connected to, as its own
+            ``join`` command set it (the SuperNode's node config; never from a message).
+            The policy's ``[policy] coordinators`` must list it. ``None`` (in-process
+            transports only): the federation file's ``coordinator`` is checked instead.
     """
 
     site_dir: Path
     federation_file: Path | None = None
     roster_file: Path | None = None
+    coordinator: str | None = None
 
     def federation(self) -> FederationConfig:
         """The federation file, read and checked.
@@ -631,7 +636,7 @@ def _offer(files: SiteFiles, federation: FederationConfig, request: wire.Request
     try:
         try:
             return _offer_with_agent(agent, request, untrusted, request_sha256, roster=roster, params=params,
-                                     digest=digest, sizes=sizes)
+                                     digest=digest, sizes=sizes, coordinator=files.coordinator)
         except Exception as exc:
             _record_error(agent.audit, r, exc)
             raise
@@ -641,11 +646,11 @@ def _offer(files: SiteFiles, federation: FederationConfig, request: wire.Request
 
 def _offer_with_agent(agent, request: wire.Request, untrusted: bytes, request_sha256: str, *,
                       roster: Mapping[str, bytes], params: SecAggParams, digest: bytes,
-                      sizes: Mapping[str, int]) -> bytes:
+                      sizes: Mapping[str, int], coordinator: str | None) -> bytes:
     r = request.round_id
     state_dir = agent.config.state_dir
     global_blocks = wire.decode_blocks(request.blocks, request.body, expected_sizes=sizes)
-    offer = agent.offer(round_id=r, global_blocks=global_blocks, secure=True)
+    offer = agent.offer(round_id=r, global_blocks=global_blocks, secure=True, coordinator=coordinator)
     agent.save_blocks()  # the trained private blocks, for the finish step's process
     advert = b""
     blocks: tuple[str, ...] = ()

@@ -12,7 +12,9 @@ Each message is one Flower *query* (``query.<stage>``, one per stage of
 
 Configuration:
 
-* SuperNode (the hospital's): ``--node-config 'site-dir="/path/to/site"'``, optionally
+* SuperNode (the hospital's): ``--node-config 'site-dir="/path/to/site" coordinator="HOST:PORT"'``
+  (``coordinator``: the SuperLink address this SuperNode connects to, which the site's
+  policy must list; ``blossom-site join`` sets both), optionally
   ``federation-file="..."`` and ``roster-file="..."`` (default: the ones the site file
   names / ``roster.toml`` beside it) and, for a seeded simulation on synthetic data only,
   ``simulation-seed=N``. The coordinator cannot set any of these.
@@ -39,7 +41,8 @@ from flwr.serverapp import Grid, ServerApp
 from blossom_secure.config import load_federation
 from blossom_secure.errors import BlossomError
 from blossom_secure import wire
-from blossom_secure.coordinator.steps import RoundCoordinator, metrics_document, save_results
+from blossom_secure.coordinator.checkpoint import load_checkpoint, save_checkpoint
+from blossom_secure.coordinator.steps import RoundCoordinator, metrics_document
 from blossom_secure.roster import load_roster, roster_path
 from blossom_secure.site.steps import SiteFiles, handle_request
 
@@ -86,7 +89,8 @@ def _client_step(stage: str, message: Message, context: Context) -> Message:
     try:
         files = SiteFiles(Path(_config_str(node, "site-dir", required=True)),
                           federation_file=_optional_path(node, "federation-file"),
-                          roster_file=_optional_path(node, "roster-file"))
+                          roster_file=_optional_path(node, "roster-file"),
+                          coordinator=_config_str(node, "coordinator", required=True))
         seed = node.get("simulation-seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise ValueError("simulation-seed must be an integer")
@@ -265,16 +269,31 @@ def _server_main(grid: Grid, context: Context) -> None:
 
 
 def run_federation(grid: Grid, settings: RunSettings) -> Path:
-    """Run the configured rounds over the grid; write ``metrics.json`` and the global blocks
-    after every round. Returns the metrics path.
+    """Run the configured rounds over the grid; after every round write the checkpoint,
+    ``metrics.json`` and the global blocks (:mod:`blossom_secure.coordinator.checkpoint`).
+    Returns the metrics path.
+
+    A coordinator restarted on the same output folder continues from the global blocks of
+    the last round it finished there and keeps that round's reports; the round that was in
+    progress when it stopped is abandoned (``first-round`` comes after it).
 
     Raises:
-        PolicyError: the federation or roster file is unusable.
+        PolicyError: the federation or roster file is unusable, or the output folder holds
+            a checkpoint of another federation (or another version of its file).
         RuntimeError: fewer than ``min-sites`` sites proved their identity in time.
     """
     federation = load_federation(settings.federation_file)
     roster = load_roster(roster_path(federation, settings.roster_file), federation=federation)
     coordinator = RoundCoordinator(federation, roster, seed=settings.seed)
+    checkpoint = load_checkpoint(settings.out_dir, federation, block_sizes=coordinator.block_sizes)
+    reports = []
+    if checkpoint is not None:
+        if checkpoint.last_round >= settings.first_round:
+            raise ValueError(f"first-round {settings.first_round} does not come after round {checkpoint.last_round}, "
+                             "the last one finished in this output folder")
+        coordinator = RoundCoordinator(federation, roster, seed=settings.seed, global_blocks=checkpoint.global_blocks)
+        reports = list(checkpoint.reports)
+        logger.info("continuing from the global blocks after round %d", checkpoint.last_round)
     transport = FlowerTransport(grid, coordinator, stage_timeout_s=settings.stage_timeout_s,
                                 poll_interval_s=settings.poll_interval_s)
     wanted = settings.min_sites or len(roster)
@@ -286,15 +305,14 @@ def run_federation(grid: Grid, settings: RunSettings) -> Path:
     if len(transport.nodes) < wanted:
         raise RuntimeError(f"only {len(transport.nodes)} of {wanted} sites proved their identity in time")
     rounds = settings.rounds or federation.training.rounds
-    reports = []
     path = settings.out_dir / "metrics.json"
     for round_id in range(settings.first_round, settings.first_round + rounds):
-        if reports:
+        if round_id > settings.first_round:
             transport.identify(round_id, timeout_s=settings.identify_timeout_s)
         report = coordinator.run_round(round_id, transport.send)
         reports.append(report)
         logger.info("round %d: blocks %s", round_id,
                     {b: v["failure"] or "aggregated" for b, v in report.blocks.items()})
-        path = save_results(settings.out_dir, metrics_document(federation, roster, reports, seed=settings.seed),
-                            coordinator.global_blocks)
+        path = save_checkpoint(settings.out_dir, federation, reports, coordinator.global_blocks,
+                               metrics_document(federation, roster, reports, seed=settings.seed))
     return path

@@ -46,16 +46,18 @@ def app_pyproject() -> bytes:
     return ("\n".join(lines) + "\n").encode("ascii")
 
 
-def _client(superlink: str, root_certificates: Path):
+def _client(superlink: str, root_certificates: Path | None):
+    """A Control API client; ``root_certificates=None``: no TLS (loopback trials only)."""
     from flwr.supercore.control import ControlHttpClient
     from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
 
     return ControlHttpClient.from_server_address(
-        superlink, insecure=False, root_certificates=str(root_certificates),
+        superlink, insecure=root_certificates is None,
+        root_certificates=None if root_certificates is None else str(root_certificates),
         interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr CLI")])
 
 
-def start_run(superlink: str, *, root_certificates: Path, run_config: Mapping[str, str | int | float]) -> int:
+def start_run(superlink: str, *, root_certificates: Path | None, run_config: Mapping[str, str | int | float]) -> int:
     """Start the app on ``superlink`` (``host:port``) with ``run_config``; return the run id.
 
     Raises:
@@ -91,7 +93,7 @@ class RunStatus:
     details: str
 
 
-def wait_for_run(superlink: str, *, root_certificates: Path, run_id: int, timeout_s: float,
+def wait_for_run(superlink: str, *, root_certificates: Path | None, run_id: int, timeout_s: float,
                  poll_s: float = 1.0) -> RunStatus:
     """Wait until the run is finished (or ``timeout_s`` passes); return its last status."""
     from flwr.proto.control_pb2 import ListRunsRequest  # pylint: disable=no-name-in-module
@@ -109,7 +111,7 @@ def wait_for_run(superlink: str, *, root_certificates: Path, run_id: int, timeou
         client.close()
 
 
-def stop_run(superlink: str, *, root_certificates: Path, run_id: int) -> None:
+def stop_run(superlink: str, *, root_certificates: Path | None, run_id: int) -> None:
     """Ask the SuperLink to stop the run."""
     from flwr.proto.control_pb2 import StopRunRequest  # pylint: disable=no-name-in-module
 

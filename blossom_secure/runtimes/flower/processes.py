@@ -10,6 +10,7 @@ that the CLI refuses a bad start before a process exists.
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import logging
 import os
@@ -118,7 +119,7 @@ def supernode_command(*, superlink: str, site_dir: Path, root_certificates: Path
     Raises:
         ValueError: a path that cannot be written into the node config (a double quote).
     """
-    config = [f'site-dir="{_quotable(Path(site_dir).resolve())}"']
+    config = [f'site-dir="{_quotable(Path(site_dir).resolve())}"', f'coordinator="{_quotable(superlink)}"']
     if federation_file is not None:
         config.append(f'federation-file="{_quotable(Path(federation_file).resolve())}"')
     if simulation_seed is not None:
@@ -140,20 +141,45 @@ def superlink_command(*, host: str, port: int, certificates: tuple[Path, Path, P
             "--disable-runtime-dependency-installation"]
 
 
-def _quotable(path: Path) -> str:
-    text = str(path)
-    if '"' in text or "\\" in text:
-        raise ValueError(f"{text!r}: a path with a quote or backslash cannot be passed to Flower")
+def _quotable(value: Path | str) -> str:
+    """``value`` as a node-config string (no quote, backslash or control character)."""
+    text = str(value)
+    if '"' in text or "\\" in text or not text.isprintable():
+        raise ValueError(f"{text!r}: a value with a quote, backslash or control character cannot be passed to Flower")
     return text
 
 
+def _load_prctl():
+    """libc's ``prctl`` on Linux (looked up once, here, so the forked child only calls it)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def _end_with_parent() -> None:  # runs in the child between fork and exec
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+
 def start_process(command: Sequence[str], *, env: dict[str, str], log_path: Path, cwd: Path) -> subprocess.Popen:
-    """Start ``command`` in a new session (its own process group), output appended to ``log_path``."""
+    """Start ``command`` in a new session (its own process group), output appended to ``log_path``.
+
+    On Linux the process is sent SIGTERM when the process that started it dies, however it
+    dies: a coordinator or a join command killed with SIGKILL leaves no SuperLink holding
+    its port and no SuperNode answering for the site.
+    """
     log_path = Path(log_path)
     log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         process = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=env, cwd=cwd, start_new_session=True)
+                                   env=env, cwd=cwd, start_new_session=True, preexec_fn=_end_with_parent)
     logger.info("started %s (pid %d), log %s", Path(command[0]).name, process.pid, log_path)
     return process
 
