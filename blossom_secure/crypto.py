@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -58,6 +58,10 @@ __all__ = [
     "key_fingerprint",
     "sign",
     "verify_signature",
+    "NODE_AUTH_CURVE",
+    "generate_node_auth_key",
+    "node_auth_public_line",
+    "node_auth_public_pem",
     "TLS_CLOCK_SKEW",
     "TLS_MAX_DAYS",
     "TlsCertificateInfo",
@@ -103,6 +107,53 @@ def identity_key_from_pem(data: bytes) -> Ed25519PrivateKey:
     if not isinstance(key, Ed25519PrivateKey):
         raise ValueError("not an Ed25519 private key")
     return key
+
+
+#: The curve of a SuperNode's Flower authentication key (Flower accepts NIST EC curves).
+NODE_AUTH_CURVE = ec.SECP384R1
+_NODE_AUTH_KEY_TYPE = "ecdsa-sha2-nistp384"
+
+
+def generate_node_auth_key() -> bytes:
+    """A new Flower SuperNode authentication key: EC P-384, OpenSSH private-key format
+    (what ``flower-supernode --auth-supernode-private-key`` reads), unencrypted."""
+    key = ec.generate_private_key(NODE_AUTH_CURVE())
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                             serialization.NoEncryption())
+
+
+def node_auth_public_line(private_key: bytes) -> str:
+    """The OpenSSH public-key line (``ecdsa-sha2-nistp384 AAAA...``) of a node key.
+
+    Raises:
+        ValueError: not an OpenSSH EC P-384 private key.
+    """
+    try:
+        key = serialization.load_ssh_private_key(private_key, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise ValueError(f"not an OpenSSH private key ({exc})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, NODE_AUTH_CURVE):
+        raise ValueError("not an EC P-384 key")
+    return key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+
+
+def node_auth_public_pem(public_line: str) -> bytes:
+    """A node key's public half as Flower registers it (SubjectPublicKeyInfo PEM), from its
+    OpenSSH line.
+
+    Raises:
+        ValueError: not an OpenSSH ``ecdsa-sha2-nistp384`` public key line.
+    """
+    if not isinstance(public_line, str) or not public_line.startswith(_NODE_AUTH_KEY_TYPE + " ") \
+            or len(public_line) > 1024:
+        raise ValueError(f"must be an OpenSSH {_NODE_AUTH_KEY_TYPE} public key line")
+    try:
+        key = serialization.load_ssh_public_key(public_line.encode("ascii"))
+    except (ValueError, UnicodeEncodeError, UnsupportedAlgorithm) as exc:
+        raise ValueError(f"not a valid OpenSSH public key ({exc})") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, NODE_AUTH_CURVE):
+        raise ValueError("not an EC P-384 public key")
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def sign(private_key: Ed25519PrivateKey, message: bytes) -> bytes:

@@ -11,6 +11,14 @@ reply (never from a transport's node id). It is a TOML file, data only::
     [roster.sites]
     "st-mary" = "3b6a27bc...64 hex digits..."   # raw Ed25519 public key, lower-case hex
 
+    [roster.node_keys]                          # optional: Flower SuperNode authentication
+    "st-mary" = "ecdsa-sha2-nistp384 AAAA..."   # the site's SuperNode key (OpenSSH line)
+
+``[roster.node_keys]`` is optional; when present it lists every site of ``[roster.sites]``
+and the coordinator runs its SuperLink with SuperNode authentication, registering exactly
+these keys: a SuperNode whose key is not listed cannot connect. The node keys authenticate
+the transport only; who takes part in a round is still decided by the identity keys.
+
 Every problem is reported at once in one :class:`~blossom_secure.errors.PolicyError`.
 """
 
@@ -25,10 +33,10 @@ from types import MappingProxyType
 from blossom_secure._fs import atomic_write
 from blossom_secure._toml import read_root_table
 from blossom_secure.config import FederationConfig
-from blossom_secure.crypto import ED25519_PUBLIC_KEY_BYTES
+from blossom_secure.crypto import ED25519_PUBLIC_KEY_BYTES, node_auth_public_pem
 from blossom_secure.errors import PolicyError, Problem
 
-__all__ = ["ROSTER_FILE", "load_roster", "roster_path", "write_roster"]
+__all__ = ["ROSTER_FILE", "load_node_keys", "load_roster", "roster_path", "write_roster"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +73,29 @@ def load_roster(path: Path, *, federation: FederationConfig) -> Mapping[str, byt
         tolerated, and so is a roster larger than ``max_sites``, the bound the Shamir
         thresholds are a majority of (Bonawitz et al. 2017, section 4).
     """
+    return _read(path, federation)[0]
+
+
+def load_node_keys(path: Path, *, federation: FederationConfig) -> Mapping[str, str]:
+    """The roster's ``[roster.node_keys]``: site id to its SuperNode key's OpenSSH public
+    line, sorted (read-only); empty when the table is absent.
+
+    Raises:
+        PolicyError: every problem of the roster (as :func:`load_roster`), a node key that is
+            not an EC P-384 OpenSSH public key, one key for two sites, a site that is not
+            in ``[roster.sites]``, or a roster site without a node key.
+    """
+    return _read(path, federation)[1]
+
+
+def _read(path: Path, federation: FederationConfig) -> tuple[Mapping[str, bytes], Mapping[str, str]]:
     path = Path(path)
     root = read_root_table(path)
     problems = root.problems
     table = root.table("roster")
     keys: dict[str, bytes] = {}
+    node_keys: dict[str, str] = {}
+    sites = None
     if table is not None:
         fid = table.str("federation")
         if fid is not None and fid != federation.id:
@@ -100,14 +126,43 @@ def load_roster(path: Path, *, federation: FederationConfig) -> Mapping[str, byt
                 problems.append(Problem(sites.file, sites.prefix, f"lists {len(sites.data)} sites, more than the "
                                                                   f"federation's max_sites ({max_sites})"))
             sites.finish()
+        node_table = table.table("node_keys", required=False)
+        if node_table is not None and sites is not None:
+            node_keys = _node_keys(node_table, set(sites.data))
         table.finish()
     root.finish()
     if problems:
         raise PolicyError(problems)
-    return MappingProxyType(dict(sorted(keys.items())))
+    return MappingProxyType(dict(sorted(keys.items()))), MappingProxyType(dict(sorted(node_keys.items())))
 
 
-def write_roster(path: Path, *, federation: FederationConfig, keys: Mapping[str, bytes]) -> Path:
+def _node_keys(table, site_ids: set[str]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for site_id in sorted(table.data):
+        value = table.str(site_id)
+        if site_id not in site_ids:
+            table.problem(site_id, "is not a site of [roster.sites]")
+        elif value is None:
+            continue
+        elif value in seen:
+            table.problem(site_id, f"has the same node key as {seen[value]!r}")
+        else:
+            try:
+                node_auth_public_pem(value)
+            except ValueError as exc:
+                table.problem(site_id, str(exc))
+                continue
+            seen[value] = site_id
+            found[site_id] = value
+    for site_id in sorted(site_ids - set(table.data)):
+        table.problem(site_id, "has no node key: list every roster site, or drop [roster.node_keys]")
+    table.finish()
+    return found
+
+
+def write_roster(path: Path, *, federation: FederationConfig, keys: Mapping[str, bytes],
+                 node_keys: Mapping[str, str] | None = None) -> Path:
     """Write a roster file (mode 0644, atomically), for a local trial or a test.
 
     Raises:
@@ -122,6 +177,11 @@ def write_roster(path: Path, *, federation: FederationConfig, keys: Mapping[str,
         if not isinstance(key, bytes) or len(key) != ED25519_PUBLIC_KEY_BYTES:
             raise ValueError(f"{site_id}: a key is {ED25519_PUBLIC_KEY_BYTES} raw bytes")
         lines.append(f'"{site_id}" = "{key.hex()}"')
+    if node_keys:
+        lines += ["", "[roster.node_keys]"]
+        for site_id in sorted(node_keys):
+            node_auth_public_pem(node_keys[site_id])  # ValueError if malformed
+            lines.append(f'"{site_id}" = "{node_keys[site_id]}"')
     atomic_write(Path(path), ("\n".join(lines) + "\n").encode("ascii"), mode=0o644)
     logger.info("wrote the roster of %d sites to %s", len(keys), path)
     return Path(path)

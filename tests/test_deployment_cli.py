@@ -128,6 +128,13 @@ def test_roster_entry_prints_the_line_roster_toml_takes(site):
     assert proc.returncode == 0, proc.stderr
     key = identity_public_key(load_identity_key(site / "keys")).hex()
     assert f'"st-mary" = "{key}"' in proc.stdout.splitlines()
+    # the SuperNode key: created on first use (owner-only), the same line every time after
+    node = cli("blossom-site", "roster-entry", str(site), "--node-key")
+    assert node.returncode == 0, node.stderr
+    line = node.stdout.splitlines()[-1]
+    assert line.startswith('"st-mary" = "ecdsa-sha2-nistp384 ')
+    assert (site / "keys" / "flower-node.key").stat().st_mode & 0o777 == 0o600
+    assert cli("blossom-site", "roster-entry", str(site), "--node-key").stdout.splitlines()[-1] == line
 
 
 def test_addresses():
@@ -247,13 +254,16 @@ def test_coordinator_killed_mid_round_resumes_without_undercount_or_double_send(
     allow_coordinators(sites, address)
     dirs = sorted(d for d in sites.iterdir() if (d / "site.toml").is_file())
     entries = []
+    node_entries = []
     for d in dirs:
         assert cli("blossom-site", "init", str(d)).returncode == 0
         entry = cli("blossom-site", "roster-entry", str(d))
         assert entry.returncode == 0, entry.stderr
         entries.append(entry.stdout.splitlines()[-1])
+        node_entries.append(cli("blossom-site", "roster-entry", str(d), "--node-key").stdout.splitlines()[-1])
     roster = sites / "roster.toml"
-    roster.write_text('[roster]\nfederation = "blossom-demo"\n\n[roster.sites]\n' + "\n".join(entries) + "\n")
+    roster.write_text('[roster]\nfederation = "blossom-demo"\n\n[roster.sites]\n' + "\n".join(entries)
+                      + "\n\n[roster.node_keys]\n" + "\n".join(node_entries) + "\n")
     assert cli("blossom", "dev", "certificates", str(tmp_path / "certs")).returncode == 0
     certs = tmp_path / "certs"
     out = tmp_path / "out"
@@ -262,14 +272,14 @@ def test_coordinator_killed_mid_round_resumes_without_undercount_or_double_send(
     (tmp_path / "work").mkdir()
     serve = [str(BIN / "blossom"), "coordinator", "serve", "--federation", str(sites / "federation.toml"),
              "--roster", str(roster), "--certificates", str(certs), "--address", address,
-             "--out", str(out), "--wait-for-sites-s", "240", "--run-timeout-s", "420"]
+             "--out", str(out), "--wait-for-sites-s", "240", "--run-timeout-s", "900"]
     with ExitStack() as cleanup:
         cleanup.callback(processes.stop)
         for d in dirs:
             processes.start(f"join-{d.name}", [str(BIN / "blossom-site"), "join", str(d), "--coordinator", address,
-                                               "--root-certificates", str(certs / "ca.pem")])
+                                               "--root-certificates", str(certs / "ca.pem"), "--supernode-auth"])
         first = processes.start("serve-1", [*serve, "--rounds", "2"])
-        deadline = time.monotonic() + 480
+        deadline = time.monotonic() + 900
         while not ((out / "coordinator-rounds.json").exists()
                    and any(_sent(_records_so_far(d), 1, "secagg.masked_input") for d in dirs)):
             assert first.poll() is None, (tmp_path / "work" / "serve-1.log").read_text()
@@ -293,9 +303,10 @@ def test_coordinator_killed_mid_round_resumes_without_undercount_or_double_send(
         assert json.loads((out / "coordinator-state.json").read_text())["next_round"] == 2
         assert list(json.loads((out / "metrics.json").read_text())["blocks"]) == ["0"]
 
-        again = subprocess.run([*serve, "--rounds", "1"], capture_output=True, text=True, env=env, timeout=540)
+        again = subprocess.run([*serve, "--rounds", "1"], capture_output=True, text=True, env=env, timeout=960)
         assert again.returncode == 0, (again.stdout, again.stderr)
         assert "continuing from the global blocks after round 0" in again.stdout
+        assert "SuperNode authentication on: the 4 node keys" in again.stdout
         assert "rounds 2 to 2" in again.stdout and "round 2: " in again.stdout and "aggregated" in again.stdout
         assert json.loads((out / "coordinator-state.json").read_text())["next_round"] == 3
         doc = json.loads((out / "metrics.json").read_text())

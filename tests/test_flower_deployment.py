@@ -9,6 +9,7 @@ Needs ``flwr`` (the ``flower`` extra) and a few minutes: marked ``deployment`` a
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import socket
@@ -197,3 +198,48 @@ def test_one_round_on_flowers_deployment_engine_with_tls(tiny_sites_with_data, t
         logged = sum(r["details"]["payload_bytes"] for r in records if r["event"] == "egress" and r["round_id"] == 0)
         assert logged == doc["bytes_received"]["0"][site_id] > 0
         assert any(r["event"] == "egress" and r["details"]["message_type"] == "identify" for r in records)
+
+
+def test_superlink_admits_only_registered_supernodes_that_trust_its_ca(tiny_sites, tmp_path):
+    """SuperNode authentication and TLS, on real processes: with ``--enable-supernode-auth``
+    only the SuperNode whose key the coordinator registered is activated; one with a key
+    of its own (not in the roster) and one that trusts another CA (a look-alike SuperLink's)
+    are never activated."""
+    from blossom_secure.runtimes.flower.control import register_supernodes
+    from blossom_secure.runtimes.flower.processes import superlink_command, supernode_command
+    from blossom_secure.site.keys import load_or_create_node_key
+
+    certs = write_dev_certificates(tmp_path / "certs").directory
+    foreign = write_dev_certificates(tmp_path / "foreign-ca").directory
+    port = free_port()
+    superlink = f"127.0.0.1:{port}"
+    registered, _ = load_or_create_node_key(tmp_path / "registered")
+    stranger, _ = load_or_create_node_key(tmp_path / "stranger")
+    _, registered_line = load_or_create_node_key(tmp_path / "registered")
+    processes = Processes(tmp_path / "work")
+    with ExitStack() as cleanup:
+        cleanup.callback(processes.stop)
+        link = processes.start("superlink", superlink_command(
+            host="127.0.0.1", port=port, certificates=(certs / "ca.pem", certs / "server.pem", certs / "server.key"),
+            supernode_auth=True))
+        wait_listening(port, 90, link)
+        nodes = register_supernodes(superlink, root_certificates=certs / "ca.pem",
+                                    node_keys={"st-mary": registered_line})
+        site = tiny_sites / "st-mary"
+        for name, key, ca in (("registered", registered, certs), ("stranger", stranger, certs),
+                              ("foreign-ca", registered, foreign)):
+            processes.start(f"supernode-{name}", supernode_command(
+                superlink=superlink, site_dir=site, root_certificates=ca / "ca.pem", local_port=free_port(),
+                node_key=key))
+        link_log = tmp_path / "work" / "superlink.log"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "Activated node_id=" not in link_log.read_text(errors="replace"):
+            time.sleep(0.5)
+        time.sleep(10)  # give the other two every chance to be (wrongly) activated
+        log = link_log.read_text(errors="replace")
+    activated = {int(n) for n in re.findall(r"Activated node_id=(\d+)", log)}
+    assert activated == {nodes["st-mary"]}, log[-3000:]
+    foreign_log = (tmp_path / "work" / "supernode-foreign-ca.log").read_text(errors="replace")
+    assert "CERTIFICATE_VERIFY_FAILED" in foreign_log or "certificate verify failed" in foreign_log, foreign_log[-2000:]
+    assert all(p.poll() is not None for p in processes.started.values())
+    assert processes.alive_after_stop == []

@@ -250,3 +250,34 @@ def test_roster_round_trip_and_every_problem_at_once(tiny_sites, tmp_path):
     for expected in ("not 'blossom-demo'", "unknown key", "same key as 'a'", "lower-case hex", "not a site id",
                      "more than the federation's max_sites"):
         assert expected in reasons, reasons
+
+
+def test_roster_node_keys_round_trip_and_a_forged_or_partial_table_is_refused(tiny_sites, tmp_path):
+    """[roster.node_keys]: what SuperNode authentication registers. A key of the wrong kind
+    (an Ed25519 or P-256 key where P-384 is required), one key for two sites, a key for a
+    site outside the roster, or a roster site left out: every problem at once."""
+    from blossom_secure.crypto import generate_node_auth_key, node_auth_public_line
+    from blossom_secure.roster import load_node_keys
+
+    federation = load_federation(tiny_sites / "federation.toml")
+    lines = {site: node_auth_public_line(generate_node_auth_key()) for site in ROSTER}
+    path = write_roster(tmp_path / "roster.toml", federation=federation, keys=ROSTER, node_keys=lines)
+    assert dict(load_node_keys(path, federation=federation)) == lines
+    assert dict(load_roster(path, federation=federation)) == ROSTER
+    plain = write_roster(tmp_path / "plain.toml", federation=federation, keys=ROSTER)
+    assert dict(load_node_keys(plain, federation=federation)) == {}  # authentication off
+    first, second = sorted(ROSTER)
+    ed25519 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
+    for table, expected in (
+            ([(first, lines[first]), (second, lines[first]), ("stranger", lines[second])],
+             (f"same node key as '{first}'", "not a site of [roster.sites]")),
+            ([(first, lines[first]), (second, ed25519)], ("ecdsa-sha2-nistp384",)),
+            ([(first, lines[first]), (second, lines[second].replace("AAAA", "AAAB", 1))], ("not a valid",))):
+        path.write_text(plain.read_text() + "\n[roster.node_keys]\n" + "".join(f'"{k}" = "{v}"\n' for k, v in table))
+        with pytest.raises(PolicyError) as info:
+            load_node_keys(path, federation=federation)
+        reasons = " | ".join(str(p) for p in info.value.problems)
+        assert all(e in reasons for e in expected), reasons
+    path.write_text(plain.read_text() + f'\n[roster.node_keys]\n"{first}" = "{lines[first]}"\n')
+    with pytest.raises(PolicyError, match="has no node key"):
+        load_node_keys(path, federation=federation)

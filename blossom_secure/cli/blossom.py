@@ -190,12 +190,14 @@ def _coordinator_serve(args) -> int:
     from blossom_secure.config import load_federation
     from blossom_secure.coordinator.checkpoint import load_checkpoint
     from blossom_secure.coordinator.rounds import initial_global_blocks
-    from blossom_secure.roster import load_roster
+    from blossom_secure.roster import load_node_keys, load_roster
     from blossom_secure.runtimes.flower import processes
     from blossom_secure.runtimes.flower.certificates import CA_CERT_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE
+    from blossom_secure.runtimes.flower.control import register_supernodes
 
     federation = load_federation(args.federation)
     roster = load_roster(args.roster, federation=federation)
+    node_keys = load_node_keys(args.roster, federation=federation)
     try:
         host, port = processes.parse_address(args.address)
     except ValueError as exc:
@@ -244,7 +246,12 @@ def _coordinator_serve(args) -> int:
     if args.insecure:
         err_console.print(f"warning: --insecure: no TLS on {args.address}; anything on this machine could pose as a "
                           "site's transport or read the traffic (for local trials only)", markup=False)
-    command = processes.superlink_command(host=host, port=port, certificates=certificates)
+    if not node_keys:
+        err_console.print(f"warning: {args.roster} lists no [roster.node_keys]: SuperNode authentication is off, any "
+                          "SuperNode that reaches the port can connect (only roster identity keys can take part)",
+                          markup=False)
+    command = processes.superlink_command(host=host, port=port, certificates=certificates,
+                                          supernode_auth=bool(node_keys))
     process = processes.start_process(command, env=processes.flower_environment(out / processes.FLOWER_HOME_DIR),
                                       log_path=log_path, cwd=out)
     try:
@@ -255,6 +262,14 @@ def _coordinator_serve(args) -> int:
                                         timeout_s=90, process=process):
             err_console.print(f"error: the SuperLink did not start; see {log_path}", markup=False)
             return EXIT_PROTOCOL
+        if node_keys:
+            try:
+                register_supernodes(connect, root_certificates=ca, node_keys=node_keys)
+            except (RuntimeError, ValueError) as exc:
+                err_console.print(f"error: {exc}", markup=False)
+                return EXIT_PROTOCOL
+            console.print(f"SuperNode authentication on: the {len(node_keys)} node keys of {args.roster} "
+                          "registered; no other SuperNode can connect", markup=False)
         return _run_rounds(args, connect, ca, out, federation, roster, first_round, rounds)
     finally:
         processes.end_process_group(process)

@@ -6,9 +6,11 @@
     blossom-site audit verify SITE_DIR    recompute the audit log's hash chain and signatures
     blossom-site audit review SITE_DIR [--round R] [--html FILE]
     blossom-site ledger rebuild SITE_DIR  rebuild the privacy ledger from the verified audit log
-    blossom-site join SITE_DIR --coordinator HOST:PORT (--root-certificates CA.pem | --insecure) [--seed S]
+    blossom-site join SITE_DIR --coordinator HOST:PORT (--root-certificates CA.pem | --insecure)
+                     [--supernode-auth] [--seed S]
                                           run the site's Flower SuperNode until interrupted
-    blossom-site roster-entry SITE_DIR    print the site's line for the federation's roster.toml
+    blossom-site roster-entry SITE_DIR [--node-key]
+                                          print the site's line for the federation's roster.toml
 
 Every command takes ``--federation FILE`` when the site file does not name its federation.
 Exit codes: see :mod:`blossom_secure.cli`.
@@ -66,7 +68,14 @@ def _parser() -> ArgumentParser:
                      help="no TLS: only for a coordinator on this machine (loopback); refused otherwise")
     join.add_argument("--seed", type=int, default=None,
                       help="seeded simulation, synthetic sites only (epsilon then nominal); default: OS CSPRNG")
-    site_cmd("roster-entry", "print this site's line for the federation's roster.toml (its identity public key)")
+    join.add_argument("--supernode-auth", action="store_true",
+                      help="authenticate the SuperNode with the site's node key (keys/flower-node.key), which the "
+                           "coordinator registered from its roster's [roster.node_keys]")
+    entry = site_cmd("roster-entry", "print this site's line for the federation's roster.toml (its identity "
+                                     "public key; with --node-key, its SuperNode key)")
+    entry.add_argument("--node-key", action="store_true",
+                       help="print the [roster.node_keys] line instead: the public half of the SuperNode key "
+                            "(keys/flower-node.key, created on first use)")
     return p
 
 
@@ -383,6 +392,14 @@ def _roster_entry(args) -> int:
 
     _, site = _load(args)
     public = identity_public_key(_open_key(site))
+    if args.node_key:
+        from blossom_secure.site.keys import load_or_create_node_key
+
+        _, line = load_or_create_node_key(site.keys_dir)
+        console.print(f"# {site.id}: SuperNode key, for [roster.node_keys] (identity key fingerprint "
+                      f"{key_fingerprint(public)})", markup=False)
+        console.print(f'"{site.id}" = "{line}"', markup=False, soft_wrap=True)
+        return EXIT_OK
     console.print(f"# {site.id}: key fingerprint {key_fingerprint(public)}", markup=False)
     console.print(f'"{site.id}" = "{public.hex()}"', markup=False, soft_wrap=True)
     return EXIT_OK
@@ -422,10 +439,16 @@ def _join(args) -> int:
     if args.insecure:
         err_console.print(f"warning: --insecure: no TLS to {args.coordinator}; anything on this machine could "
                           "pose as the coordinator (for local trials only)", markup=False)
+    node_key = None
+    if args.supernode_auth:
+        from blossom_secure.site.keys import load_or_create_node_key
+
+        node_key, _ = load_or_create_node_key(site.keys_dir)
     try:
         command = processes.supernode_command(
             superlink=args.coordinator, site_dir=site.root, root_certificates=args.root_certificates,
-            federation_file=args.federation, simulation_seed=args.seed, local_port=processes.free_local_port())
+            federation_file=args.federation, simulation_seed=args.seed, local_port=processes.free_local_port(),
+            node_key=node_key)
     except ValueError as exc:
         raise DataError([Problem(str(site.root), "", str(exc))]) from None
     home = site.state_dir / processes.FLOWER_HOME_DIR
@@ -437,6 +460,8 @@ def _join(args) -> int:
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     process = None
     tls = "without TLS" if args.insecure else f"TLS verified against {args.root_certificates}"
+    if node_key is not None:
+        tls += f", SuperNode key {node_key}"
     pause_s = _RESTART_PAUSE_S
     try:
         while True:

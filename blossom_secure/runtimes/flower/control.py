@@ -21,7 +21,7 @@ from pathlib import Path
 
 from blossom_secure.runtimes.flower.apps import RUN_CONFIG_DEFAULTS
 
-__all__ = ["RunStatus", "app_pyproject", "start_run", "stop_run", "wait_for_run"]
+__all__ = ["RunStatus", "app_pyproject", "register_supernodes", "start_run", "stop_run", "wait_for_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,37 @@ def wait_for_run(superlink: str, *, root_certificates: Path | None, run_id: int,
             time.sleep(poll_s)
     finally:
         client.close()
+
+
+def register_supernodes(superlink: str, *, root_certificates: Path | None, node_keys: Mapping[str, str]
+                        ) -> dict[str, int]:
+    """Register each site's SuperNode key with a SuperLink that runs with SuperNode
+    authentication (``--enable-supernode-auth``); returns site id to Flower node id.
+
+    Raises:
+        ValueError: a key that is not an EC P-384 OpenSSH public line.
+        RuntimeError: the SuperLink refused a key (e.g. already registered to another node).
+    """
+    from flwr.proto.control_pb2 import RegisterNodeRequest  # pylint: disable=no-name-in-module
+
+    from blossom_secure.crypto import node_auth_public_pem
+
+    pems = {site: node_auth_public_pem(line) for site, line in sorted(node_keys.items())}
+    client = _client(superlink, root_certificates)
+    nodes = {}
+    try:
+        for site, pem in pems.items():
+            try:
+                response = client.RegisterNode(RegisterNodeRequest(public_key=pem, name=site))
+            except Exception as exc:  # noqa: BLE001 - Flower's client raises its own error types
+                raise RuntimeError(f"the SuperLink refused the node key of {site}: {exc}") from None
+            if not response.node_id:
+                raise RuntimeError(f"the SuperLink did not register the node key of {site}")
+            nodes[site] = int(response.node_id)
+    finally:
+        client.close()
+    logger.info("registered the SuperNode keys of %s", ", ".join(nodes))
+    return nodes
 
 
 def stop_run(superlink: str, *, root_certificates: Path | None, run_id: int) -> None:

@@ -113,8 +113,9 @@ def flower_environment(home: Path) -> dict[str, str]:
 
 def supernode_command(*, superlink: str, site_dir: Path, root_certificates: Path | None,
                       federation_file: Path | None = None, simulation_seed: int | None = None,
-                      local_port: int) -> list[str]:
-    """The ``flower-supernode`` command line of a site (``root_certificates=None``: no TLS).
+                      local_port: int, node_key: Path | None = None) -> list[str]:
+    """The ``flower-supernode`` command line of a site (``root_certificates=None``: no TLS;
+    ``node_key``: the site's SuperNode key, for a SuperLink with SuperNode authentication).
 
     Raises:
         ValueError: a path that cannot be written into the node config (a double quote).
@@ -125,19 +126,23 @@ def supernode_command(*, superlink: str, site_dir: Path, root_certificates: Path
     if simulation_seed is not None:
         config.append(f"simulation-seed={int(simulation_seed)}")
     tls = ["--insecure"] if root_certificates is None else ["--root-certificates", str(Path(root_certificates).resolve())]
-    return [str(_BIN / "flower-supernode"), *tls, "--superlink", superlink, "--node-config", " ".join(config),
+    auth = [] if node_key is None else ["--auth-supernode-private-key", str(Path(node_key).resolve())]
+    return [str(_BIN / "flower-supernode"), *tls, *auth, "--superlink", superlink, "--node-config", " ".join(config),
             "--host", "127.0.0.1", "--port", str(local_port)]
 
 
-def superlink_command(*, host: str, port: int, certificates: tuple[Path, Path, Path] | None) -> list[str]:
+def superlink_command(*, host: str, port: int, certificates: tuple[Path, Path, Path] | None,
+                      supernode_auth: bool = False) -> list[str]:
     """The ``flower-superlink`` command line (``certificates``: CA, server certificate and
-    key; ``None``: no TLS)."""
+    key; ``None``: no TLS; ``supernode_auth``: only SuperNodes whose keys are registered
+    over the Control API may connect)."""
     if certificates is None:
         tls = ["--insecure"]
     else:
         ca, cert, key = (Path(p).resolve() for p in certificates)
         tls = ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
-    return [str(_BIN / "flower-superlink"), *tls, "--host", host, "--port", str(port),
+    auth = ["--enable-supernode-auth"] if supernode_auth else []
+    return [str(_BIN / "flower-superlink"), *tls, *auth, "--host", host, "--port", str(port),
             "--disable-runtime-dependency-installation"]
 
 
