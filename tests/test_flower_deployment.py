@@ -114,6 +114,33 @@ class Processes:
             return False
         return True
 
+    def kill(self, name: str, *, timeout_s: float = 30) -> list[int]:
+        """Crash ``name``: SIGKILL its process group and every descendant (also one that left
+        the group) at once, so nothing runs its clean-up; wait until none is alive. Returns
+        the pids killed. A later :meth:`start` under the same name restarts it.
+
+        Raises:
+            RuntimeError: a process survived ``timeout_s``.
+        """
+        process = self.started[name]
+        targets = self._descendants(process.pid)
+        if (leader := self._stat(process.pid)) is not None:
+            targets[process.pid] = leader[1]
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for pid, started in targets.items():
+            self._signal(pid, started, signal.SIGKILL)
+        process.wait(timeout=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while (alive := [pid for pid, started in targets.items()
+                         if (info := self._stat(pid)) is not None and info[1] == started]):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name}: pid(s) {alive} still alive {timeout_s} s after SIGKILL")
+            time.sleep(0.1)
+        return sorted(targets)
+
     def stop(self) -> list[int]:
         """SIGTERM each process group started here and every descendant (also one that left
         its group), SIGKILL after 15 s whatever is left. Returns the pids that needed SIGKILL."""

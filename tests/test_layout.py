@@ -9,6 +9,8 @@ A function-level import counts the same as a module-level one.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,3 +77,14 @@ def test_the_layout_check_sees_a_forbidden_import(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("def f():\n    from blossom_secure.coordinator.steps import RoundCoordinator\n")
     assert "blossom_secure.coordinator.steps" in _imports(probe)
+
+
+def test_the_flower_client_app_module_loads_without_torch():
+    """Flower starts a fresh ClientApp process for every message, and the module that holds
+    it holds the ServerApp too: loading it must not load torch (seconds on a busy machine),
+    so that a site's identify and secure-aggregation steps, which train nothing, answer
+    within the stage's time. Only the offer and finish steps (training, evaluation) load it."""
+    code = ("import sys, blossom_secure.runtimes.flower.apps, blossom_secure.site.steps; "
+            "print(sorted(m for m in ('torch', 'monai', 'opacus') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert (done.returncode, done.stdout.strip()) == (0, "[]"), done.stderr[-2000:]

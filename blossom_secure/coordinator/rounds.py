@@ -8,17 +8,26 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from blossom_secure.blocks import is_head
 from blossom_secure.config import FederationConfig
-from blossom_secure.model import BlockModel
 
 __all__ = ["RoundReport", "initial_global_blocks", "site_report_view"]
 
 
 def initial_global_blocks(federation: FederationConfig, *, include_heads: bool, seed: int) -> dict[str, np.ndarray]:
-    """Initial values of every block of the federation layout, from ``seed``."""
+    """Initial values of every block of the federation layout, from ``seed``.
+
+    Notes:
+        torch is imported here, not with the module: the Flower ClientApp's module holds
+        the ServerApp too, and a site's secure-aggregation steps, each in a fresh
+        process, must not pay for loading torch (seconds on a busy machine) that only
+        training, evaluation and the coordinator's first blocks need.
+    """
+    import torch
+
+    from blossom_secure.model import BlockModel
+
     layout = federation.layout
     torch.manual_seed(seed)
     full = BlockModel(layout, layout.modalities, tuple(layout.tasks))
