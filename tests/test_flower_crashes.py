@@ -45,6 +45,7 @@ from blossom_secure.site.agent import LEDGER_FILE
 from blossom_secure.site.config import load_site, site_dirs
 from blossom_secure.site.ledger import PrivacyLedger, load_reconciled_ledger
 from blossom_secure.site.steps import AUDIT_FILE
+from tests.conftest import allow_coordinators
 from tests.test_flower_deployment import BIN, Processes, free_port, wait_listening
 from tests.test_flower_rounds import SEED, STAGES, flower_copy, records_of
 
@@ -133,10 +134,11 @@ def test_sites_killed_before_and_after_masked_input_leave_verified_logs_and_rejo
     ca = certs.directory / "ca.pem"
     link_port = free_port()
     superlink = f"127.0.0.1:{link_port}"
+    allow_coordinators(sites, superlink)
     out = tmp_path / "out"
     work = tmp_path / "work"
     commands = {site: [str(BIN / "flower-supernode"), "--root-certificates", str(ca), "--superlink", superlink,
-                       "--node-config", f'site-dir="{site_dir}" simulation-seed={SEED}',
+                       "--node-config", f'site-dir="{site_dir}" coordinator="{superlink}" simulation-seed={SEED}',
                        "--host", "127.0.0.1", "--port", str(free_port())] for site, site_dir in dirs.items()}
     updates: dict[str, dict[str, np.ndarray]] = {}  # each site's round 0 update, from its state folder
     crashed: dict[str, list[dict]] = {}  # killed site -> its verified log at the crash
