@@ -46,7 +46,7 @@ from blossom_secure.site.config import load_site, site_dirs
 from blossom_secure.site.ledger import PrivacyLedger, load_reconciled_ledger
 from blossom_secure.site.steps import AUDIT_FILE
 from tests.conftest import allow_coordinators
-from tests.test_flower_deployment import BIN, Processes, free_port, wait_listening
+from tests.test_flower_deployment import BIN, Processes, free_port, start_tls_superlink
 from tests.test_flower_rounds import SEED, STAGES, flower_copy, records_of
 
 pytestmark = [pytest.mark.deployment, pytest.mark.slow,
@@ -146,11 +146,7 @@ def test_sites_killed_before_and_after_masked_input_leave_verified_logs_and_rejo
     processes = Processes(work)
     with ExitStack() as cleanup:
         cleanup.callback(processes.stop)
-        link = processes.start("superlink", [
-            str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(ca),
-            "--ssl-certfile", str(certs.directory / "server.pem"), "--ssl-keyfile", str(certs.directory / "server.key"),
-            "--host", "127.0.0.1", "--port", str(link_port), "--disable-runtime-dependency-installation"])
-        wait_listening(link_port, 90, link)
+        start_tls_superlink(processes, certs.directory, link_port)
         for site, command in commands.items():
             processes.start(f"supernode-{site}", command)
         run_id = start_run(superlink, root_certificates=ca, run_config={

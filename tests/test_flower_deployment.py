@@ -174,6 +174,19 @@ class Processes:
         return killed
 
 
+def start_tls_superlink(processes: Processes, certs: Path, port: int, *, supernode_auth: bool = False
+                        ) -> subprocess.Popen:
+    """A SuperLink on loopback with the TLS files of ``certs`` (ca.pem, server.pem,
+    server.key), as ``blossom coordinator serve`` starts it; returns once it listens."""
+    from blossom_secure.runtimes.flower.processes import superlink_command
+
+    link = processes.start("superlink", superlink_command(
+        host="127.0.0.1", port=port, certificates=(certs / "ca.pem", certs / "server.pem", certs / "server.key"),
+        supernode_auth=supernode_auth))
+    wait_listening(port, 90, link)
+    return link
+
+
 def test_one_round_on_flowers_deployment_engine_with_tls(tiny_sites_with_data, tmp_path, embedded):
     sites = flower_copy(tiny_sites_with_data, tmp_path)
     dirs = site_dirs(sites)
@@ -187,11 +200,7 @@ def test_one_round_on_flowers_deployment_engine_with_tls(tiny_sites_with_data, t
     processes = Processes(tmp_path / "work")
     with ExitStack() as cleanup:
         cleanup.callback(processes.stop)
-        link = processes.start("superlink", [
-            str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(ca),
-            "--ssl-certfile", str(certs.directory / "server.pem"), "--ssl-keyfile", str(certs.directory / "server.key"),
-            "--host", "127.0.0.1", "--port", str(link_port), "--disable-runtime-dependency-installation"])
-        wait_listening(link_port, 90, link)
+        start_tls_superlink(processes, certs.directory, link_port)
         for site_dir, site_id in zip(dirs, ids, strict=True):
             processes.start(f"supernode-{site_id}", [
                 str(BIN / "flower-supernode"), "--root-certificates", str(ca), "--superlink", superlink,
@@ -233,7 +242,7 @@ def test_superlink_admits_only_registered_supernodes_that_trust_its_ca(tiny_site
     of its own (not in the roster) and one that trusts another CA (a look-alike SuperLink's)
     are never activated."""
     from blossom_secure.runtimes.flower.control import register_supernodes
-    from blossom_secure.runtimes.flower.processes import superlink_command, supernode_command
+    from blossom_secure.runtimes.flower.processes import supernode_command
     from blossom_secure.site.keys import load_or_create_node_key
 
     certs = write_dev_certificates(tmp_path / "certs").directory
@@ -246,10 +255,7 @@ def test_superlink_admits_only_registered_supernodes_that_trust_its_ca(tiny_site
     processes = Processes(tmp_path / "work")
     with ExitStack() as cleanup:
         cleanup.callback(processes.stop)
-        link = processes.start("superlink", superlink_command(
-            host="127.0.0.1", port=port, certificates=(certs / "ca.pem", certs / "server.pem", certs / "server.key"),
-            supernode_auth=True))
-        wait_listening(port, 90, link)
+        start_tls_superlink(processes, certs, port, supernode_auth=True)
         nodes = register_supernodes(superlink, root_certificates=certs / "ca.pem",
                                     node_keys={"st-mary": registered_line})
         site = tiny_sites / "st-mary"
