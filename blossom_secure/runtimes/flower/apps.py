@@ -18,6 +18,11 @@ Configuration:
   ``federation-file="..."`` and ``roster-file="..."`` (default: the ones the site file
   names / ``roster.toml`` beside it) and, for a seeded simulation on synthetic data only,
   ``simulation-seed=N``. The coordinator cannot set any of these.
+* Virtual SuperNode (Flower's simulation engine only, :mod:`blossom_secure.runtimes.flower.simulation`):
+  its node config holds only Flower's ``partition-id`` and ``num-partitions``. Partition
+  ``i`` is the ``i``-th site folder, by sorted path, under the folder named by the
+  environment variable :data:`SIMULATION_SITES_ENV` of the process running the ClientApp
+  (and the seed, if any, is :data:`SIMULATION_SEED_ENV`). See :func:`node_site`.
 * Run (the coordinator's): the run config of :data:`RUN_CONFIG_DEFAULTS`
   (:mod:`blossom_secure.runtimes.flower.control` starts a run with it).
 
@@ -29,6 +34,8 @@ roster. Flower's node ids are routing labels only; every reply is authenticated 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,9 +51,11 @@ from blossom_secure import wire
 from blossom_secure.coordinator.checkpoint import load_checkpoint, save_checkpoint
 from blossom_secure.coordinator.steps import RoundCoordinator, metrics_document
 from blossom_secure.roster import load_roster, roster_path
+from blossom_secure.site.config import site_dirs
 from blossom_secure.site.steps import SiteFiles, handle_request
 
-__all__ = ["RECORD", "RUN_CONFIG_DEFAULTS", "FlowerTransport", "RunSettings", "client_app", "server_app"]
+__all__ = ["RECORD", "RUN_CONFIG_DEFAULTS", "SIMULATION_SEED_ENV", "SIMULATION_SITES_ENV", "FlowerTransport",
+           "RunSettings", "client_app", "node_site", "server_app"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +77,15 @@ RUN_CONFIG_DEFAULTS: Mapping[str, str | int | float] = {
     "poll-interval-s": 0.2,
     "identify-timeout-s": 180.0,
 }
+#: Simulation only: the environment variable (of the process that runs the ClientApp)
+#: naming the folder whose site folders are the virtual SuperNodes' sites.
+SIMULATION_SITES_ENV = "BLOSSOM_SIMULATION_SITES"
+#: Simulation only: the environment variable holding the sites' simulation seed (optional).
+SIMULATION_SEED_ENV = "BLOSSOM_SIMULATION_SEED"
+#: The node config keys Flower's simulation engine gives every virtual SuperNode.
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+_SEED_RE = re.compile(r"[0-9]{1,18}")
 
 
 # ------------------------------------------------------------------------------- the site
@@ -83,17 +101,12 @@ def _client_step(stage: str, message: Message, context: Context) -> Message:
         A refusal goes back as a Flower error with a fixed reason: the site's files,
         paths and the exception text stay on the site (the site's step has written what
         it could to its own audit log). The site folder and the simulation seed come
-        from the SuperNode's own configuration, never from the message.
+        from the SuperNode's own configuration (in a simulation, from the virtual
+        SuperNode's partition and its process's environment: :func:`node_site`), never
+        from the message or the run config.
     """
-    node = context.node_config
     try:
-        files = SiteFiles(Path(_config_str(node, "site-dir", required=True)),
-                          federation_file=_optional_path(node, "federation-file"),
-                          roster_file=_optional_path(node, "roster-file"),
-                          coordinator=_config_str(node, "coordinator", required=True))
-        seed = node.get("simulation-seed")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise ValueError("simulation-seed must be an integer")
+        files, seed = node_site(context.node_config)
         record = message.content[RECORD]
         untrusted_request = record["request"] if isinstance(record, ConfigRecord) else None
         if not isinstance(untrusted_request, bytes):
@@ -118,6 +131,66 @@ def _register(stage: str) -> None:
 
 for _stage in wire.STAGES:
     _register(_stage)
+
+
+def node_site(node_config: Mapping, environ: Mapping[str, str] | None = None) -> tuple[SiteFiles, int | None]:
+    """The site this (virtual) SuperNode answers for, and its simulation seed.
+
+    Args:
+        node_config: The SuperNode's node config (``Context.node_config``).
+        environ: The environment of this process (default: ``os.environ``).
+
+    Returns:
+        The site's files and its seed (``None``: DP noise from the OS CSPRNG).
+
+    Raises:
+        ValueError: the node config names no site, or the simulation settings do not
+            fit the virtual SuperNode (one line naming what is wrong).
+
+    Notes:
+        A deployed SuperNode names its site folder in its own node config
+        (``site-dir``); then the node config alone decides, and the simulation
+        variables are ignored. A virtual SuperNode of Flower's simulation engine has
+        only ``partition-id`` and ``num-partitions``: it answers for the
+        ``partition-id``-th site folder, by sorted path (:func:`~blossom_secure.site.config.site_dirs`),
+        under :data:`SIMULATION_SITES_ENV`, and only if that folder holds exactly
+        ``num-partitions`` site folders. Neither the node config nor this process's
+        environment can be set by the coordinator (its run config and messages are
+        never read here), so a coordinator cannot make a hospital's ClientApp read
+        another folder; a hospital's SuperNode never has these settings unless its own
+        operator gives them. A deployed SuperNode also names the coordinator address it
+        connects to (``coordinator``, set by ``blossom-site join``), which the site's
+        policy must list; a virtual SuperNode has none, and its site checks the federation
+        file's ``coordinator`` instead, as in the embedded runtime.
+    """
+    environ = os.environ if environ is None else environ
+    if "site-dir" in node_config:
+        files = SiteFiles(Path(_config_str(node_config, "site-dir", required=True)),
+                          federation_file=_optional_path(node_config, "federation-file"),
+                          roster_file=_optional_path(node_config, "roster-file"),
+                          coordinator=_config_str(node_config, "coordinator", required=True))
+        seed = node_config.get("simulation-seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise ValueError("simulation-seed must be an integer")
+        return files, seed
+    if PARTITION_ID not in node_config:
+        raise ValueError("config 'site-dir' must be a non-empty string")
+    root = environ.get(SIMULATION_SITES_ENV, "")
+    if not root:
+        raise ValueError(f"a virtual SuperNode (partition-id) needs {SIMULATION_SITES_ENV}: this process is not "
+                         "part of a blossom simulation")
+    partition, partitions = node_config.get(PARTITION_ID), node_config.get(NUM_PARTITIONS)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (partition, partitions)) \
+            or not 0 <= partition < partitions:
+        raise ValueError("partition-id and num-partitions must be integers, 0 <= partition-id < num-partitions")
+    dirs = site_dirs(Path(root))
+    if len(dirs) != partitions:
+        raise ValueError(f"{SIMULATION_SITES_ENV} holds {len(dirs)} site folders, but the simulation has "
+                         f"{partitions} virtual SuperNodes")
+    seed_text = environ.get(SIMULATION_SEED_ENV, "")
+    if seed_text and not _SEED_RE.fullmatch(seed_text):
+        raise ValueError(f"{SIMULATION_SEED_ENV} must be a non-negative integer")
+    return SiteFiles(dirs[partition]), int(seed_text) if seed_text else None
 
 
 def _config_str(config: Mapping, key: str, *, required: bool = False) -> str:
@@ -309,6 +382,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> Path:
     for round_id in range(settings.first_round, settings.first_round + rounds):
         if round_id > settings.first_round:
             transport.identify(round_id, timeout_s=settings.identify_timeout_s)
+        logger.info("round %d: starting with %d sites", round_id, len(transport.nodes))
         report = coordinator.run_round(round_id, transport.send)
         reports.append(report)
         logger.info("round %d: blocks %s", round_id,
