@@ -49,8 +49,16 @@ def test_virtual_supernode_is_the_sorted_site_folder_of_its_partition(tiny_sites
 def test_deployed_supernode_site_dir_wins_over_simulation_settings(tiny_sites, tmp_path):
     env = {SIMULATION_SITES_ENV: str(tmp_path / "elsewhere"), SIMULATION_SEED_ENV: "9"}
     own = tiny_sites / "st-mary"
-    files, seed = node_site({"site-dir": str(own), "partition-id": 0, "num-partitions": 4}, env)
-    assert (files.site_dir, seed) == (own, None)
+    files, seed = node_site({"site-dir": str(own), "coordinator": "127.0.0.1:9092", "partition-id": 0,
+                             "num-partitions": 4}, env)
+    assert (files.site_dir, files.coordinator, seed) == (own, "127.0.0.1:9092", None)
+
+
+def test_deployed_supernode_that_names_no_coordinator_answers_nothing(tiny_sites):
+    """Without the address its own join command connected it to, a site could only check the
+    federation file's word for who the coordinator is: refused."""
+    with pytest.raises(ValueError, match="'coordinator'"):
+        node_site({"site-dir": str(tiny_sites / "st-mary")}, {})
 
 
 def test_node_with_partition_keys_but_no_simulation_environment_answers_for_no_site(tiny_sites):
