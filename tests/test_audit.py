@@ -624,6 +624,22 @@ def test_reopen_and_continue_keeps_the_chain(log_path):
     assert verify_log(log_path, public_key=PUBLIC_KEY).records == len(before) + 1
 
 
+def test_checkpoint_temporary_left_by_a_kill_is_removed_on_open(log_path):
+    """SIGKILL between the checkpoint's temporary file and its rename leaves
+    ``.audit.head.json.<random>.tmp`` in the state folder; the next open (the lock holder,
+    so nobody is mid-write) removes it, and only it."""
+    stale = log_path.parent / ".audit.head.json.k1ll3d.tmp"
+    stale.write_bytes(b'{"half": "written')
+    other = log_path.parent / ".ledger.json.abc.tmp"  # not the log's to remove
+    other.write_bytes(b"x")
+    before = lines_of(log_path)
+    with AuditLog.open(log_path, site_id=SITE, signing_key=KEY):
+        pass
+    assert not stale.exists() and other.exists()
+    assert lines_of(log_path) == before
+    assert verify_log(log_path, public_key=PUBLIC_KEY).records == len(before)
+
+
 def test_open_refuses_a_broken_log(log_path):
     lines = lines_of(log_path)
     lines[3] = lines[3].replace(b'"steps":120', b'"steps":121')

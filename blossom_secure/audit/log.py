@@ -196,7 +196,7 @@ from typing import Any, BinaryIO
 
 from blossom_secure import crypto
 from blossom_secure.blocks import is_valid_block_name
-from blossom_secure._fs import atomic_write, fsync_dir
+from blossom_secure._fs import atomic_write, fsync_dir, remove_stale_temporaries
 from blossom_secure.crypto import IdentityKey
 from blossom_secure.errors import AuditIntegrityError, AuthenticationError
 
@@ -1385,7 +1385,9 @@ class AuditLog:
             first. Creating the log also writes a signed checkpoint for the empty log, so
             that deleting every record later shows as truncation. If the last append was
             interrupted between its record and its checkpoint, the checkpoint is brought up
-            to date here (the record is validly signed, so nothing was forged).
+            to date here (the record is validly signed, so nothing was forged). A checkpoint
+            write killed before its rename leaves a ``.audit.head.json.*.tmp`` file; those
+            are removed here, under the lock (no other writer can be mid-write).
         """
         path = Path(path)
         if not isinstance(site_id, str) or not _SITE_ID_RE.fullmatch(site_id):
@@ -1411,6 +1413,10 @@ class AuditLog:
         try:
             _lock(fd, path)
             locked = True
+            # a checkpoint write killed between its temporary file and the rename leaves the
+            # temporary behind; only the lock holder writes checkpoints, so any is stale
+            for stale in remove_stale_temporaries(head_path):
+                logger.info("removed a stale checkpoint temporary %s", stale.name)
             if created:
                 os.fsync(fd)
                 fsync_dir(path.parent)
