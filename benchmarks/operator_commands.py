@@ -117,12 +117,14 @@ def imported_ml(*cli_args: str) -> list[str]:
     """Which of torch, monai, opacus a `blossom-site` command imports (fresh process)."""
     probe = ("import sys\nfrom blossom_secure.cli import run\nfrom blossom_secure.cli.site import main\n"
              f"run(main, {list(cli_args)!r})\n"
-             "print(','.join(m for m in ('torch', 'monai', 'opacus') if m in sys.modules))")
+             "print('ML-IMPORTED:' + ','.join(m for m in ('torch', 'monai', 'opacus') if m in sys.modules))")
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=False)
-    line = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
-    return [m for m in line.split(",") if m]
+    found = [line for line in done.stdout.splitlines() if line.startswith("ML-IMPORTED:")]
+    if not found:
+        return ["(the command failed: " + " ".join(done.stderr.split())[:200] + ")"]
+    return [m for m in found[-1].removeprefix("ML-IMPORTED:").split(",") if m]
 
 
 def main() -> int:

@@ -7,8 +7,10 @@ import os
 import tempfile
 from contextlib import suppress
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported where arrays are written: reading an audit log needs none
+    import numpy as np
 
 __all__ = ["atomic_write", "fsync_dir", "load_arrays_npz", "remove_stale_temporaries", "save_arrays_npz",
            "unwritable_reason"]
@@ -109,6 +111,8 @@ def unwritable_reason(directory: Path, files: tuple[str, ...] = ()) -> str | Non
 
 def save_arrays_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write named arrays as one ``.npz`` file, atomically (numeric arrays only, no pickle)."""
+    import numpy as np
+
     buf = io.BytesIO()
     np.savez(buf, **{name: np.asarray(a) for name, a in arrays.items()})
     atomic_write(path, buf.getvalue())
@@ -120,5 +124,7 @@ def load_arrays_npz(path: Path) -> dict[str, np.ndarray]:
     Raises:
         ValueError: the file holds object arrays (which would need pickle) or is not an npz.
     """
+    import numpy as np
+
     with np.load(path, allow_pickle=False) as data:
         return {name: data[name] for name in data.files}

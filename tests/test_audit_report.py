@@ -79,7 +79,8 @@ def make_records(tmp_path: Path, events=EVENTS) -> list[dict]:
     with AuditLog.open(path, site_id=SITE, signing_key=KEY) as log:
         for i, (event, round_id, details, policy) in enumerate(events):
             log._append_at_time(
-                f"2026-03-01T12:00:{i:02d}.000000Z", event, round_id=round_id, details=details, policy_sha256=policy
+                f"2026-03-01T{12 + i // 3600:02d}:{i // 60 % 60:02d}:{i % 60:02d}.000000Z", event, round_id=round_id,
+                details=details, policy_sha256=policy
             )
     _, records = read_verified_records(path, public_key=PUBLIC_KEY)
     return records
@@ -390,3 +391,45 @@ def test_html_states_what_was_verified_with_which_key_and_when(review, tmp_path)
     assert "does not check" not in page and "NOT VERIFIED" not in page
     unverified = html_page(review, tmp_path)
     assert "NOT VERIFIED" in unverified
+
+
+def test_terminal_review_of_a_long_log_shows_the_last_messages_and_says_so(review):
+    tables = review_table(review, max_messages=2)
+    assert "the last 2 of 5" in str(tables[1].title)
+    assert tables[1].row_count == 2 and tables[2].row_count == len(review.block_totals)
+
+
+@pytest.mark.parametrize("rounds", [3, 12, 120], ids=["few_rounds", "a_dozen", "many_rounds"])
+def test_plots_are_readable_no_legend_over_the_data_no_clipped_title(tmp_path, rounds):
+    """What a reviewer must be able to read: every legend lies outside the plotting area
+    (it covered the first bar), and every title, legend and axis label lies inside the
+    image (none clipped). Measured on the rendered figure, in pixels."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from blossom_secure.audit.report import bytes_figure, epsilon_figure, participation_figure
+
+    events = list(EVENTS[:2])
+    for r in range(rounds):
+        if r % 4 == 3:
+            events.append(("round_declined", r, {"reason": "privacy budget exceeded"}, POLICY))
+            continue
+        events += [("round_joined", r, {}, POLICY), ("training_finished", r, training(0.3, 0.3 * (r + 1)), POLICY),
+                   ("egress", r, egress("secagg.masked_input", {"encoder.image": [100], "fusion": [10]}, 600,
+                                        "02" * 32, block_bytes={"encoder.image": 404, "fusion": 44}), POLICY)]
+    review = summarise(make_records(tmp_path, events))
+    for figure in (epsilon_figure(review, 50.0), bytes_figure(review), participation_figure(review)):
+        canvas = FigureCanvasAgg(figure)
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        whole = figure.bbox
+        (axes,) = figure.axes
+        plot_area = axes.get_window_extent(renderer)
+        legends = figure.legends + ([axes.get_legend()] if axes.get_legend() else [])
+        assert legends, "every plot has a legend"
+        for legend in legends:
+            box = legend.get_window_extent(renderer)
+            assert not box.overlaps(plot_area), "the legend covers the data"
+            assert whole.x0 <= box.x0 and box.x1 <= whole.x1 and whole.y0 <= box.y0 and box.y1 <= whole.y1
+        for text in (axes.title, axes.xaxis.label):
+            box = text.get_window_extent(renderer)
+            assert whole.x0 <= box.x0 and box.x1 <= whole.x1 and whole.y0 <= box.y0 and box.y1 <= whole.y1, text

@@ -292,3 +292,19 @@ def test_html_counts_protocol_bytes_apart_and_names_the_recipient(federated_site
     assert proc.returncode == 0, proc.stderr
     page = html.read_text()
     assert "<td>coordinator</td>" in page and "of protocol messages" in page and "(~split)" not in page
+
+
+@pytest.mark.parametrize("command", [("audit", "verify"), ("audit", "review"), ("budget",), ("roster-entry",)],
+                         ids=["audit_verify", "audit_review", "budget", "roster_entry"])
+def test_log_only_commands_load_no_machine_learning_stack(federated_sites, command):
+    """The commands that only read the log, the ledger or the key answer in about a second:
+    they import neither torch, nor MONAI, nor Opacus."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom blossom_secure.cli import run\nfrom blossom_secure.cli.site import main\n"
+             f"code = run(main, {[*command, str(federated_sites / 'st-mary')]!r})\n"
+             "print('LOADED:' + ','.join(m for m in ('torch', 'monai', 'opacus') if m in sys.modules), code)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=False)
+    line = [x for x in done.stdout.splitlines() if x.startswith("LOADED:")]
+    assert line == ["LOADED: 0"], (done.stdout[-500:], done.stderr[-500:])

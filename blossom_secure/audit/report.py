@@ -83,7 +83,10 @@ __all__ = [
     "LedgerView",
     "Verification",
     "epsilon_summary",
+    "bytes_figure",
+    "epsilon_figure",
     "ledger_only_rounds",
+    "participation_figure",
     "PolicyInForce",
     "Review",
     "RoundReview",
@@ -393,6 +396,8 @@ class Verification:
         last_hash: SHA-256 of the last line (the chain head).
         pinned: Whether the key was compared with a fingerprint given out of band
             (``--fingerprint``).
+        every_signature: Whether each record's own signature was checked too (otherwise
+            the checkpoint's signature binds the records it covers through the chain).
     """
 
     key_fingerprint: str
@@ -402,6 +407,7 @@ class Verification:
     last_seq: int | None
     last_hash: str
     pinned: bool = False
+    every_signature: bool = False
 
 
 def ledger_only_rounds(review: Review, ledger: LedgerView) -> tuple[LedgerRound, ...]:
@@ -807,7 +813,8 @@ def _cell(value: object) -> Text:
     return Text(_visible(value))
 
 
-def review_table(review: Review, *, round_id: int | None = None, ledger: LedgerView | None = None) -> list[Table]:
+def review_table(review: Review, *, round_id: int | None = None, ledger: LedgerView | None = None,
+                 max_messages: int | None = None) -> list[Table]:
     """The review as ``rich`` tables: rounds, egress messages, and bytes per block.
 
     Args:
@@ -815,6 +822,9 @@ def review_table(review: Review, *, round_id: int | None = None, ledger: LedgerV
         round_id: Show only this round (its block totals included); ``None`` shows all.
         ledger: The site's privacy ledger, reconciled with the log; its spend for rounds
             the log shows no training for is shown with them. ``None``: not shown.
+        max_messages: Show only the last this many egress messages (the title says how
+            many there are; a terminal cannot usefully scroll through thousands);
+            ``None``: all. Totals always cover every message.
 
     Returns:
         Three tables, in order: rounds (status, reason, epsilon, delta, bytes out), egress
@@ -864,7 +874,14 @@ def review_table(review: Review, *, round_id: int | None = None, ledger: LedgerV
             _cell(_fmt_bytes(line.payload_bytes)),
         )
 
-    egress_table = Table(title=f"Egress messages ({scope})")
+    shown = messages
+    if max_messages is not None and len(messages) > max_messages:
+        shown = messages[-max_messages:]
+        egress_title = (f"Egress messages ({scope}: the last {max_messages} of {len(messages)}; --round R or --html "
+                        "FILE shows every one)")
+    else:
+        egress_title = f"Egress messages ({scope})"
+    egress_table = Table(title=egress_title)
     for name, justify in (
         ("Round", "right"),
         ("Seq", "right"),
@@ -875,7 +892,7 @@ def review_table(review: Review, *, round_id: int | None = None, ledger: LedgerV
         ("Payload SHA-256", "left"),
     ):
         egress_table.add_column(Text(name), justify=justify, overflow="fold")
-    for message in messages:
+    for message in shown:
         egress_table.add_row(
             _cell("-" if message.round_id is None else message.round_id),
             _cell(message.seq),
@@ -902,6 +919,9 @@ def review_table(review: Review, *, round_id: int | None = None, ledger: LedgerV
 # --------------------------------------------------------------------------------------
 # HTML report
 # --------------------------------------------------------------------------------------
+
+#: Above this many rounds the plots draw areas and lines instead of one bar per round.
+_MANY_ROUNDS = 60
 
 _JOINED_COLOUR = "#2e7d32"
 _DECLINED_COLOUR = "#c62828"
@@ -946,16 +966,22 @@ def _no_data(axes: Any, text: str) -> None:
     axes.set_yticks([])
 
 
-def _plot_epsilon(review: Review, epsilon_budget: float | None) -> bytes:
+def epsilon_figure(review: Review, epsilon_budget: float | None) -> Any:
+    """The epsilon plot (a matplotlib ``Figure``): per round, and in total against the budget."""
     figure = _new_figure()
     axes = figure.add_subplot()
     trained = [r for r in review.rounds if r.training is not None]
     if trained:
         position = {id(r): i for i, r in enumerate(review.rounds)}
         xs = [position[id(r)] for r in trained]
-        axes.bar(xs, [r.training.epsilon_round for r in trained], color="#90caf9", label="epsilon spent in round")
+        if len(review.rounds) <= _MANY_ROUNDS:
+            axes.bar(xs, [r.training.epsilon_round for r in trained], color="#90caf9", label="epsilon spent in round")
+        else:
+            axes.vlines(xs, 0, [r.training.epsilon_round for r in trained], colors="#90caf9",
+                        label="epsilon spent in round")
         axes.plot(
-            xs, [r.training.epsilon_total for r in trained], marker="o", color="#1565c0", label="epsilon spent in total"
+            xs, [r.training.epsilon_total for r in trained], marker="o" if len(xs) <= _MANY_ROUNDS else None,
+            color="#1565c0", label="epsilon spent in total"
         )
         axes.set_xlabel("round")
         axes.set_ylabel("epsilon")
@@ -970,10 +996,11 @@ def _plot_epsilon(review: Review, epsilon_budget: float | None) -> bytes:
         axes.set_ylim(0, top * 1.1 if top > 0 else 1.0)
         _legend_below(figure, axes)
     axes.set_title("Privacy spent over rounds")
-    return _png(figure)
+    return figure
 
 
-def _plot_bytes(review: Review) -> bytes:
+def bytes_figure(review: Review) -> Any:
+    """The bytes plot (a matplotlib ``Figure``): bytes out per block per round, protocol apart."""
     figure = _new_figure()
     axes = figure.add_subplot()
     rounds = list(review.rounds)
@@ -985,11 +1012,17 @@ def _plot_bytes(review: Review) -> bytes:
         )
         positions = list(range(len(rounds)))
         bottoms = [0.0] * len(rounds)
+        stacks, colours = [], []
         for index, block in enumerate(blocks):
             heights = [r.block_bytes.get(block, 0) / scale for r in rounds]
             colour = "#9e9e9e" if block == PROTOCOL_BYTES else f"C{index % 10}"
-            axes.bar(positions, heights, bottom=bottoms, label=block, color=colour)
+            if len(rounds) <= _MANY_ROUNDS:
+                axes.bar(positions, heights, bottom=bottoms, label=block, color=colour)
+            stacks.append(heights)
+            colours.append(colour)
             bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
+        if len(rounds) > _MANY_ROUNDS:  # one filled area per block: thousands of bars take seconds to draw
+            axes.stackplot(positions, stacks, labels=blocks, colors=colours, step="mid")
         if len(rounds) <= 30:
             axes.set_xticks(positions, [r.label for r in rounds])
         else:
@@ -1001,10 +1034,11 @@ def _plot_bytes(review: Review) -> bytes:
     else:
         _no_data(axes, "nothing left the site in any round")
     axes.set_title("Bytes out per block per round")
-    return _png(figure)
+    return figure
 
 
-def _plot_participation(review: Review) -> bytes:
+def participation_figure(review: Review) -> Any:
+    """The participation plot (a matplotlib ``Figure``): each round joined or declined."""
     from matplotlib.patches import Patch
 
     figure = _new_figure()
@@ -1017,7 +1051,11 @@ def _plot_participation(review: Review) -> bytes:
             return _JOINED_COLOUR if entry.joined else _OTHER_COLOUR
 
         positions = list(range(len(review.rounds)))
-        axes.bar(positions, [1] * len(positions), color=[colour(r) for r in review.rounds], width=0.8)
+        if len(positions) <= _MANY_ROUNDS:
+            axes.bar(positions, [1] * len(positions), color=[colour(r) for r in review.rounds], width=0.8)
+        else:  # one line per round, drawn as a single collection
+            axes.vlines(positions, 0, 1, colors=[colour(r) for r in review.rounds],
+                        linewidth=max(0.5, 400 / len(positions)))
         joined, declined, other = _participation(review)
         handles = [
             Patch(color=_JOINED_COLOUR, label=f"joined ({joined})"),
@@ -1037,7 +1075,7 @@ def _plot_participation(review: Review) -> bytes:
     else:
         _no_data(axes, "no rounds recorded")
     axes.set_title("Rounds joined and declined")
-    return _png(figure)
+    return figure
 
 
 def _h(value: object) -> str:
@@ -1141,9 +1179,12 @@ def _verification_text(verification: Verification | None) -> str:
     span = "an empty log" if verification.last_seq is None else f"seq 0..{verification.last_seq}"
     pinned = (" The key matched the fingerprint given out of band (--fingerprint)." if verification.pinned else
               " Compare this fingerprint with the one recorded out of band (the federation roster).")
-    return (f"VERIFIED at {verification.verified_at}: every record's Ed25519 signature, the hash chain and the signed "
-            f"checkpoint, {verification.records} records ({span}, chain head {verification.last_hash[:16]}...), "
-            f"with the public key {verification.key_fingerprint} from {verification.key_source}." + pinned)
+    what = ("every record's Ed25519 signature, the hash chain and the signed checkpoint" if verification.every_signature
+            else "the hash chain and the Ed25519-signed checkpoint that binds every record through it (and the own "
+                 "signature of any record after the checkpoint)")
+    return (f"VERIFIED at {verification.verified_at}: {what}, {verification.records} records ({span}, chain head "
+            f"{verification.last_hash[:16]}...), with the public key {verification.key_fingerprint} from "
+            f"{verification.key_source}." + pinned)
 
 
 def _render_html(review: Review, *, site_id: str, epsilon_budget: float | None, ledger: LedgerView | None = None,
@@ -1215,11 +1256,11 @@ def _render_html(review: Review, *, site_id: str, epsilon_budget: float | None, 
 
     sections = [
         "<h2>Privacy spent over rounds</h2>",
-        _img(_plot_epsilon(review, epsilon_budget), "Epsilon spent per round and in total, against the budget"),
+        _img(_png(epsilon_figure(review, epsilon_budget)), "Epsilon spent per round and in total, against the budget"),
         "<h2>Bytes out per block per round</h2>",
-        _img(_plot_bytes(review), "Bytes that left the site per round, stacked by block"),
+        _img(_png(bytes_figure(review)), "Bytes that left the site per round, stacked by block"),
         "<h2>Rounds joined and declined</h2>",
-        _img(_plot_participation(review), "Rounds joined and declined"),
+        _img(_png(participation_figure(review)), "Rounds joined and declined"),
         "<h2>Rounds</h2>",
         _html_table(
             (

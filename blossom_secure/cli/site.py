@@ -27,6 +27,8 @@ from blossom_secure.cli import EXIT_AUDIT_FAILED, EXIT_OK, ArgumentParser, Usage
 _RESTART_PAUSE_S = 2.0
 _MAX_RESTART_PAUSE_S = 60.0
 _FINGERPRINT_HELP = "the key fingerprint recorded out of band; refuse if the site's key differs"
+#: `audit review` prints the last this many egress messages (all with --round or --html).
+_TERMINAL_MESSAGES = 200
 
 
 def _parser() -> ArgumentParser:
@@ -67,6 +69,9 @@ def _parser() -> ArgumentParser:
                          help="verify with the site's public key from the federation roster (see --site)")
         cmd.add_argument("--site", default=None, metavar="ID",
                          help="the site id to look up in --roster (default: the site folder's id)")
+    verify.add_argument("--every-signature", action="store_true",
+                        help="also check each record's own signature (slower; the signed checkpoint already binds "
+                             "every record it covers through the hash chain)")
     review.add_argument("--round", type=int, default=None, dest="round_id", help="only this round")
     review.add_argument("--html", type=Path, default=None,
                         help="also write a self-contained HTML report to this file (its folder must exist)")
@@ -434,14 +439,15 @@ def _verified_records(args, site=None, log_path=None):
     public, source, fingerprint, site_id = chosen
     if not log_path.exists() and not audit.checkpoint_path(log_path).exists():
         raise DataError([Problem(str(log_path), "", "no audit log (run `blossom-site init`)")])
-    report, records = audit.read_verified_records(log_path, public_key=public)
+    report, records = audit.read_verified_records(log_path, public_key=public,
+                                                  every_signature=getattr(args, "every_signature", False))
     if site_id is not None and report.site_id is not None and report.site_id != site_id:
         raise AuditIntegrityError(line=1, seq=0, reason=f"the log's records name site {report.site_id!r}, not "
                                                         f"{site_id!r}")
     verification = Verification(
         key_fingerprint=fingerprint, key_source=source, verified_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         records=report.records, last_seq=report.last_seq, last_hash=report.last_hash,
-        pinned=args.fingerprint is not None)
+        pinned=args.fingerprint is not None, every_signature=getattr(args, "every_signature", False))
     return verification, report, records
 
 
@@ -513,7 +519,8 @@ def _audit_review(args) -> int:
     review = audit_report.summarise(records)
     ledger = _ledger_view(site, records) if site is not None else None
     try:
-        tables = audit_report.review_table(review, round_id=args.round_id, ledger=ledger)
+        tables = audit_report.review_table(review, round_id=args.round_id, ledger=ledger,
+                                           max_messages=None if args.round_id is not None else _TERMINAL_MESSAGES)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     for table in tables:
