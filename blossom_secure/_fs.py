@@ -7,10 +7,13 @@ import os
 import tempfile
 from contextlib import suppress
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported where arrays are written: reading an audit log needs none
+    import numpy as np
 
-__all__ = ["atomic_write", "fsync_dir", "load_arrays_npz", "save_arrays_npz"]
+__all__ = ["atomic_write", "fsync_dir", "load_arrays_npz", "remove_stale_temporaries", "save_arrays_npz",
+           "unwritable_reason"]
 
 
 def fsync_dir(directory: Path) -> None:
@@ -45,8 +48,71 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
     fsync_dir(path.parent)
 
 
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete the temporary files :func:`atomic_write` leaves beside ``path`` when it is
+    killed (SIGKILL, power cut) between creating and renaming one (``.<name>.<random>.tmp``).
+
+    Call it only while holding whatever lock makes the caller the one writer of ``path``
+    (the audit log's lock, for its checkpoint), so that no write in progress is removed.
+    Returns the files removed.
+    """
+    path = Path(path)
+    removed = []
+    prefix = f".{path.name}."
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        if entry.name.startswith(prefix) and entry.name.endswith(".tmp") and not entry.is_symlink() and entry.is_file():
+            with suppress(FileNotFoundError):
+                entry.unlink()
+                removed.append(entry)
+    if removed:
+        fsync_dir(path.parent)
+    return removed
+
+
+def unwritable_reason(directory: Path, files: tuple[str, ...] = ()) -> str | None:
+    """Why ``directory`` (and the named files in it that exist) cannot be written, or ``None``.
+
+    Probes without changing anything that exists: a folder is probed by creating and
+    removing an empty temporary file in it (or, if it does not exist yet, in the nearest
+    folder above it that does); an existing file by opening it for appending and closing
+    it. Call it before a command changes anything, so that an unwritable folder is an
+    input error reported up front, not a failure half-way through.
+    """
+    directory = Path(directory)
+    probe = directory
+    while not probe.exists():
+        if probe.parent == probe:
+            return f"{directory}: no folder above it exists"
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe}: is not a folder"
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=probe)
+    except OSError as exc:
+        return f"{probe}: cannot be written ({exc.strerror or exc})"
+    os.close(fd)
+    os.unlink(name)
+    if probe == directory:
+        for file_name in files:
+            path = directory / file_name
+            if not path.exists():
+                continue
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0))
+            except OSError as exc:
+                return f"{path}: cannot be written ({exc.strerror or exc})"
+            os.close(fd)
+    return None
+
+
 def save_arrays_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write named arrays as one ``.npz`` file, atomically (numeric arrays only, no pickle)."""
+    import numpy as np
+
     buf = io.BytesIO()
     np.savez(buf, **{name: np.asarray(a) for name, a in arrays.items()})
     atomic_write(path, buf.getvalue())
@@ -58,5 +124,7 @@ def load_arrays_npz(path: Path) -> dict[str, np.ndarray]:
     Raises:
         ValueError: the file holds object arrays (which would need pickle) or is not an npz.
     """
+    import numpy as np
+
     with np.load(path, allow_pickle=False) as data:
         return {name: data[name] for name in data.files}

@@ -56,6 +56,8 @@ __all__ = [
     "identity_key_to_pem",
     "identity_public_key",
     "key_fingerprint",
+    "public_key_from_pem",
+    "public_key_to_pem",
     "sign",
     "verify_signature",
     "NODE_AUTH_CURVE",
@@ -154,6 +156,33 @@ def node_auth_public_pem(public_line: str) -> bytes:
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, NODE_AUTH_CURVE):
         raise ValueError("not an EC P-384 public key")
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def public_key_to_pem(public_key: bytes) -> bytes:
+    """A raw 32-byte Ed25519 public key as PEM (SubjectPublicKeyInfo, ``BEGIN PUBLIC KEY``).
+
+    Raises:
+        ValueError: not a 32-byte Ed25519 public key.
+    """
+    if not isinstance(public_key, bytes | bytearray) or len(public_key) != ED25519_PUBLIC_KEY_BYTES:
+        raise ValueError(f"an Ed25519 public key is {ED25519_PUBLIC_KEY_BYTES} raw bytes")
+    key = Ed25519PublicKey.from_public_bytes(bytes(public_key))
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def public_key_from_pem(data: bytes) -> bytes:
+    """The raw 32-byte key of a PEM Ed25519 public key (SubjectPublicKeyInfo).
+
+    Raises:
+        ValueError: ``data`` is not a PEM Ed25519 public key.
+    """
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise ValueError("not a PEM public key") from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError("not an Ed25519 public key")
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def sign(private_key: Ed25519PrivateKey, message: bytes) -> bytes:

@@ -52,12 +52,15 @@ def roster_path(federation: FederationConfig, roster_file: Path | None = None) -
     return Path(roster_file) if roster_file is not None else Path(federation.path).parent / ROSTER_FILE
 
 
-def load_roster(path: Path, *, federation: FederationConfig) -> Mapping[str, bytes]:
+def load_roster(path: Path, *, federation: FederationConfig | None) -> Mapping[str, bytes]:
     """Read and check a roster file for ``federation``.
 
     Args:
         path: The roster file.
-        federation: The federation it must belong to.
+        federation: The federation it must belong to; ``None`` only for a reader who holds
+            the roster but not the federation file (an auditor verifying an audit log
+            with a site's public key): the federation id and ``max_sites`` are then not
+            checked.
 
     Returns:
         Site id to raw 32-byte Ed25519 public key, sorted by site id (read-only).
@@ -98,7 +101,7 @@ def _read(path: Path, federation: FederationConfig) -> tuple[Mapping[str, bytes]
     sites = None
     if table is not None:
         fid = table.str("federation")
-        if fid is not None and fid != federation.id:
+        if fid is not None and federation is not None and fid != federation.id:
             table.problem("federation", f"the roster is for federation {fid!r}, not {federation.id!r}")
         sites = table.table("sites")
         if sites is not None:
@@ -121,7 +124,7 @@ def _read(path: Path, federation: FederationConfig) -> tuple[Mapping[str, bytes]
                     keys[site_id] = bytes.fromhex(value)
             if len(sites.data) < 2:
                 problems.append(Problem(sites.file, sites.prefix, "list at least two sites"))
-            max_sites = federation.aggregation.max_sites
+            max_sites = None if federation is None else federation.aggregation.max_sites
             if max_sites is not None and len(sites.data) > max_sites:
                 problems.append(Problem(sites.file, sites.prefix, f"lists {len(sites.data)} sites, more than the "
                                                                   f"federation's max_sites ({max_sites})"))

@@ -624,6 +624,22 @@ def test_reopen_and_continue_keeps_the_chain(log_path):
     assert verify_log(log_path, public_key=PUBLIC_KEY).records == len(before) + 1
 
 
+def test_checkpoint_temporary_left_by_a_kill_is_removed_on_open(log_path):
+    """SIGKILL between the checkpoint's temporary file and its rename leaves
+    ``.audit.head.json.<random>.tmp`` in the state folder; the next open (the lock holder,
+    so nobody is mid-write) removes it, and only it."""
+    stale = log_path.parent / ".audit.head.json.k1ll3d.tmp"
+    stale.write_bytes(b'{"half": "written')
+    other = log_path.parent / ".ledger.json.abc.tmp"  # not the log's to remove
+    other.write_bytes(b"x")
+    before = lines_of(log_path)
+    with AuditLog.open(log_path, site_id=SITE, signing_key=KEY):
+        pass
+    assert not stale.exists() and other.exists()
+    assert lines_of(log_path) == before
+    assert verify_log(log_path, public_key=PUBLIC_KEY).records == len(before)
+
+
 def test_open_refuses_a_broken_log(log_path):
     lines = lines_of(log_path)
     lines[3] = lines[3].replace(b'"steps":120', b'"steps":121')
@@ -1387,3 +1403,85 @@ def test_ledger_rebuilt_event_needs_the_policy():
     with pytest.raises(ValueError, match="needs the policy_sha256"):
         build_record(seq=0, time_utc=time_at(0), site_id=SITE, round_id=None, event=audit.LEDGER_REBUILT,
                      details=ledger_rebuilt_details(), policy_sha256=None, prev_hash=GENESIS_SHA256, signing_key=KEY)
+
+
+# ----------------------------------------------------------------------------------------
+# Fast verification: the checkpoint's signature binds the chain; no record slips through
+# ----------------------------------------------------------------------------------------
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**60), max_value=2**60)
+    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(value=st.dictionaries(st.text(max_size=6), _json_values, max_size=5))
+def test_fast_reader_accepts_a_line_only_if_it_is_the_canonical_one(value):
+    """The fast reader (C JSON) must never accept a spelling that canonical_bytes would not
+    write: whatever Python's json.dumps makes of any value, the fast reader returns a
+    record only if those bytes are exactly the value's canonical bytes."""
+    try:
+        spelled = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except (ValueError, UnicodeEncodeError):
+        return
+    accepted = audit._fast_canonical_record(spelled)
+    if accepted is not None:
+        assert canonical_bytes(accepted) == spelled
+    try:
+        canonical = canonical_bytes(value)
+    except (ValueError, TypeError):
+        return
+    again = audit._fast_canonical_record(canonical)
+    assert again is None or canonical_bytes(again) == canonical
+
+
+@pytest.mark.parametrize("line", [
+    b'{"a":1.0}', b'{"a":1e-05}', b'{"a":1,"a":2}', b'{"a": 1}', b'{"a":9007199254740993}', b'{"a":NaN}',
+    b'{"a":"\\u00e9"}', '{"\U0001f600":1,"\ue000":2}'.encode(), b'{"b":1,"a":2}', b'{"a":1E400}',
+], ids=["integral_float", "exponent_float", "duplicate_key", "space", "big_int", "nan", "escaped_non_ascii",
+        "astral_key_order", "unsorted", "overflow"])
+def test_fast_reader_refuses_every_non_canonical_spelling(line):
+    assert audit._fast_canonical_record(line) is None
+
+
+def test_signing_bytes_cut_from_the_line_equal_the_computed_ones(log_path):
+    for raw in lines_of(log_path):
+        record = json.loads(raw)
+        assert audit._signing_bytes_of_line(raw[:-1], record) == audit._record_signing_bytes(record)
+
+
+def test_fast_and_full_verification_agree_on_an_intact_log(log_path):
+    fast = verify_log(log_path, public_key=PUBLIC_KEY)
+    full = verify_log(log_path, public_key=PUBLIC_KEY, every_signature=True)
+    assert fast == full
+    _, fast_records = read_verified_records(log_path, public_key=PUBLIC_KEY)
+    _, full_records = read_verified_records(log_path, public_key=PUBLIC_KEY, every_signature=True)
+    assert fast_records == full_records
+
+
+def test_forged_record_appended_after_the_checkpoint_is_detected(log_path):
+    """Attack: append a record, correctly chained, signed with another key, and leave the
+    checkpoint one behind (as an interrupted append would). The checkpoint does not cover
+    it, so its own signature is checked even on the fast path."""
+    last = lines_of(log_path)[-1]
+    forged = build_record(seq=len(lines_of(log_path)), time_utc=time_at(98), site_id=SITE, round_id=None,
+                          event="error", details={"message": "all is well"}, policy_sha256=None,
+                          prev_hash=hashlib.sha256(last[:-1]).hexdigest(), signing_key=OTHER_KEY)
+    write_record(log_path, forged)
+    line = len(lines_of(log_path))
+    expect_broken(log_path, line=line, seq=forged["seq"], reason="signature does not verify")
+
+
+def test_edited_record_under_the_checkpoint_is_named_as_by_the_full_check(log_path):
+    """The fast path rejects (the chain no longer meets the checkpoint) and the error is the
+    full check's: the edited record, by its signature."""
+    lines = lines_of(log_path)
+    lines[2] = lines[2].replace(b'"round_id":1', b'"round_id":2')
+    write_lines(log_path, lines)
+    error = expect_broken(log_path, line=3, seq=2, reason="signature does not verify")
+    with pytest.raises(AuditIntegrityError) as full:
+        verify_log(log_path, public_key=PUBLIC_KEY, every_signature=True)
+    assert str(full.value) == str(error)

@@ -79,7 +79,8 @@ def make_records(tmp_path: Path, events=EVENTS) -> list[dict]:
     with AuditLog.open(path, site_id=SITE, signing_key=KEY) as log:
         for i, (event, round_id, details, policy) in enumerate(events):
             log._append_at_time(
-                f"2026-03-01T12:00:{i:02d}.000000Z", event, round_id=round_id, details=details, policy_sha256=policy
+                f"2026-03-01T{12 + i // 3600:02d}:{i // 60 % 60:02d}:{i % 60:02d}.000000Z", event, round_id=round_id,
+                details=details, policy_sha256=policy
             )
     _, records = read_verified_records(path, public_key=PUBLIC_KEY)
     return records
@@ -291,3 +292,144 @@ def test_ledger_rebuild_is_reviewed_as_an_incident(tmp_path):
     page = tmp_path / "review.html"
     write_html(review, page, site_id=SITE, epsilon_budget=8.0)
     assert "ledger_rebuilt" in page.read_text() and "previous ledger missing" in page.read_text()
+
+
+# -- round identity, the ledger beside the log, what was verified --------------------------
+
+REUSED = [
+    ("site_initialised", None, {"key_fingerprint": crypto.key_fingerprint(PUBLIC_KEY)}, None),
+    ("policy_loaded", None, {"policy_sha256": POLICY, "shareable": ["encoder.*"]}, POLICY),
+    ("round_joined", 0, {}, POLICY),
+    ("training_finished", 0, training(3.91, 3.91), POLICY),
+    ("round_joined", 1, {}, POLICY),
+    ("training_finished", 1, training(1.5, 5.41), POLICY),
+    # a second run of an old version numbered its rounds from 0 again
+    ("round_joined", 0, {}, POLICY),
+    ("training_finished", 0, training(1.2, 6.61), POLICY),
+    ("round_declined", 1, {"reason": "privacy budget exceeded"}, POLICY),
+]
+
+
+def test_reused_round_numbers_are_never_merged_into_one_row(tmp_path):
+    """A log written before round numbers were kept across runs: round 0 of the second run
+    is its own row (not "joined and declined", not a zig-zag of totals), and the total is
+    the last one the log recorded."""
+    review = summarise(make_records(tmp_path, REUSED))
+    assert [(r.round_id, r.occurrence, r.status) for r in review.rounds] == [
+        (0, 1, "joined"), (1, 1, "joined"), (0, 2, "joined"), (1, 2, "declined")]
+    assert [r.label for r in review.rounds] == ["0", "1", "0 (reused #2)", "1 (reused #2)"]
+    assert review.epsilon_total == 6.61
+    totals = [r.training.epsilon_total for r in review.rounds if r.training]
+    assert totals == sorted(totals)  # log order: the spend only grows
+    assert len(review.rounds_numbered(0)) == 2
+    out = io.StringIO()
+    Console(file=out, width=200).print(*review_table(review))
+    assert "joined and declined" not in out.getvalue() and "0 (reused #2)" in out.getvalue()
+    page = tmp_path / "r.html"
+    write_html(review, page, site_id=SITE, epsilon_budget=8.0)
+    assert "answered more than once" in page.read_text()
+
+
+def test_html_legend_counts_equal_the_summary(tmp_path):
+    review = summarise(make_records(tmp_path, REUSED))
+    page = html_page(review, tmp_path, epsilon_budget=8.0)
+    assert "<dt>Rounds joined / declined</dt><dd>3 / 1</dd>" in page
+
+
+def ledger_view(*rounds) -> "LedgerView":
+    from blossom_secure.audit.report import LedgerRound, LedgerView
+
+    items = tuple(LedgerRound(round_id=r, epsilon_total=e) for r, e in rounds)
+    return LedgerView(path="state/ledger.json", rounds=items, epsilon_spent=items[-1].epsilon_total)
+
+
+def test_interrupted_round_shows_the_ledgers_reserved_spend(tmp_path):
+    """Training interrupted after the spend was reserved: the log has no training record for
+    the round, the ledger counts it; the review shows the ledger's number beside the log's,
+    never a total below the ledger."""
+    from blossom_secure.audit.report import epsilon_summary, ledger_only_rounds
+
+    events = EVENTS[:4] + [
+        ("round_joined", 2, {}, POLICY),
+        ("error", 2, {"message": "interrupted (KeyboardInterrupt) during the round",
+                      "error_type": "KeyboardInterrupt"}, POLICY),
+    ]
+    review = summarise(make_records(tmp_path, events))
+    ledger = ledger_view((1, 0.5), (2, 0.9))
+    assert [r.round_id for r in ledger_only_rounds(review, ledger)] == [2]
+    assert review.round(2).status == "joined, error"
+    out = io.StringIO()
+    Console(file=out, width=250).print(*review_table(review, ledger=ledger))
+    assert "0.900 (reserved in the ledger; no training record)" in out.getvalue()
+    text = epsilon_summary(review, ledger, 8.0)
+    assert text.startswith("0.900 of the budget 8") and "proves 0.500" in text and "round(s) 2" in text
+    page = tmp_path / "r.html"
+    write_html(review, page, site_id=SITE, epsilon_budget=8.0, ledger=ledger)
+    assert "0.900 of the budget 8" in page.read_text()
+
+
+def test_ledger_that_agrees_with_the_log_is_said_to(tmp_path):
+    from blossom_secure.audit.report import epsilon_summary
+
+    review = summarise(make_records(tmp_path))
+    text = epsilon_summary(review, ledger_view((1, 0.5), (3, 1.25)), 8.0)
+    assert text.startswith("1.250 of the budget 8") and text.endswith("the signed audit log proves the same")
+
+
+def test_html_states_what_was_verified_with_which_key_and_when(review, tmp_path):
+    from blossom_secure.audit.report import Verification
+
+    fingerprint = crypto.key_fingerprint(PUBLIC_KEY)
+    verification = Verification(key_fingerprint=fingerprint, key_source="roster roster.toml (site st-mary)",
+                                verified_at="2026-03-02T09:00:00Z", records=len(EVENTS),
+                                last_seq=len(EVENTS) - 1, last_hash="ab" * 32, pinned=True)
+    path = tmp_path / "r.html"
+    write_html(review, path, site_id=SITE, epsilon_budget=2.0, verification=verification)
+    page = path.read_text()
+    assert "VERIFIED at 2026-03-02T09:00:00Z" in page and fingerprint in page
+    assert "roster roster.toml (site st-mary)" in page and "matched the fingerprint" in page
+    assert "does not check" not in page and "NOT VERIFIED" not in page
+    unverified = html_page(review, tmp_path)
+    assert "NOT VERIFIED" in unverified
+
+
+def test_terminal_review_of_a_long_log_shows_the_last_messages_and_says_so(review):
+    tables = review_table(review, max_messages=2)
+    assert "the last 2 of 5" in str(tables[1].title)
+    assert tables[1].row_count == 2 and tables[2].row_count == len(review.block_totals)
+
+
+@pytest.mark.parametrize("rounds", [3, 12, 120], ids=["few_rounds", "a_dozen", "many_rounds"])
+def test_plots_are_readable_no_legend_over_the_data_no_clipped_title(tmp_path, rounds):
+    """What a reviewer must be able to read: every legend lies outside the plotting area
+    (it covered the first bar), and every title, legend and axis label lies inside the
+    image (none clipped). Measured on the rendered figure, in pixels."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from blossom_secure.audit.report import bytes_figure, epsilon_figure, participation_figure
+
+    events = list(EVENTS[:2])
+    for r in range(rounds):
+        if r % 4 == 3:
+            events.append(("round_declined", r, {"reason": "privacy budget exceeded"}, POLICY))
+            continue
+        events += [("round_joined", r, {}, POLICY), ("training_finished", r, training(0.3, 0.3 * (r + 1)), POLICY),
+                   ("egress", r, egress("secagg.masked_input", {"encoder.image": [100], "fusion": [10]}, 600,
+                                        "02" * 32, block_bytes={"encoder.image": 404, "fusion": 44}), POLICY)]
+    review = summarise(make_records(tmp_path, events))
+    for figure in (epsilon_figure(review, 50.0), bytes_figure(review), participation_figure(review)):
+        canvas = FigureCanvasAgg(figure)
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        whole = figure.bbox
+        (axes,) = figure.axes
+        plot_area = axes.get_window_extent(renderer)
+        legends = figure.legends + ([axes.get_legend()] if axes.get_legend() else [])
+        assert legends, "every plot has a legend"
+        for legend in legends:
+            box = legend.get_window_extent(renderer)
+            assert not box.overlaps(plot_area), "the legend covers the data"
+            assert whole.x0 <= box.x0 and box.x1 <= whole.x1 and whole.y0 <= box.y0 and box.y1 <= whole.y1
+        for text in (axes.title, axes.xaxis.label):
+            box = text.get_window_extent(renderer)
+            assert whole.x0 <= box.x0 and box.x1 <= whole.x1 and whole.y0 <= box.y0 and box.y1 <= whole.y1, text

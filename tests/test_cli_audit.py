@@ -201,3 +201,110 @@ def test_unreadable_key_is_input_error(site_copy):
     proc = cli("blossom-site", "audit", "verify", str(site_copy))
     assert_clean_failure(proc, 2)
     assert "chmod 600" in proc.stderr
+
+
+def _auditor_copy(site: Path, dest: Path) -> Path:
+    """What an auditor holds: the log and its checkpoint, no site folder, no private key."""
+    dest.mkdir()
+    for name in ("audit.jsonl", "audit.head.json"):
+        (dest / name).write_bytes((site / "state" / name).read_bytes())
+    return dest / "audit.jsonl"
+
+
+def test_verify_with_the_public_key_only(federated_sites, tmp_path):
+    """An external auditor verifies with the site's PUBLIC key (PEM, hex, or the roster):
+    no private key is read; --fingerprint still pins it; another key fails with exit 1."""
+    site = federated_sites / "st-mary"
+    log = _auditor_copy(site, tmp_path / "auditor")
+    pem = cli("blossom-site", "roster-entry", str(site), "--pem")
+    assert pem.returncode == 0 and pem.stdout.startswith("-----BEGIN PUBLIC KEY-----")
+    (tmp_path / "st-mary.pub.pem").write_text(pem.stdout)
+    entry = cli("blossom-site", "roster-entry", str(site))
+    fingerprint = entry.stdout.split("key fingerprint ")[1].split()[0]
+    hex_key = entry.stdout.splitlines()[1].split('"')[3]
+    (tmp_path / "st-mary.hex").write_text(hex_key + "\n")
+    from blossom_secure.config import load_federation
+    from blossom_secure.roster import write_roster
+
+    keys = {}
+    for d in sorted(p.parent for p in federated_sites.glob("*/site.toml")):
+        line = cli("blossom-site", "roster-entry", str(d)).stdout.splitlines()[1]
+        keys[line.split('"')[1]] = bytes.fromhex(line.split('"')[3])
+    roster = write_roster(tmp_path / "roster.toml", federation=load_federation(federated_sites / "federation.toml"),
+                          keys=keys)
+    for key_args in (["--public-key", str(tmp_path / "st-mary.pub.pem")], ["--public-key", str(tmp_path / "st-mary.hex")],
+                     ["--public-key", hex_key], ["--roster", str(roster), "--site", "st-mary"]):
+        proc = cli("blossom-site", "audit", "verify", str(log), *key_args, "--fingerprint", fingerprint)
+        assert proc.returncode == 0, (key_args, proc.stderr)
+        assert "audit log intact" in proc.stdout and "it matches --fingerprint" in proc.stdout
+    # the roster entry of another site: its key did not sign this log
+    proc = cli("blossom-site", "audit", "verify", str(log), "--roster", str(roster), "--site", "riverside")
+    assert_clean_failure(proc, 1)
+    # a pinned fingerprint that differs
+    proc = cli("blossom-site", "audit", "verify", str(log), "--public-key", hex_key, "--fingerprint",
+               "0000:0000:0000:0000:0000:0000:0000:0000")
+    assert_clean_failure(proc, 1)
+    assert "not the key recorded out of band" in proc.stderr
+    # tampering is found with the public key alone
+    lines = log.read_bytes().splitlines(keepends=True)
+    del lines[2]
+    log.write_bytes(b"".join(lines))
+    proc = cli("blossom-site", "audit", "verify", str(log), "--public-key", hex_key)
+    assert_clean_failure(proc, 1)
+    assert "line 3" in proc.stderr
+
+
+def test_review_with_the_public_key_states_what_was_verified(federated_sites, tmp_path):
+    site = federated_sites / "lakeside"
+    log = _auditor_copy(site, tmp_path / "auditor")
+    hex_key = cli("blossom-site", "roster-entry", str(site)).stdout.splitlines()[1].split('"')[3]
+    html = tmp_path / "review.html"
+    proc = cli("blossom-site", "audit", "review", str(log), "--public-key", hex_key, "--html", str(html))
+    assert proc.returncode == 0, proc.stderr
+    page = html.read_text()
+    assert "VERIFIED at" in page and "--public-key (hex)" in page and "NOT VERIFIED" not in page
+    assert "the privacy ledger was not read" in page  # an auditor's copy has no ledger
+    # with the site folder, the ledger's total is shown and agrees with the log
+    proc = cli("blossom-site", "audit", "review", str(site), "--html", str(html))
+    assert proc.returncode == 0, proc.stderr
+    assert "the signed audit log proves the same" in " ".join(proc.stdout.split())
+    page = html.read_text()
+    assert "the site&#x27;s key file" in page or "the site's key file" in page
+
+
+def test_html_counts_protocol_bytes_apart_and_names_the_recipient(federated_sites, tmp_path):
+    """Key advertisements, shares and signatures are protocol bytes, never model bytes; only
+    masked inputs carry block values, and every message went to the coordinator."""
+    records = [json.loads(line) for line in log_lines(federated_sites / "st-mary")]
+    egress = [r["details"] for r in records if r["event"] == "egress"]
+    assert egress and all(d["recipient"] == "coordinator" for d in egress)
+    for d in egress:
+        if d["message_type"] == "secagg.masked_input":
+            assert all(d["block_bytes"][b] == 4 * (d["shapes"][b][0] + 1) for b in d["blocks"])
+        else:
+            assert not any(d.get("block_bytes", {}).values())
+    from blossom_secure.audit.report import summarise
+
+    review = summarise(records)
+    assert not any(t.estimated for t in review.block_totals)
+    html = tmp_path / "r.html"
+    proc = cli("blossom-site", "audit", "review", str(federated_sites / "st-mary"), "--html", str(html))
+    assert proc.returncode == 0, proc.stderr
+    page = html.read_text()
+    assert "<td>coordinator</td>" in page and "of protocol messages" in page and "(~split)" not in page
+
+
+@pytest.mark.parametrize("command", [("audit", "verify"), ("audit", "review"), ("budget",), ("roster-entry",)],
+                         ids=["audit_verify", "audit_review", "budget", "roster_entry"])
+def test_log_only_commands_load_no_machine_learning_stack(federated_sites, command):
+    """The commands that only read the log, the ledger or the key answer in about a second:
+    they import neither torch, nor MONAI, nor Opacus."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom blossom_secure.cli import run\nfrom blossom_secure.cli.site import main\n"
+             f"code = run(main, {[*command, str(federated_sites / 'st-mary')]!r})\n"
+             "print('LOADED:' + ','.join(m for m in ('torch', 'monai', 'opacus') if m in sys.modules), code)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=False)
+    line = [x for x in done.stdout.splitlines() if x.startswith("LOADED:")]
+    assert line == ["LOADED: 0"], (done.stdout[-500:], done.stderr[-500:])

@@ -283,3 +283,59 @@ def test_refused_group_gets_no_second_problem_for_its_threshold(sites):
     with pytest.raises(PolicyError) as info:
         load_federation(path)
     assert [p.key for p in info.value.problems] == ["aggregation.groups.fusion"]
+
+
+# -- the policy's block names and the site's columns, against the federation file ------------
+
+
+def test_policy_typo_in_a_block_name_is_refused_naming_the_federations_blocks(sites):
+    policy = sites.parent / "policies" / "standard.toml"
+    policy.write_text(policy.read_text().replace('["encoder.*", "fusion"]', '["encoder.imaging", "encoder.tabluar"]'))
+    fed = load_federation(sites / "federation.toml")
+    with pytest.raises(PolicyError) as info:
+        load_site(sites / "st-mary", federation=fed)
+    reasons = {p.reason for p in info.value.problems if p.key == "sharing.shareable"}
+    assert any(r.startswith("'encoder.imaging' names no block of federation 'blossom-demo'")
+               and "did you mean 'encoder.image'?" in r for r in reasons)
+    assert any("'encoder.tabluar'" in r and "did you mean 'encoder.tabular'?" in r for r in reasons)
+    assert load_site(sites / "st-mary").policy.shareable == ("encoder.imaging", "encoder.tabluar")  # no federation: not checked
+
+
+def test_block_valid_for_the_federation_but_not_held_by_the_site_is_accepted(sites):
+    """A policy shared by sites with different modalities names blocks some of them lack."""
+    fed = load_federation(sites / "federation.toml")
+    policy = sites.parent / "policies" / "standard.toml"
+    policy.write_text(policy.read_text().replace('["encoder.*", "fusion"]', '["encoder.image", "fusion"]'))
+    riverside = load_site(sites / "riverside", federation=fed)  # tabular only
+    assert not riverside.policy.is_shareable("encoder.tabular")
+
+
+def test_wildcard_that_matches_no_block_is_a_warning(sites):
+    from blossom_secure.site.config import shareable_pattern_warnings
+
+    policy = sites.parent / "policies" / "standard.toml"
+    policy.write_text(policy.read_text().replace('["encoder.*", "fusion"]', '["encoder.genom*", "fusion"]'))
+    fed = load_federation(sites / "federation.toml")
+    site = load_site(sites / "st-mary", federation=fed)
+    (warning,) = shareable_pattern_warnings(site.policy, fed)
+    assert "'encoder.genom*' matches no block of federation 'blossom-demo'" in warning
+
+
+@pytest.mark.parametrize("column,fragment", [
+    ("age", "label column 'age' is also a tabular feature column of the federation"),
+    ("patient_id", "label column 'patient_id' is the patient id column"),
+])
+def test_label_column_that_is_a_model_input_or_the_id_is_refused(sites, column, fragment):
+    path = sites / "st-mary" / "site.toml"
+    path.write_text(path.read_text().replace('malignancy = "malignant"', f'malignancy = "{column}"'))
+    fed = load_federation(sites / "federation.toml")
+    with pytest.raises(PolicyError) as info:
+        load_site(sites / "st-mary", federation=fed)
+    assert [(p.key, fragment in p.reason) for p in info.value.problems] == [("tasks.malignancy", True)]
+
+
+def test_min_contributors_beyond_the_protocol_limit_is_refused(sites):
+    policy = sites.parent / "policies" / "standard.toml"
+    policy.write_text(policy.read_text().replace("min_contributors = 2", "min_contributors = 70000"))
+    with pytest.raises(PolicyError, match="secure_aggregation.min_contributors: must be at most 65535, not 70000"):
+        load_site(sites / "st-mary")

@@ -24,7 +24,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import MPEG2MPML, CTImageStorage, JPEGBaseline8Bit, generate_uid
 
 from blossom_secure.site.data import SiteArrays, load_site_arrays, read_study, split_holdout
-from blossom_secure.errors import DataError
+from blossom_secure.errors import DataError, Problem
 from blossom_secure.site.synth import generate_site_data
 
 FEATURES = ("age", "bmi", "crp")
@@ -229,7 +229,7 @@ def test_structured_report_without_pixel_data_is_refused() -> None:
 def test_truncated_pixel_data_is_refused() -> None:
     path = bundled("MR_truncated.dcm")
     file, key, reason = _single_problem(path, spatial_dims=2, size=(8, 8))
-    assert (file, key) == (str(path), "PixelData") and "could not be decoded" in reason
+    assert (file, key) == (str(path), "PixelData") and reason.startswith("truncated: the pixel data is shorter")
     assert "Traceback" not in reason
 
 
@@ -413,7 +413,8 @@ def test_site_values_match_the_files(site: Path) -> None:
 
 def test_partly_missing_row_counts_as_absent_and_unlabelled_patients_are_dropped(site: Path) -> None:
     header, rows = read_csv(site / "clinical.csv")
-    complete = [r for r in rows if r[header.index("age")]]
+    # a patient with a study: with its clinical row partly missing it keeps the image modality
+    complete = [r for r in rows if r[header.index("age")] and (site / "dicom" / r[0]).exists()]
     partial_id = complete[0][0]
     complete[0][header.index("bmi")] = "  "  # whitespace only: missing
     unlabelled_id = rows[-1][0]
@@ -464,7 +465,7 @@ def test_tabular_only_site_needs_no_dicom_folder(site: Path) -> None:
     assert arrays.tabular_present.all() and arrays.num_patients == round(0.6 * SITE_PATIENTS)
 
 
-def test_study_whose_patient_id_disagrees_with_its_folder_is_refused(site: Path) -> None:
+def test_study_whose_patient_id_disagrees_with_its_folder_is_refused_without_echoing_the_tag(site: Path) -> None:
     study = sorted(p for p in (site / "dicom").iterdir())[0]
     slice_file = sorted(study.iterdir())[0]
     ds = pydicom.dcmread(slice_file)
@@ -473,7 +474,8 @@ def test_study_whose_patient_id_disagrees_with_its_folder_is_refused(site: Path)
     with pytest.raises(DataError) as info:
         load(site)
     assert keys(info.value) == [(str(slice_file), "PatientID")]
-    assert "SOMEONE-ELSE" in info.value.problems[0].reason
+    assert "SOMEONE-ELSE" not in str(info.value)  # a tag's value is patient data: never echoed
+    assert "holds another patient id" in info.value.problems[0].reason
 
 
 def test_study_for_a_patient_not_in_the_csv_is_refused(site: Path) -> None:
@@ -726,3 +728,94 @@ def test_split_of_tiny_inputs() -> None:
 def test_split_refuses_bad_arguments(ids: list[str], fraction: float, seed: int) -> None:
     with pytest.raises(ValueError):
         split_holdout(ids, fraction=fraction, seed=seed)
+
+
+# -- CSV dialects, bounded messages, truncated studies ------------------------------------------
+
+
+@pytest.mark.parametrize("delimiter,bom,newline", [(";", True, "\r\n"), ("\t", False, "\r"), ("|", True, "\n")],
+                         ids=["semicolon_bom_crlf", "tab_cr", "bar_bom_lf"])
+def test_spreadsheet_dialects_read_the_same_as_plain_csv(site: Path, delimiter, bom, newline) -> None:
+    """A spreadsheet export (semicolons, a byte-order mark, CRLF) is read exactly as the plain
+    comma-separated file: the separator is sniffed, not assumed."""
+    reference = load(site)
+    header, rows = read_csv(site / "clinical.csv")
+    with (site / "clinical.csv").open("w", newline="", encoding="utf-8-sig" if bom else "utf-8") as f:
+        csv.writer(f, delimiter=delimiter, lineterminator=newline).writerows([header, *rows])
+    arrays = load(site)
+    assert arrays.patient_ids == reference.patient_ids
+    np.testing.assert_array_equal(arrays.tabular, reference.tabular)
+    for task in TASKS:
+        np.testing.assert_array_equal(arrays.labels[task], reference.labels[task])
+
+
+def test_wrong_separator_is_one_problem_that_says_so(site: Path) -> None:
+    header, rows = read_csv(site / "clinical.csv")
+    (site / "clinical.csv").write_text("\n".join(" ".join(r) for r in [header, *rows]) + "\n")
+    with pytest.raises(DataError) as info:
+        load(site)
+    (problem,) = info.value.problems
+    assert problem.reason.startswith("wrong separator:") and "reads as one column" in problem.reason
+    assert rows[0][1] not in problem.reason  # the header is shown, no patient's row
+
+
+def test_header_only_csv_is_one_problem_not_one_per_study(site: Path) -> None:
+    header, _ = read_csv(site / "clinical.csv")
+    write_csv(site / "clinical.csv", header, [])
+    with pytest.raises(DataError) as info:
+        load(site)
+    assert [p.reason for p in info.value.problems] == ["the file has a header but no patient rows (header only)"]
+
+
+def test_many_problems_of_one_kind_are_listed_three_times_then_counted(site: Path) -> None:
+    header, rows = read_csv(site / "clinical.csv")
+    for row in rows[:10]:
+        row[header.index("age")] = "n/a"
+    write_csv(site / "clinical.csv", header, rows)
+    with pytest.raises(DataError) as info:
+        load(site)
+    problems = info.value.problems
+    assert [p.reason for p in problems[:3]] == ["not a number"] * 3
+    assert len(problems) == 4 and problems[3].key == "age"
+    assert problems[3].reason == "... and 7 more problem(s) like the one above (10 in all)"
+    assert all("n/a" not in str(p) for p in problems)
+
+
+def test_bounded_problems_keeps_distinct_kinds_apart() -> None:
+    from blossom_secure.site.data import bounded_problems
+
+    problems = [Problem("a.csv", f"age, patient P{i}", "not a number") for i in range(5)]
+    problems += [Problem("a.csv", f"line {i}", f"{i % 3 + 2} fields, but the header has 8") for i in range(2, 7)]
+    problems += [Problem("b.dcm", "", "truncated: the file ends after 200 bytes, before its pixel data")]
+    out = bounded_problems(problems)
+    assert [p.reason for p in out].count("not a number") == 3
+    assert sum("fields, but the header has 8" in p.reason for p in out) == 3
+    assert [p.reason for p in out if p.reason.startswith("...")] == [
+        "... and 2 more problem(s) like the one above (5 in all)",
+        "... and 2 more problem(s) like the one above (5 in all)"]
+    assert out[-1].file == "b.dcm"
+
+
+@pytest.mark.parametrize("size,where", [
+    (150, "inside its file meta information"), (200, "inside its file meta information"),
+    (1000, "before its pixel data"), (5000, "before its pixel data")])
+def test_truncated_dicom_file_says_truncated(tmp_path: Path, size, where) -> None:
+    from pydicom.data import get_testdata_file
+
+    path = tmp_path / "cut.dcm"
+    path.write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes()[:size])
+    with pytest.raises(DataError) as info:
+        read_study(path, spatial_dims=2, size=(8, 8))
+    (problem,) = info.value.problems
+    assert problem.reason == f"truncated: the file ends after {size} bytes, {where}"
+
+
+def test_decoder_tracebacks_are_not_logged(caplog) -> None:
+    """pydicom's decoders log each failed attempt with its traceback before raising; the
+    failure is a Problem, so no traceback may reach a log handler."""
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(DataError):
+        read_study(bundled("JPEG-lossy.dcm"), spatial_dims=2, size=(8, 8))
+    assert not [r for r in caplog.records if r.exc_info]

@@ -21,12 +21,16 @@ def run(sites, tmp_path, **kwargs):
     return simulate(**args)
 
 
-def test_two_round_blockwise_federation(copy_sites, tmp_path):
+def test_plaintext_run_that_every_policy_refuses_is_stopped_before_anything(copy_sites, tmp_path):
+    from blossom_secure.errors import PolicyError
+
     sites = copy_sites()
-    result = run(sites, tmp_path, secure=False, mode="blockwise")
-    doc = json.loads(result.metrics_path.read_text())
-    # plaintext: every example policy requires secure aggregation, so every site declines
-    assert all(row["declined"] for row in doc["metrics"])
+    # plaintext: every example policy requires secure aggregation, so no site could train
+    with pytest.raises(PolicyError, match="requires secure aggregation") as caught:
+        run(sites, tmp_path, secure=False, mode="blockwise")
+    assert len(caught.value.problems) == 4 and "without --plaintext" in str(caught.value)
+    assert not list(sites.glob("*/state")) and not list(sites.glob("*/keys"))  # nothing recorded
+    assert not (tmp_path / "out").exists()
 
 
 def test_plaintext_round_when_policies_allow_it(copy_sites, tmp_path):
@@ -72,7 +76,9 @@ def test_budget_exhaustion_declines_and_federation_goes_on(copy_sites, tmp_path)
     ledger = PrivacyLedger(sites / "lakeside" / "state" / "ledger.json", site_id="lakeside", terms=lake.policy.privacy)
     one_round = ledger.epsilon_spent
     conservative.write_text(re.sub(r"epsilon_budget = [0-9.]+", f"epsilon_budget = {one_round * 1.2:.4f}", text))
-    result = simulate(sites_root=sites, rounds=2, out_dir=tmp_path / "again", seed=1, secure=False)
+    # the same coordinator folder: its round counter numbers the new rounds 1 and 2
+    result = simulate(sites_root=sites, rounds=2, out_dir=tmp_path / "out", seed=1, secure=False)
+    assert result.round_ids == [1, 2] and result.sites_declined("privacy budget") == {"lakeside": [1, 2]}
     doc = json.loads(result.metrics_path.read_text())
     lake_rows = [r for r in doc["metrics"] if r["site"] == "lakeside"]
     assert all(r["declined"] == "privacy budget" for r in lake_rows)  # the category only; detail stays home
@@ -157,7 +163,8 @@ def test_secure_result_equals_plaintext_within_quantisation_bound(tiny_sites_wit
             diff = np.abs(s[block].astype(np.float64) - p[block].astype(np.float64)).max()
             assert diff <= bound, (block, diff, bound)
     # and the blocks really moved (the comparison is not between two untouched initial values)
-    init = simulate(sites_root=b, rounds=1, out_dir=tmp_path / "local", seed=5, mode="local")
+    # the sites of b go on under their coordinator's folder (its round counter: round 1)
+    init = simulate(sites_root=b, rounds=1, out_dir=tmp_path / "plain", seed=5, mode="local")
     with np.load(secure.out_dir / "global_blocks.npz") as s, np.load(init.out_dir / "global_blocks.npz") as i:
         assert any(np.abs(s[k] - i[k]).max() > 100 * bound for k in s.files)
 

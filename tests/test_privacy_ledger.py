@@ -472,3 +472,24 @@ def test_ledger_rebuild_puts_a_missing_round_back_in_its_place(tmp_path):
     site.edit_ledger(lambda entries: entries.pop(1))
     result = site.rebuild()
     assert [(e.round_id, e.steps) for e in result.entries] == [(0, 10), (1, 11), (2, 12)]
+
+
+def test_rdp_epsilon_without_importing_torch_equals_opacus_accountant():
+    """budget and audit review load Opacus's RDP analysis file on its own (the opacus
+    package imports torch); the numbers must be Opacus's RDPAccountant's, bit for bit."""
+    import subprocess
+    import sys
+
+    from opacus.accountants.rdp import RDPAccountant
+
+    from blossom_secure.site.ledger import RDP_ORDERS, compute_epsilon
+
+    assert list(RDP_ORDERS) == RDPAccountant.DEFAULT_ALPHAS
+    history = [(1.1, 0.125, 8)] * 3 + [(1.3, 0.34, 3), (0.9, 0.01, 100)]
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    assert compute_epsilon(history, accountant="rdp", delta=1e-5) == accountant.get_epsilon(delta=1e-5)
+    probe = ("import sys\nfrom blossom_secure.site.ledger import compute_epsilon\n"
+             f"print(repr(compute_epsilon({history!r}, accountant='rdp', delta=1e-5)), 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.split() == [repr(accountant.get_epsilon(delta=1e-5)), "False"]

@@ -8,7 +8,14 @@ the network.
 
 The records should come from :func:`blossom_secure.audit.read_verified_records`:
 :func:`summarise` checks that each record is well-formed, but it cannot check signatures
-or the chain. The page says so.
+or the chain. The page states what was verified, with which key and when
+(:class:`Verification`), or, without one, that nothing was.
+
+Round numbers: a round's number is unique over the life of a federation (the
+coordinator's counter; sites refuse a number they already answered), so a review has one
+row per round. A log written before that held the same number for rounds of different
+runs; each answer is then its own row (:attr:`RoundReview.occurrence`), never merged, and
+the totals come from the last ``training_finished`` record in log order.
 
 Every string taken from the log is data: it is escaped for HTML (``html.escape``), passed to
 ``rich`` as :class:`rich.text.Text` (never as markup), and control or invisible formatting
@@ -21,7 +28,8 @@ has ``block_bytes`` those figures are used; when it names exactly one block the 
 payload is counted for that block; a message naming no block (key advertisements, shares)
 is counted as protocol bytes; otherwise the payload is split between its blocks in
 proportion to their element counts (from ``shapes``) and the figure is marked as estimated
-(``~``).
+(``~``). The site agent records ``block_bytes`` on every egress record (zero for messages
+that carry keys, shares or signatures), so protocol bytes are never counted as model bytes.
 
 Example:
     >>> _, records = read_verified_records(log_path, public_key=pk)   # doctest: +SKIP
@@ -71,6 +79,14 @@ __all__ = [
     "BlockTotal",
     "EgressMessage",
     "Incident",
+    "LedgerRound",
+    "LedgerView",
+    "Verification",
+    "epsilon_summary",
+    "bytes_figure",
+    "epsilon_figure",
+    "ledger_only_rounds",
+    "participation_figure",
     "PolicyInForce",
     "Review",
     "RoundReview",
@@ -193,6 +209,9 @@ class RoundReview:
         incidents: Errors and aborts in this round.
         policy_sha256s: Distinct policy hashes on the round's records, in order of
             appearance (more than one means the policy changed during the round).
+        occurrence: 1 for a round number's first answer in the log; 2, 3, ... when the
+            same number was answered again (a log written before round numbers were kept
+            across runs: each answer is then its own row, never merged).
     """
 
     round_id: int
@@ -204,18 +223,26 @@ class RoundReview:
     stages_completed: tuple[str, ...]
     incidents: tuple[Incident, ...]
     policy_sha256s: tuple[str, ...]
+    occurrence: int = 1
+
+    @property
+    def label(self) -> str:
+        """The round number, marked when the number was answered more than once."""
+        return str(self.round_id) if self.occurrence == 1 else f"{self.round_id} (reused #{self.occurrence})"
 
     @property
     def status(self) -> str:
-        """``"joined"``, ``"declined"``, ``"joined, aborted"``, ``"joined and declined"``
-        or ``"no decision recorded"``."""
+        """``"joined"``, ``"declined"``, ``"joined, aborted"`` (secure aggregation stopped),
+        ``"joined, error"`` (an error or an interrupt was recorded), ``"joined and
+        declined"`` or ``"no decision recorded"``."""
         if self.joined and self.declined:
             return "joined and declined"
         if self.declined:
             return "declined"
         if self.joined:
-            aborted = any(i.kind == SECAGG_ABORTED for i in self.incidents)
-            return "joined, aborted" if aborted else "joined"
+            if any(i.kind == SECAGG_ABORTED for i in self.incidents):
+                return "joined, aborted"
+            return "joined, error" if any(i.kind == ERROR for i in self.incidents) else "joined"
         return "no decision recorded"
 
     @property
@@ -259,11 +286,14 @@ class Review:
         last_time: Time of the last record, or ``None``.
         key_fingerprints: Identity key fingerprints from ``site_initialised`` records.
         policies: Every policy loaded, in order.
-        rounds: Per-round summaries, by round id.
+        rounds: Per-round summaries, in round order (in log order where a round number
+            was answered more than once).
         unrounded_egress: Messages that left outside any round.
         incidents: Every error, abort and ledger rebuild, in order.
         block_totals: Per-block totals over the whole log, by block name, with
             :data:`PROTOCOL_BYTES` last.
+        last_training: The last ``training_finished`` record in log order (its
+            ``epsilon_total`` is the spend the log proves), or ``None``.
     """
 
     site_id: str | None
@@ -276,6 +306,7 @@ class Review:
     unrounded_egress: tuple[EgressMessage, ...]
     incidents: tuple[Incident, ...]
     block_totals: tuple[BlockTotal, ...]
+    last_training: Training | None = None
 
     @property
     def payload_bytes(self) -> int:
@@ -296,20 +327,104 @@ class Review:
 
     @property
     def epsilon_total(self) -> float | None:
-        """Epsilon spent in total after the last round with training, or ``None``."""
-        trained = [r.training for r in self.rounds if r.training is not None]
-        return trained[-1].epsilon_total if trained else None
+        """Epsilon spent in total according to the last ``training_finished`` record in log
+        order (the latest spend the log proves), or ``None``."""
+        return None if self.last_training is None else self.last_training.epsilon_total
 
     def round(self, round_id: int) -> RoundReview:
-        """The summary of ``round_id``.
+        """The summary of ``round_id`` (its first answer, if the number was reused).
 
         Raises:
             ValueError: the log has no record for that round.
         """
-        for entry in self.rounds:
-            if entry.round_id == round_id:
-                return entry
-        raise ValueError(f"the audit log has no record for round {round_id}")
+        return self.rounds_numbered(round_id)[0]
+
+    def rounds_numbered(self, round_id: int) -> tuple[RoundReview, ...]:
+        """Every row of ``round_id``: one, or more in a log where the number was reused.
+
+        Raises:
+            ValueError: the log has no record for that round.
+        """
+        found = tuple(entry for entry in self.rounds if entry.round_id == round_id)
+        if not found:
+            raise ValueError(f"the audit log has no record for round {round_id}")
+        return found
+
+
+@dataclass(frozen=True)
+class LedgerRound:
+    """One entry of the site's privacy ledger, as a review shows it.
+
+    Attributes:
+        round_id: The round the spend was reserved for.
+        epsilon_total: The site's total after this round, for the policy's delta and
+            accountant (the number ``blossom-site budget`` shows).
+        nominal: The round was a seeded simulation (its epsilon is nominal).
+    """
+
+    round_id: int
+    epsilon_total: float
+    nominal: bool = False
+
+
+@dataclass(frozen=True)
+class LedgerView:
+    """The site's privacy ledger, reconciled with the verified log it is shown beside.
+
+    Attributes:
+        path: The ledger file.
+        rounds: Its entries, in order.
+        epsilon_spent: Its total (the number ``blossom-site budget`` shows).
+    """
+
+    path: str
+    rounds: tuple[LedgerRound, ...]
+    epsilon_spent: float
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What was verified before the review was built (shown at the top of the HTML page).
+
+    Attributes:
+        key_fingerprint: Fingerprint of the public key the log was verified with.
+        key_source: Where that key came from (the site's key file, a public-key file,
+            a roster entry), in words.
+        verified_at: When the verification ran (UTC, ISO 8601).
+        records: Records verified.
+        last_seq: The last record's sequence number, or ``None`` for an empty log.
+        last_hash: SHA-256 of the last line (the chain head).
+        pinned: Whether the key was compared with a fingerprint given out of band
+            (``--fingerprint``).
+        every_signature: Whether each record's own signature was checked too (otherwise
+            the checkpoint's signature binds the records it covers through the chain).
+    """
+
+    key_fingerprint: str
+    key_source: str
+    verified_at: str
+    records: int
+    last_seq: int | None
+    last_hash: str
+    pinned: bool = False
+    every_signature: bool = False
+
+
+def ledger_only_rounds(review: Review, ledger: LedgerView) -> tuple[LedgerRound, ...]:
+    """The ledger entries that the log shows no training for: rounds reserved before
+    training and never finished (interrupted or failed). They stay counted (a crash can
+    only over-count); a review shows them beside the log's rounds."""
+    trained: dict[int, int] = {}
+    for entry in review.rounds:
+        if entry.training is not None:
+            trained[entry.round_id] = trained.get(entry.round_id, 0) + 1
+    out = []
+    for item in ledger.rounds:
+        if trained.get(item.round_id, 0) > 0:
+            trained[item.round_id] -= 1
+        else:
+            out.append(item)
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------------------
@@ -366,6 +481,8 @@ def _sum_block_bytes(messages: Iterable[EgressMessage]) -> dict[str, int]:
 
 @dataclass
 class _RoundBuilder:
+    round_id: int
+    occurrence: int = 1
     joined: bool = False
     declined: bool = False
     decline_reasons: list[str] = field(default_factory=list)
@@ -399,9 +516,11 @@ def summarise(records: Sequence[Mapping[str, Any]]) -> Review:
     site_id: str | None = None
     fingerprints: list[str] = []
     policies: list[PolicyInForce] = []
-    rounds: dict[int, _RoundBuilder] = {}
+    builders: list[_RoundBuilder] = []  # in order of first appearance
+    current: dict[int, _RoundBuilder] = {}  # round id -> the row records of that round now go to
     unrounded: list[EgressMessage] = []
     incidents: list[Incident] = []
+    last_training: Training | None = None
     for index, record in enumerate(records):
         problems = _record_problems(record)
         seq = record.get("seq") if isinstance(record, Mapping) else None
@@ -419,7 +538,18 @@ def summarise(records: Sequence[Mapping[str, Any]]) -> Review:
         time_utc = record["time_utc"]
         builder = None
         if round_id is not None:
-            builder = rounds.setdefault(round_id, _RoundBuilder())
+            builder = current.get(round_id)
+            if builder is not None and event in (ROUND_JOINED, ROUND_DECLINED) and (builder.joined or builder.declined):
+                # the number was answered before (a log from before round numbers were kept
+                # across runs): a new row, so two rounds are never merged into one
+                builder = None
+                occurrence = current[round_id].occurrence + 1
+            else:
+                occurrence = 1
+            if builder is None:
+                builder = _RoundBuilder(round_id=round_id, occurrence=occurrence)
+                builders.append(builder)
+                current[round_id] = builder
             policy = record["policy_sha256"]
             if policy is not None and policy not in builder.policies:
                 builder.policies.append(policy)
@@ -433,7 +563,7 @@ def summarise(records: Sequence[Mapping[str, Any]]) -> Review:
             builder.declined = True
             builder.decline_reasons.append(details["reason"])
         elif event == TRAINING_FINISHED:
-            builder.training = Training(
+            builder.training = last_training = Training(
                 steps=details["steps"],
                 epsilon_round=float(details["epsilon_round"]),
                 epsilon_total=float(details["epsilon_total"]),
@@ -469,7 +599,7 @@ def summarise(records: Sequence[Mapping[str, Any]]) -> Review:
                 text = (
                     f"privacy ledger rebuilt from this log: {details['rounds']} rounds "
                     f"({details['rounds_proven']} proven here, {details['rounds_kept']} kept as reserved), "
-                    f"epsilon {_fmt_number(float(details['epsilon_total']))} at delta {details['delta']:g}; "
+                    f"epsilon {_fmt_eps(float(details['epsilon_total']))} at delta {details['delta']:g}; "
                     f"previous ledger {details['previous_ledger']}"
                 )
             else:
@@ -487,7 +617,8 @@ def summarise(records: Sequence[Mapping[str, Any]]) -> Review:
                 builder.incidents.append(incident)
     round_reviews = tuple(
         RoundReview(
-            round_id=r,
+            round_id=b.round_id,
+            occurrence=b.occurrence,
             joined=b.joined,
             declined=b.declined,
             decline_reasons=tuple(b.decline_reasons),
@@ -497,7 +628,7 @@ def summarise(records: Sequence[Mapping[str, Any]]) -> Review:
             incidents=tuple(b.incidents),
             policy_sha256s=tuple(b.policies),
         )
-        for r, b in sorted(rounds.items())
+        for b in (builders if any(b.occurrence > 1 for b in builders) else sorted(builders, key=lambda b: b.round_id))
     )
     all_egress = [m for r in round_reviews for m in r.egress] + unrounded
     return Review(
@@ -511,6 +642,7 @@ def summarise(records: Sequence[Mapping[str, Any]]) -> Review:
         unrounded_egress=tuple(unrounded),
         incidents=tuple(incidents),
         block_totals=_block_totals(all_egress),
+        last_training=last_training,
     )
 
 
@@ -569,6 +701,11 @@ def _fmt_number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
+def _fmt_eps(value: float | None) -> str:
+    """An epsilon as every surface shows it (budget, the demo table, review): 3 decimals."""
+    return "-" if value is None else f"{value:.3f}"
+
+
 def _fmt_shape(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
@@ -587,6 +724,85 @@ def _egress_bytes_text(message: EgressMessage) -> str:
     return _fmt_bytes(message.payload_bytes) + (" (~split)" if message.estimated else "")
 
 
+@dataclass(frozen=True)
+class _RoundLine:
+    """One row of the rounds table, for the terminal and the HTML page alike."""
+
+    round_id: int
+    label: str
+    status: str
+    reasons: str
+    epsilon_round: str
+    epsilon_total: str
+    delta: str
+    steps: str
+    stages: str
+    messages: int
+    payload_bytes: int
+    policies: str
+
+
+def _round_lines(review: Review, ledger: LedgerView | None, rounds: Sequence[RoundReview]) -> list[_RoundLine]:
+    """The rounds table: one row per round answer in the log, and, with the ledger, the
+    spend it holds for rounds the log shows no training for (reserved, never finished)."""
+    reserved: dict[int, list[LedgerRound]] = {}
+    if ledger is not None:
+        for item in ledger_only_rounds(review, ledger):
+            reserved.setdefault(item.round_id, []).append(item)
+    shown = {r.round_id for r in rounds}
+    lines = []
+    for entry in rounds:
+        t = entry.training
+        reasons = list(entry.decline_reasons) + [
+            f"{i.kind} at {i.stage}: {i.text}" if i.stage else f"{i.kind}: {i.text}" for i in entry.incidents
+        ]
+        total = _fmt_epsilon(t.epsilon_total if t else None, t)
+        if t is None and entry.joined and reserved.get(entry.round_id):
+            item = reserved[entry.round_id].pop(0)
+            total = f"{_fmt_eps(item.epsilon_total)} (reserved in the ledger; no training record)"
+        lines.append(_RoundLine(
+            round_id=entry.round_id, label=entry.label, status=entry.status, reasons="; ".join(reasons) or "-",
+            epsilon_round=_fmt_epsilon(t.epsilon_round if t else None, t), epsilon_total=total,
+            delta=_fmt_number(t.delta if t else None), steps="-" if t is None else str(t.steps),
+            stages=", ".join(entry.stages_completed) or "-", messages=len(entry.egress),
+            payload_bytes=entry.payload_bytes, policies=", ".join(p[:12] for p in entry.policy_sha256s) or "-"))
+    everything = len(rounds) == len(review.rounds)
+    for round_id, items in reserved.items():
+        if not everything and round_id not in shown:
+            continue
+        for item in items:
+            lines.append(_RoundLine(
+                round_id=round_id, label=str(round_id), status="reserved in the ledger only",
+                reasons="the ledger holds a spend for this round that the audit log does not show (counted)",
+                epsilon_round="-", epsilon_total=_fmt_eps(item.epsilon_total), delta="-", steps="-", stages="-",
+                messages=0, payload_bytes=0, policies="-"))
+    if any(r.occurrence > 1 for r in review.rounds):
+        return lines  # a log with reused round numbers: in log order, as the spend grew
+    return sorted(lines, key=lambda line: line.round_id)
+
+
+def epsilon_summary(review: Review, ledger: LedgerView | None, epsilon_budget: float | None) -> str:
+    """Epsilon spent against the budget: the ledger's number (as ``budget`` shows it) when
+    the ledger was read, and what the signed log proves."""
+    budget = "" if epsilon_budget is None else f" of the budget {epsilon_budget:g}"
+    logged = review.epsilon_total
+    if ledger is None:
+        return f"{_fmt_eps(logged)}{budget} (the signed audit log; the privacy ledger was not read)"
+    text = f"{_fmt_eps(ledger.epsilon_spent)}{budget} (privacy ledger {ledger.path})"
+    extra = ledger_only_rounds(review, ledger)
+    rounds = ", ".join(str(e.round_id) for e in extra)
+    if logged is not None and math.isclose(logged, ledger.epsilon_spent, rel_tol=1e-9, abs_tol=5e-4):
+        if extra:
+            return (text + f"; the signed audit log proves the same (its later totals include the spend reserved "
+                    f"for round(s) {rounds}, whose training did not finish)")
+        return text + "; the signed audit log proves the same"
+    if extra:
+        return (text + f"; the signed audit log proves {_fmt_eps(logged)}: the ledger also counts the spend "
+                f"reserved for round(s) {rounds}, whose training did not finish (a crash or an interrupt only "
+                "ever over-counts)")
+    return text + f"; the signed audit log proves {_fmt_eps(logged)} (computed at the delta then in force)"
+
+
 # --------------------------------------------------------------------------------------
 # Terminal tables
 # --------------------------------------------------------------------------------------
@@ -597,12 +813,18 @@ def _cell(value: object) -> Text:
     return Text(_visible(value))
 
 
-def review_table(review: Review, *, round_id: int | None = None) -> list[Table]:
+def review_table(review: Review, *, round_id: int | None = None, ledger: LedgerView | None = None,
+                 max_messages: int | None = None) -> list[Table]:
     """The review as ``rich`` tables: rounds, egress messages, and bytes per block.
 
     Args:
         review: From :func:`summarise`.
         round_id: Show only this round (its block totals included); ``None`` shows all.
+        ledger: The site's privacy ledger, reconciled with the log; its spend for rounds
+            the log shows no training for is shown with them. ``None``: not shown.
+        max_messages: Show only the last this many egress messages (the title says how
+            many there are; a terminal cannot usefully scroll through thousands);
+            ``None``: all. Totals always cover every message.
 
     Returns:
         Three tables, in order: rounds (status, reason, epsilon, delta, bytes out), egress
@@ -623,8 +845,8 @@ def review_table(review: Review, *, round_id: int | None = None) -> list[Table]:
         totals = review.block_totals
         scope = "all rounds"
     else:
-        rounds = (review.round(round_id),)
-        messages = list(rounds[0].egress)
+        rounds = review.rounds_numbered(round_id)
+        messages = [m for r in rounds for m in r.egress]
         totals = _block_totals(messages)
         scope = f"round {round_id}"
 
@@ -640,23 +862,26 @@ def review_table(review: Review, *, round_id: int | None = None) -> list[Table]:
         ("Bytes out", "right"),
     ):
         rounds_table.add_column(Text(name), justify=justify, overflow="fold")
-    for entry in rounds:
-        training = entry.training
-        reasons = list(entry.decline_reasons) + [
-            f"{i.kind} at {i.stage}: {i.text}" if i.stage else f"{i.kind}: {i.text}" for i in entry.incidents
-        ]
+    for line in _round_lines(review, ledger, rounds):
         rounds_table.add_row(
-            _cell(entry.round_id),
-            _cell(entry.status),
-            _cell("; ".join(reasons) or "-"),
-            _cell(_fmt_epsilon(training.epsilon_round if training else None, training)),
-            _cell(_fmt_epsilon(training.epsilon_total if training else None, training)),
-            _cell(_fmt_number(training.delta if training else None)),
-            _cell(len(entry.egress)),
-            _cell(_fmt_bytes(entry.payload_bytes)),
+            _cell(line.label),
+            _cell(line.status),
+            _cell(line.reasons),
+            _cell(line.epsilon_round),
+            _cell(line.epsilon_total),
+            _cell(line.delta),
+            _cell(line.messages),
+            _cell(_fmt_bytes(line.payload_bytes)),
         )
 
-    egress_table = Table(title=f"Egress messages ({scope})")
+    shown = messages
+    if max_messages is not None and len(messages) > max_messages:
+        shown = messages[-max_messages:]
+        egress_title = (f"Egress messages ({scope}: the last {max_messages} of {len(messages)}; --round R or --html "
+                        "FILE shows every one)")
+    else:
+        egress_title = f"Egress messages ({scope})"
+    egress_table = Table(title=egress_title)
     for name, justify in (
         ("Round", "right"),
         ("Seq", "right"),
@@ -667,7 +892,7 @@ def review_table(review: Review, *, round_id: int | None = None) -> list[Table]:
         ("Payload SHA-256", "left"),
     ):
         egress_table.add_column(Text(name), justify=justify, overflow="fold")
-    for message in messages:
+    for message in shown:
         egress_table.add_row(
             _cell("-" if message.round_id is None else message.round_id),
             _cell(message.seq),
@@ -695,9 +920,29 @@ def review_table(review: Review, *, round_id: int | None = None) -> list[Table]:
 # HTML report
 # --------------------------------------------------------------------------------------
 
+#: Above this many rounds the plots draw areas and lines instead of one bar per round.
+_MANY_ROUNDS = 60
+
 _JOINED_COLOUR = "#2e7d32"
 _DECLINED_COLOUR = "#c62828"
 _OTHER_COLOUR = "#f9a825"
+
+
+def _participation(review: Review) -> tuple[int, int, int]:
+    """``(joined, declined, other)`` rows of the review: the same counts in the summary and
+    in the chart's legend."""
+    declined = sum(1 for r in review.rounds if r.declined)
+    joined = sum(1 for r in review.rounds if r.joined and not r.declined)
+    return joined, declined, len(review.rounds) - joined - declined
+
+
+def _legend_below(figure: Any, axes: Any, handles: Any = None, labels: Any = None) -> None:
+    """The legend under the plot, outside the axes, so that it never covers a bar."""
+    if handles is None:
+        handles, labels = axes.get_legend_handles_labels()
+    if handles:
+        figure.legend(handles, labels, loc="outside lower center", ncols=min(len(handles), 4), fontsize="small",
+                      frameon=False)
 
 
 def _png(figure: Any) -> bytes:
@@ -721,33 +966,41 @@ def _no_data(axes: Any, text: str) -> None:
     axes.set_yticks([])
 
 
-def _plot_epsilon(review: Review, epsilon_budget: float | None) -> bytes:
+def epsilon_figure(review: Review, epsilon_budget: float | None) -> Any:
+    """The epsilon plot (a matplotlib ``Figure``): per round, and in total against the budget."""
     figure = _new_figure()
     axes = figure.add_subplot()
     trained = [r for r in review.rounds if r.training is not None]
     if trained:
-        xs = [r.round_id for r in trained]
-        axes.bar(xs, [r.training.epsilon_round for r in trained], color="#90caf9", label="epsilon spent in round")
+        position = {id(r): i for i, r in enumerate(review.rounds)}
+        xs = [position[id(r)] for r in trained]
+        if len(review.rounds) <= _MANY_ROUNDS:
+            axes.bar(xs, [r.training.epsilon_round for r in trained], color="#90caf9", label="epsilon spent in round")
+        else:
+            axes.vlines(xs, 0, [r.training.epsilon_round for r in trained], colors="#90caf9",
+                        label="epsilon spent in round")
         axes.plot(
-            xs, [r.training.epsilon_total for r in trained], marker="o", color="#1565c0", label="epsilon spent in total"
+            xs, [r.training.epsilon_total for r in trained], marker="o" if len(xs) <= _MANY_ROUNDS else None,
+            color="#1565c0", label="epsilon spent in total"
         )
         axes.set_xlabel("round")
         axes.set_ylabel("epsilon")
-        if len(xs) <= 30:
-            axes.set_xticks(xs)
+        step = max(1, math.ceil(len(review.rounds) / 30))
+        axes.set_xticks(list(range(len(review.rounds)))[::step], [r.label for r in review.rounds][::step])
     else:
         _no_data(axes, "no training recorded")
     if epsilon_budget is not None:
         axes.axhline(epsilon_budget, color=_DECLINED_COLOUR, linestyle="--", label=f"budget ({epsilon_budget:g})")
     if trained or epsilon_budget is not None:
         top = max([epsilon_budget or 0.0] + [r.training.epsilon_total for r in trained])
-        axes.set_ylim(0, top * 1.3 if top > 0 else 1.0)
-        axes.legend(loc="upper left", fontsize="small")
+        axes.set_ylim(0, top * 1.1 if top > 0 else 1.0)
+        _legend_below(figure, axes)
     axes.set_title("Privacy spent over rounds")
-    return _png(figure)
+    return figure
 
 
-def _plot_bytes(review: Review) -> bytes:
+def bytes_figure(review: Review) -> Any:
+    """The bytes plot (a matplotlib ``Figure``): bytes out per block per round, protocol apart."""
     figure = _new_figure()
     axes = figure.add_subplot()
     rounds = list(review.rounds)
@@ -759,26 +1012,33 @@ def _plot_bytes(review: Review) -> bytes:
         )
         positions = list(range(len(rounds)))
         bottoms = [0.0] * len(rounds)
+        stacks, colours = [], []
         for index, block in enumerate(blocks):
             heights = [r.block_bytes.get(block, 0) / scale for r in rounds]
             colour = "#9e9e9e" if block == PROTOCOL_BYTES else f"C{index % 10}"
-            axes.bar(positions, heights, bottom=bottoms, label=block, color=colour)
+            if len(rounds) <= _MANY_ROUNDS:
+                axes.bar(positions, heights, bottom=bottoms, label=block, color=colour)
+            stacks.append(heights)
+            colours.append(colour)
             bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
+        if len(rounds) > _MANY_ROUNDS:  # one filled area per block: thousands of bars take seconds to draw
+            axes.stackplot(positions, stacks, labels=blocks, colors=colours, step="mid")
         if len(rounds) <= 30:
-            axes.set_xticks(positions, [str(r.round_id) for r in rounds])
+            axes.set_xticks(positions, [r.label for r in rounds])
         else:
             step = math.ceil(len(rounds) / 30)
-            axes.set_xticks(positions[::step], [str(r.round_id) for r in rounds[::step]])
+            axes.set_xticks(positions[::step], [r.label for r in rounds[::step]])
         axes.set_xlabel("round")
         axes.set_ylabel(f"bytes out ({unit})")
-        axes.legend(loc="upper left", fontsize="small")
+        _legend_below(figure, axes)
     else:
         _no_data(axes, "nothing left the site in any round")
     axes.set_title("Bytes out per block per round")
-    return _png(figure)
+    return figure
 
 
-def _plot_participation(review: Review) -> bytes:
+def participation_figure(review: Review) -> Any:
+    """The participation plot (a matplotlib ``Figure``): each round joined or declined."""
     from matplotlib.patches import Patch
 
     figure = _new_figure()
@@ -790,27 +1050,32 @@ def _plot_participation(review: Review) -> bytes:
                 return _DECLINED_COLOUR
             return _JOINED_COLOUR if entry.joined else _OTHER_COLOUR
 
-        xs = [r.round_id for r in review.rounds]
-        axes.bar(xs, [1] * len(xs), color=[colour(r) for r in review.rounds], width=0.8)
-        declined = sum(r.declined for r in review.rounds)
-        joined = sum(r.joined and not r.declined for r in review.rounds)
-        other = len(review.rounds) - joined - declined
+        positions = list(range(len(review.rounds)))
+        if len(positions) <= _MANY_ROUNDS:
+            axes.bar(positions, [1] * len(positions), color=[colour(r) for r in review.rounds], width=0.8)
+        else:  # one line per round, drawn as a single collection
+            axes.vlines(positions, 0, 1, colors=[colour(r) for r in review.rounds],
+                        linewidth=max(0.5, 400 / len(positions)))
+        joined, declined, other = _participation(review)
         handles = [
             Patch(color=_JOINED_COLOUR, label=f"joined ({joined})"),
             Patch(color=_DECLINED_COLOUR, label=f"declined ({declined})"),
         ]
         if other:
             handles.append(Patch(color=_OTHER_COLOUR, label=f"no decision recorded ({other})"))
-        axes.legend(handles=handles, loc="upper left", fontsize="small", ncols=len(handles))
-        axes.set_ylim(0, 1.4)
+        _legend_below(figure, axes, handles, [h.get_label() for h in handles])
+        axes.set_ylim(0, 1.05)
         axes.set_yticks([])
         axes.set_xlabel("round")
-        if len(xs) <= 30:
-            axes.set_xticks(xs)
+        if len(positions) <= 30:
+            axes.set_xticks(positions, [r.label for r in review.rounds])
+        else:
+            step = math.ceil(len(positions) / 30)
+            axes.set_xticks(positions[::step], [r.label for r in review.rounds[::step]])
     else:
         _no_data(axes, "no rounds recorded")
     axes.set_title("Rounds joined and declined")
-    return _png(figure)
+    return figure
 
 
 def _h(value: object) -> str:
@@ -843,6 +1108,7 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2r
 h1 { font-size: 1.6rem; } h2 { font-size: 1.2rem; margin-top: 2rem; }
 code, .mono { font-family: ui-monospace, "SFMono-Regular", Menlo, monospace; }
 .note { background: #fff8e1; border-left: 4px solid #f9a825; padding: .5rem 1rem; }
+.verified { background: #e8f5e9; border-left: 4px solid #2e7d32; padding: .5rem 1rem; }
 dl.summary { display: grid; grid-template-columns: max-content auto; gap: .25rem 1rem; }
 dl.summary dt { font-weight: 600; }
 table { border-collapse: collapse; width: 100%; font-size: .9rem; }
@@ -855,7 +1121,8 @@ img { max-width: 100%; height: auto; display: block; margin: .5rem 0; }
 """
 
 
-def write_html(review: Review, path: Path, *, site_id: str, epsilon_budget: float | None) -> None:
+def write_html(review: Review, path: Path, *, site_id: str, epsilon_budget: float | None,
+               ledger: LedgerView | None = None, verification: Verification | None = None) -> None:
     """Write the review as one self-contained HTML page (atomically).
 
     The page has three plots (epsilon over rounds against the budget, bytes out per block
@@ -867,6 +1134,12 @@ def write_html(review: Review, path: Path, *, site_id: str, epsilon_budget: floa
         path: Where to write the page; replaced atomically (temporary file, fsync, rename).
         site_id: The site the report is for (shown in the title).
         epsilon_budget: The policy's epsilon budget, drawn as a line; ``None`` if unknown.
+        ledger: The site's privacy ledger, reconciled with the log: the summary then
+            gives its total (as ``blossom-site budget`` does) beside what the log proves,
+            and the rounds table its spend for rounds the log shows no training for.
+        verification: What was verified before the review was built, with which key and
+            when: stated at the top of the page. ``None``: the page says that it checked
+            no signature.
 
     Raises:
         ValueError: ``site_id`` differs from the site on the records, or
@@ -887,29 +1160,52 @@ def write_html(review: Review, path: Path, *, site_id: str, epsilon_budget: floa
             raise ValueError("epsilon_budget must be a number or None")
         if not math.isfinite(epsilon_budget) or epsilon_budget <= 0:
             raise ValueError("epsilon_budget must be a positive finite number")
-    page = _render_html(review, site_id=site_id, epsilon_budget=epsilon_budget)
+    page = _render_html(review, site_id=site_id, epsilon_budget=epsilon_budget, ledger=ledger,
+                        verification=verification)
     atomic_write(Path(path), page.encode("utf-8"))
 
 
 def _fmt_epsilon(value: float | None, training: Training | None) -> str:
     """An epsilon, marked ``(nominal)`` when it comes from a seeded simulation."""
-    text = _fmt_number(value)
+    text = _fmt_eps(value)
     return text + " (nominal)" if value is not None and training is not None and training.nominal else text
 
 
-def _render_html(review: Review, *, site_id: str, epsilon_budget: float | None) -> str:
+def _verification_text(verification: Verification | None) -> str:
+    if verification is None:
+        return ("NOT VERIFIED: this page summarises the audit records it was given and did not check their "
+                "signatures, hash chain or checkpoint. Run blossom-site audit verify and rely on this page only if "
+                "it passes.")
+    span = "an empty log" if verification.last_seq is None else f"seq 0..{verification.last_seq}"
+    pinned = (" The key matched the fingerprint given out of band (--fingerprint)." if verification.pinned else
+              " Compare this fingerprint with the one recorded out of band (the federation roster).")
+    what = ("every record's Ed25519 signature, the hash chain and the signed checkpoint" if verification.every_signature
+            else "the hash chain and the Ed25519-signed checkpoint that binds every record through it (and the own "
+                 "signature of any record after the checkpoint)")
+    return (f"VERIFIED at {verification.verified_at}: {what}, {verification.records} records ({span}, chain head "
+            f"{verification.last_hash[:16]}...), with the public key {verification.key_fingerprint} from "
+            f"{verification.key_source}." + pinned)
+
+
+def _render_html(review: Review, *, site_id: str, epsilon_budget: float | None, ledger: LedgerView | None = None,
+                 verification: Verification | None = None) -> str:
     generated = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    joined = sum(r.joined for r in review.rounds)
-    declined = sum(r.declined for r in review.rounds)
-    epsilon = review.epsilon_total
+    joined, declined, other = _participation(review)
     deltas = sorted({r.training.delta for r in review.rounds if r.training is not None})
-    budget_text = "not given" if epsilon_budget is None else f"{epsilon_budget:g}"
+    participation = f"{joined} / {declined}" + (f" ({other} with no decision recorded)" if other else "")
+    protocol = sum(t.payload_bytes for t in review.block_totals if t.block == PROTOCOL_BYTES)
     summary = [
         ("Records", f"{review.records} ({review.first_time or '-'} to {review.last_time or '-'})"),
-        ("Identity key fingerprint", ", ".join(review.key_fingerprints) or "not recorded"),
-        ("Rounds joined / declined", f"{joined} / {declined}"),
-        ("Bytes out", f"{_fmt_bytes(review.payload_bytes)} ({review.payload_bytes} bytes)"),
-        ("Epsilon spent / budget", f"{_fmt_number(epsilon)} / {budget_text}"),
+        ("Identity key fingerprint (recorded at init)", ", ".join(review.key_fingerprints) or "not recorded"),
+        ("Rounds", f"{len(review.rounds)} answered"
+         + (f"; {sum(r.occurrence > 1 for r in review.rounds)} round number(s) answered more than once (a log from "
+            "before round numbers were kept across runs): each answer is its own row"
+            if any(r.occurrence > 1 for r in review.rounds) else "")),
+        ("Rounds joined / declined", participation),
+        ("Bytes out", f"{_fmt_bytes(review.payload_bytes)} ({review.payload_bytes} bytes): "
+                      f"{_fmt_bytes(review.payload_bytes - protocol)} of model blocks, "
+                      f"{_fmt_bytes(protocol)} of protocol messages (keys, shares, signatures, reports)"),
+        ("Epsilon spent", epsilon_summary(review, ledger, epsilon_budget)),
         (
             "DP noise",
             "from the OS CSPRNG in every round (each epsilon is a guarantee)" if not review.nominal_rounds else
@@ -925,24 +1221,11 @@ def _render_html(review: Review, *, site_id: str, epsilon_budget: float | None) 
     ]
     summary_html = "".join(f"<dt>{_h(k)}</dt><dd>{_h(v)}</dd>" for k, v in summary)
 
-    rounds_rows = []
-    for entry in review.rounds:
-        t = entry.training
-        rounds_rows.append(
-            (
-                entry.round_id,
-                entry.status,
-                "; ".join(entry.decline_reasons) or "-",
-                _fmt_epsilon(t.epsilon_round if t else None, t),
-                _fmt_epsilon(t.epsilon_total if t else None, t),
-                _fmt_number(t.delta if t else None),
-                "-" if t is None else t.steps,
-                ", ".join(entry.stages_completed) or "-",
-                len(entry.egress),
-                entry.payload_bytes,
-                ", ".join(p[:12] for p in entry.policy_sha256s) or "-",
-            )
-        )
+    rounds_rows = [
+        (line.label, line.status, line.reasons, line.epsilon_round, line.epsilon_total, line.delta, line.steps,
+         line.stages, line.messages, line.payload_bytes, line.policies)
+        for line in _round_lines(review, ledger, review.rounds)
+    ]
     egress_rows = [
         (
             "-" if m.round_id is None else m.round_id,
@@ -973,17 +1256,17 @@ def _render_html(review: Review, *, site_id: str, epsilon_budget: float | None) 
 
     sections = [
         "<h2>Privacy spent over rounds</h2>",
-        _img(_plot_epsilon(review, epsilon_budget), "Epsilon spent per round and in total, against the budget"),
+        _img(_png(epsilon_figure(review, epsilon_budget)), "Epsilon spent per round and in total, against the budget"),
         "<h2>Bytes out per block per round</h2>",
-        _img(_plot_bytes(review), "Bytes that left the site per round, stacked by block"),
+        _img(_png(bytes_figure(review)), "Bytes that left the site per round, stacked by block"),
         "<h2>Rounds joined and declined</h2>",
-        _img(_plot_participation(review), "Rounds joined and declined"),
+        _img(_png(participation_figure(review)), "Rounds joined and declined"),
         "<h2>Rounds</h2>",
         _html_table(
             (
                 "Round",
                 "Status",
-                "Reason declined",
+                "Reason declined, errors",
                 "Epsilon (round)",
                 "Epsilon (total)",
                 "Delta",
@@ -1019,9 +1302,10 @@ def _render_html(review: Review, *, site_id: str, epsilon_budget: float | None) 
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>Audit review: {_h(site_id)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
         f"<h1>Audit review: site <code>{_h(site_id)}</code></h1>\n"
-        f'<p class="note">Generated {_h(generated)}. This page summarises the audit records '
-        "it was given; it does not check their signatures or hash chain. Run "
-        "<code>blossom-site audit verify</code> and rely on this page only if it passes. Bytes "
-        "marked ~ were split between the blocks of one message by element count.</p>\n"
+        f'<p class="{"verified" if verification is not None else "note"}">{_h(_verification_text(verification))}</p>\n'
+        f'<p>Generated {_h(generated)}. Bytes marked ~ were split between the blocks of one message by element '
+        "count (records written before byte counts per block were recorded); every other figure is as recorded. "
+        "Bytes that carry no block values (keys, shares, signatures, reports) are counted as "
+        f"<code>{_h(PROTOCOL_BYTES)}</code>.</p>\n"
         f'<dl class="summary">{summary_html}</dl>\n' + "\n".join(sections) + "\n</body>\n</html>\n"
     )

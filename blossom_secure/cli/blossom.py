@@ -20,7 +20,7 @@ from rich.table import Table
 from blossom_secure.cli import EXIT_OK, ArgumentParser, UsageError, console, run
 
 QUICK_ROUNDS = 3
-#: The coordinator's round counter in its --out folder.
+#: The coordinator's round counter in its --out folder (blossom_secure.coordinator.counter).
 COORDINATOR_STATE_FILE = "coordinator-state.json"
 _TEST_PKI_NOTE = "for local trials only; a real deployment uses the hospital's and the coordinator's own PKI"
 
@@ -161,34 +161,20 @@ def _dev_certificates(args) -> int:
 
 
 def _read_next_round(path: Path, federation_id: str) -> int:
-    """The first round a restarted coordinator may use (0 for a new one)."""
-    import json
+    """The first round a restarted coordinator may use (0 for a new one); exit 2 if unusable."""
+    from blossom_secure.coordinator.counter import read_next_round
 
-    if not path.exists():
-        return 0
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: cannot read the coordinator's round counter: {exc}") from None
-    if not isinstance(doc, dict) or set(doc) != {"format", "federation", "next_round"} or doc["format"] != 1:
-        raise UsageError(f"{path}: not a coordinator round counter (format 1)")
-    if doc["federation"] != federation_id:
-        raise UsageError(f"{path}: the round counter is for federation {doc['federation']!r}, not {federation_id!r}")
-    next_round = doc["next_round"]
-    if isinstance(next_round, bool) or not isinstance(next_round, int) or next_round < 0:
-        raise UsageError(f"{path}: next_round must be a non-negative integer")
-    return next_round
+    return read_next_round(path, federation_id)
 
 
 def _coordinator_serve(args) -> int:
     """Start the SuperLink, run the rounds over the joined sites, write the results, end the SuperLink."""
-    import json
     import signal
 
-    from blossom_secure._fs import atomic_write
     from blossom_secure.cli import EXIT_PROTOCOL, err_console
     from blossom_secure.config import load_federation
     from blossom_secure.coordinator.checkpoint import load_checkpoint
+    from blossom_secure.coordinator.counter import write_next_round
     from blossom_secure.coordinator.rounds import initial_global_blocks
     from blossom_secure.roster import load_node_keys, load_roster
     from blossom_secure.runtimes.flower import processes
@@ -233,8 +219,7 @@ def _coordinator_serve(args) -> int:
                       f"({len(checkpoint.reports)} finished round(s) in {out})", markup=False)
     rounds = args.rounds or federation.training.rounds
     # reserve the round numbers before any site can answer them: a restart never reuses one
-    atomic_write(state_path, json.dumps({"format": 1, "federation": federation.id,
-                                         "next_round": first_round + rounds}).encode() + b"\n", mode=0o600)
+    write_next_round(state_path, federation.id, first_round + rounds)
     # the Control API is on the same port; reach a wildcard listener over loopback
     connect = f"127.0.0.1:{port}" if host in ("0.0.0.0", "::") else args.address
     log_path = out / "flower-superlink.log"
@@ -357,7 +342,9 @@ def _experiment(args, argv: list[str]) -> int:
 
 
 def _simulate(args) -> int:
+    from blossom_secure.cli import EXIT_BUDGET, EXIT_INVALID_INPUT, err_console
     from blossom_secure.runtimes.embedded.federation import simulate
+    from blossom_secure.site.agent import DECLINED_BUDGET, DECLINED_POLICY
 
     rounds = args.rounds
     if args.quick:
@@ -375,28 +362,48 @@ def _simulate(args) -> int:
         rounds_total = rounds
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
-        bar = progress.add_task("loading sites", total=rounds_total)
+        bar = progress.add_task("checking sites", total=rounds_total)
 
         def on_setup(line: str) -> None:
-            console.print(f"  site {line}")
+            console.print(f"  site {line}", markup=False)
 
         def on_round(report, agents) -> None:
-            progress.update(bar, advance=1, description=f"round {report.round_id + 1}")
+            progress.update(bar, advance=1, description=f"round {report.round_id}")
             console.print(_round_table(report, agents))
 
         result = simulate(sites_root=args.sites, rounds=rounds, out_dir=args.out, mode=args.mode,
                           secure=False if args.plaintext else None, seed=args.seed, fresh=args.fresh,
                           allow_full_model=args.allow_full_model, on_round=on_round, on_setup=on_setup)
-    console.print(f"metrics: {result.metrics_path}")
-    console.print(f"global shared blocks: {result.out_dir / 'global_blocks.npz'}")
-    console.print("each site's private blocks, ledger and audit log: <site>/state/")
+    ids = result.round_ids
+    console.print(f"rounds {ids[0]} to {ids[-1]} (a round's number is never reused: the next run continues from "
+                  f"{result.out_dir / COORDINATOR_STATE_FILE})", markup=False)
+    console.print(f"metrics: {result.metrics_path}", markup=False)
+    console.print(f"global shared blocks: {result.out_dir / 'global_blocks.npz'}", markup=False)
+    console.print("each site's private blocks, ledger and audit log: <site>/state/", markup=False)
+    budget = result.sites_declined(DECLINED_BUDGET)
+    policy = result.sites_declined(DECLINED_POLICY)
+
+    def listing(declined: dict[str, list[int]]) -> str:
+        return "; ".join(f"{site} (round{'s' if len(r) > 1 else ''} {', '.join(map(str, r))})"
+                         for site, r in declined.items())
+
+    if not result.any_trained:
+        why = "privacy budget" if budget else "policy"
+        err_console.print(f"error: no site trained in any round; declined for {why}: "
+                          f"{listing(budget or policy)} (see `blossom-site budget` and `blossom-site audit review`)",
+                          markup=False, soft_wrap=True)
+        return EXIT_BUDGET if budget else EXIT_INVALID_INPUT
+    if budget:
+        err_console.print(f"error: the privacy budget stopped {listing(budget)} from joining; the others went on "
+                          "and the results are written (see `blossom-site budget`)", markup=False, soft_wrap=True)
+        return EXIT_BUDGET
     return EXIT_OK
 
 
 def _round_table(report, agents) -> Table:
     """The round as the coordinator saw it: only what each site's report released."""
     nominal = any(s["reported"] and s["epsilon_nominal"] for s in report.sites.values())
-    table = Table(title=f"round {report.round_id + 1}", title_justify="left", caption_justify="left",
+    table = Table(title=f"round {report.round_id}", title_justify="left", caption_justify="left",
                   caption="epsilon*: nominal (seeded simulation: the noise is reproducible, not a privacy guarantee)"
                   if nominal else None)
     for col in ("site", "task", "accuracy", "macro-F1", "chance", "epsilon", "status"):
@@ -408,7 +415,7 @@ def _round_table(report, agents) -> Table:
             table.add_row(agent.id, "-", "-", "-", "-", "-", ("trained" if s["joined"] else "did not join")
                           + "; report withheld by policy")
             continue
-        eps = "-" if s["epsilon"] is None else f"{s['epsilon']:.2f}" + ("*" if s["epsilon_nominal"] else "")
+        eps = "-" if s["epsilon"] is None else f"{s['epsilon']:.3f}" + ("*" if s["epsilon_nominal"] else "")
         for task, m in sorted(s["tasks"].items()):
             table.add_row(agent.id, task, _rate(m["accuracy"]), _rate(m["macro_f1"]),
                           _rate(m["majority_class_rate"]), eps, status)

@@ -29,6 +29,8 @@ from blossom_secure.cli import EXIT_AUDIT_FAILED, EXIT_OK, ArgumentParser, Usage
 _RESTART_PAUSE_S = 2.0
 _MAX_RESTART_PAUSE_S = 60.0
 _FINGERPRINT_HELP = "the key fingerprint recorded out of band; refuse if the site's key differs"
+#: `audit review` prints the last this many egress messages (all with --round or --html).
+_TERMINAL_MESSAGES = 200
 
 
 def _parser() -> ArgumentParser:
@@ -47,10 +49,34 @@ def _parser() -> ArgumentParser:
     site_cmd("budget", "privacy budget: epsilon spent per round and remaining")
     audit = sub.add_parser("audit", help="the site's audit log")
     asub = audit.add_subparsers(dest="audit_command", required=True, parser_class=ArgumentParser)
-    verify = site_cmd("verify", "recompute the hash chain and signatures; exit 1 if the log was altered", asub)
-    review = site_cmd("review", "what left the site, per round and block, and the privacy spent", asub)
+    verify = asub.add_parser(
+        "verify", help="recompute the hash chain and signatures; exit 1 if the log was altered",
+        description="Verify a site's audit log: every record's signature, the hash chain and the signed checkpoint. "
+                    "With --public-key or --roster only the site's PUBLIC key is needed (an auditor's copy of the "
+                    "log); without them the site folder's own key file is used.")
+    review = asub.add_parser(
+        "review", help="what left the site, per round and block, and the privacy spent",
+        description="Verify the audit log (as `audit verify` does), then summarise it: per round, what left the "
+                    "site and the privacy spent; with a site folder, beside the privacy ledger.")
+    for cmd in (verify, review):
+        cmd.add_argument("site_dir", type=Path, metavar="SITE_DIR|LOG",
+                         help="the site folder, or an audit log file (audit.jsonl, its audit.head.json beside it)")
+        cmd.add_argument("--federation", type=Path, default=None,
+                         help="federation file (default: the one the site file names)")
+        key = cmd.add_mutually_exclusive_group()
+        key.add_argument("--public-key", default=None, metavar="KEY",
+                         help="verify with this public key only: a PEM file (BEGIN PUBLIC KEY), a file holding the "
+                              "64 hex digits of the roster entry, or those 64 hex digits")
+        key.add_argument("--roster", type=Path, default=None, metavar="ROSTER.toml",
+                         help="verify with the site's public key from the federation roster (see --site)")
+        cmd.add_argument("--site", default=None, metavar="ID",
+                         help="the site id to look up in --roster (default: the site folder's id)")
+    verify.add_argument("--every-signature", action="store_true",
+                        help="also check each record's own signature (slower; the signed checkpoint already binds "
+                             "every record it covers through the hash chain)")
     review.add_argument("--round", type=int, default=None, dest="round_id", help="only this round")
-    review.add_argument("--html", type=Path, default=None, help="also write a self-contained HTML report")
+    review.add_argument("--html", type=Path, default=None,
+                        help="also write a self-contained HTML report to this file (its folder must exist)")
     ledger = sub.add_parser("ledger", help="the site's privacy ledger")
     lsub = ledger.add_subparsers(dest="ledger_command", required=True, parser_class=ArgumentParser)
     rebuild = site_cmd("rebuild", "rebuild the privacy ledger from the verified audit log (keeping rounds it is "
@@ -73,9 +99,12 @@ def _parser() -> ArgumentParser:
                            "coordinator registered from its roster's [roster.node_keys]")
     entry = site_cmd("roster-entry", "print this site's line for the federation's roster.toml (its identity "
                                      "public key; with --node-key, its SuperNode key)")
-    entry.add_argument("--node-key", action="store_true",
+    shown = entry.add_mutually_exclusive_group()
+    shown.add_argument("--node-key", action="store_true",
                        help="print the [roster.node_keys] line instead: the public half of the SuperNode key "
                             "(keys/flower-node.key, created on first use)")
+    shown.add_argument("--pem", action="store_true",
+                       help="print the identity PUBLIC key as PEM instead (for auditors: `audit verify --public-key`)")
     return p
 
 
@@ -127,14 +156,18 @@ def _check(args) -> int:
             missing.append(Problem(str(site.root / "site.toml"), "synth",
                                    "example site: generate its data with `blossom data synth`"))
         raise DataError(missing)
+    console.print(f"[bold]{site.name}[/bold] ({site.id}) in federation {federation.id!r}")
+    console.print(f"policy {site.policy.path} sha256 {site.policy.sha256[:16]}...")
+    console.print("reading the data (every study is decoded) ...", markup=False)
     arrays = load_arrays(site, federation)
     sizes = BlockModel(federation.layout, site.modalities, tuple(site.tasks)).block_sizes()
 
-    console.print(f"[bold]{site.name}[/bold] ({site.id}) in federation {federation.id!r}")
-    console.print(f"policy {site.policy.path} sha256 {site.policy.sha256[:16]}...")
     data = Table(title="data", title_justify="left")
     data.add_column("item")
     data.add_column("patients", justify="right")
+    data.add_row("rows in the clinical CSV", str(arrays.patients_in_csv))
+    data.add_row("dropped: no label for any task", str(arrays.dropped_without_label))
+    data.add_row("dropped: no imaging study and no complete clinical row", str(arrays.dropped_without_modality))
     data.add_row("patients usable", str(len(arrays.patient_ids)))
     if arrays.image is not None:
         data.add_row("with imaging study", str(int(arrays.image_present.sum())))
@@ -165,8 +198,36 @@ def _check(args) -> int:
     console.print(f"round report (metrics, epsilon; never counts) "
                   f"{'may leave' if site.policy.metrics_may_leave else 'stays in the site'} (\\[reporting] metrics)")
     _print_public_terms(federation, site)
-    console.print("[green]valid[/green]")
+    warnings = _check_warnings(federation, site)
+    for line in warnings:
+        console.print(f"warning: {line}", markup=False, soft_wrap=True)
+    console.print("[green]valid[/green]" + (f" ({len(warnings)} warning{'s' if len(warnings) != 1 else ''})"
+                                            if warnings else ""))
     return EXIT_OK
+
+
+def _check_warnings(federation, site) -> list[str]:
+    """What makes a valid site useless in this federation: it would decline every round,
+    no shared block could ever leave, or a wildcard pattern matches no block."""
+    from blossom_secure.site.agent import policy_refusal
+    from blossom_secure.site.config import shareable_pattern_warnings
+
+    warnings = list(shareable_pattern_warnings(site.policy, federation))
+    reason = policy_refusal(site, federation, secure=federation.aggregation.secure)
+    if reason is not None:
+        warnings.append(f"the site would decline every round: {reason}")
+    groups = federation.aggregation.groups
+    largest = {}
+    for block in site.blocks:
+        if site.policy.is_shareable(block):
+            members = groups.get(block)
+            largest[block] = len(members) if members is not None else (federation.aggregation.max_sites or 0)
+    need = max(site.policy.min_contributors, federation.aggregation.min_contributors or 0)
+    if largest and all(0 < size < need for size in largest.values()):
+        warnings.append(f"no shared block can ever leave: the policy needs groups of at least {need} sites "
+                        f"([secure_aggregation] min_contributors), but the federation's groups hold at most "
+                        f"{max(largest.values())}")
+    return warnings
 
 
 def _print_public_terms(federation, site) -> None:
@@ -193,8 +254,8 @@ def _print_public_terms(federation, site) -> None:
 def _budget(args) -> int:
     from blossom_secure.audit import log as audit
     from blossom_secure.crypto import identity_public_key
-    from blossom_secure.site.ledger import PrivacyLedger, compute_epsilon, load_reconciled_ledger
-    from blossom_secure.site.agent import AUDIT_FILE, LEDGER_FILE
+    from blossom_secure.site.ledger import PrivacyLedger, load_reconciled_ledger
+    from blossom_secure.site.config import AUDIT_FILE, LEDGER_FILE
 
     _, site = _load(args)
     terms = site.policy.privacy
@@ -210,16 +271,16 @@ def _budget(args) -> int:
     for col in ("round", "noise multiplier", "sample rate", "steps", "epsilon added", "epsilon total", "noise"):
         table.add_column(col, justify="right" if col != "noise" else "left")
     previous = 0.0
-    for i, e in enumerate(ledger.entries):
-        # recomputed from the history for the policy's current delta (the file's totals
-        # were for the delta in force when each round was recorded)
-        total = compute_epsilon(ledger.history[: i + 1], accountant=terms.accountant, delta=terms.delta)
+    # recomputed from the history for the policy's current delta (the file's totals were
+    # for the delta in force when each round was recorded); `audit review` shows the same
+    totals = _ledger_totals(ledger, terms)
+    for e, total in zip(ledger.entries, totals, strict=True):
         table.add_row(str(e.round_id), f"{e.noise_multiplier:.3f}", f"{e.sample_rate:.4f}", str(e.steps),
                       f"{total - previous:.3f}", f"{total:.3f}",
                       "seeded simulation: epsilon NOMINAL" if e.is_nominal else "OS CSPRNG")
         previous = total
     console.print(table)
-    spent = ledger.epsilon_spent
+    spent = totals[-1] if totals else 0.0
     console.print(f"spent {spent:.3f} of {terms.epsilon_budget:g}; remaining {max(0.0, terms.epsilon_budget - spent):.3f}")
     nominal = sum(e.is_nominal for e in ledger.entries)
     if nominal:
@@ -238,7 +299,7 @@ def _init(args) -> int:
     from blossom_secure.audit import log as audit
     from blossom_secure.crypto import identity_public_key, key_fingerprint
     from blossom_secure.site.keys import load_or_create_identity_key
-    from blossom_secure.site.agent import AUDIT_FILE
+    from blossom_secure.site.config import AUDIT_FILE
 
     _, site = _load(args)
     key, created = load_or_create_identity_key(site.keys_dir)
@@ -272,52 +333,203 @@ def _checked_key(args, site):
     expected = getattr(args, "fingerprint", None)
     if expected is not None and expected.strip().lower() != fingerprint:
         err_console.print(f"error: the site's key has fingerprint {fingerprint}, not the expected {expected}: "
-                          "the key was replaced, so its signatures prove nothing", markup=False)
+                          "the key was replaced, so its signatures prove nothing", markup=False, soft_wrap=True)
         return None
     return key, fingerprint
 
 
-def _verified_records(args, site):
-    from blossom_secure.audit import log as audit
-    from blossom_secure.crypto import identity_public_key
+def _audit_target(args):
+    """``(log_path, site or None)``: the positional is a site folder, a folder holding
+    ``audit.jsonl``, or the audit log file itself."""
     from blossom_secure.errors import DataError, Problem
-    from blossom_secure.site.agent import AUDIT_FILE
+    from blossom_secure.site.config import AUDIT_FILE
 
-    checked = _checked_key(args, site)
-    if checked is None:
+    target: Path = args.site_dir
+    if target.is_dir() and (target / "site.toml").is_file():
+        _, site = _load(args)
+        return site.state_dir / AUDIT_FILE, site
+    if target.is_dir() and (target / AUDIT_FILE).is_file():
+        return target / AUDIT_FILE, None
+    if target.is_file():
+        return target, None
+    if target.is_dir():
+        raise DataError([Problem(str(target), "", f"neither a site folder (site.toml) nor a folder holding "
+                                                  f"{AUDIT_FILE}")])
+    raise DataError([Problem(str(target), "", "not found (give the site folder or the audit log file)")])
+
+
+def _read_public_key(value: str) -> tuple[bytes, str]:
+    """``--public-key``: a PEM file, a file of 64 hex digits, or 64 hex digits. Returns the
+    raw key and where it came from, in words."""
+    import re
+
+    from blossom_secure.crypto import public_key_from_pem
+    from blossom_secure.errors import Problem
+    from blossom_secure.site.keys import KeyFileError
+
+    hex_key = re.compile(r"[0-9a-fA-F]{64}")
+    path = Path(value)
+    if not path.exists() and hex_key.fullmatch(value.strip()):
+        return bytes.fromhex(value.strip()), "--public-key (hex)"
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(4097)
+    except OSError as exc:
+        raise KeyFileError([Problem(value, "", f"--public-key: cannot read ({exc.strerror or exc})")]) from None
+    if len(data) > 4096:
+        raise KeyFileError([Problem(value, "", "--public-key: too large to be an Ed25519 public key")])
+    if b"PRIVATE KEY" in data:
+        raise KeyFileError([Problem(value, "", "--public-key: this is a PRIVATE key; give the public key only "
+                                               "(`blossom-site roster-entry SITE_DIR --pem` prints it)")])
+    if b"-----BEGIN" in data:
+        try:
+            return public_key_from_pem(data), f"public-key file {value}"
+        except ValueError as exc:
+            raise KeyFileError([Problem(value, "", f"--public-key: {exc}")]) from None
+    text = data.decode("ascii", errors="replace").strip()
+    # a roster line ("st-mary" = "<hex>") or the bare hex digits
+    found = re.findall(r"[0-9a-fA-F]{64}", text)
+    if len(found) == 1 and (hex_key.fullmatch(text) or re.fullmatch(r'"?[a-z0-9_-]+"?\s*=\s*"[0-9a-fA-F]{64}"', text)):
+        return bytes.fromhex(found[0]), f"public-key file {value}"
+    raise KeyFileError([Problem(value, "", "--public-key: not a PEM Ed25519 public key nor 64 hex digits")])
+
+
+def _verification_key(args, site):
+    """The public key to verify with, where it came from, and the site id it must belong
+    to (or ``None``); or ``None`` after saying why if ``--fingerprint`` differs."""
+    from blossom_secure.crypto import identity_public_key, key_fingerprint
+    from blossom_secure.errors import PolicyError, Problem
+
+    if args.site is not None and site is not None and args.site != site.id:
+        raise UsageError(f"--site {args.site} is not the site folder's id {site.id!r}")
+    site_id = args.site or (site.id if site is not None else None)
+    if args.public_key is not None:
+        public, source = _read_public_key(args.public_key)
+    elif args.roster is not None:
+        from blossom_secure.roster import load_roster
+
+        federation = None
+        if site is not None:
+            federation, _ = _load(args)
+        if site_id is None:
+            raise UsageError("--roster needs --site ID (the site whose log this is)")
+        roster = load_roster(args.roster, federation=federation)
+        if site_id not in roster:
+            raise PolicyError([Problem(str(args.roster), f"roster.sites.{site_id}", "no such site in the roster")])
+        public, source = roster[site_id], f"roster {args.roster} (site {site_id})"
+    elif site is not None:
+        public = identity_public_key(_open_key(site))
+        source = f"the site's key file {site.keys_dir / 'identity.pem'}"
+    else:
+        raise UsageError("an audit log file needs a key: pass --public-key KEY or --roster ROSTER.toml --site ID")
+    fingerprint = key_fingerprint(public)
+    expected = args.fingerprint
+    if expected is not None and expected.strip().lower() != fingerprint:
+        err_console.print(f"error: the key from {source} has fingerprint {fingerprint}, not the expected {expected}: "
+                          "it is not the key recorded out of band (the key was replaced, or is another site's), so "
+                          "its signatures prove nothing", markup=False, soft_wrap=True)
         return None
-    key, fingerprint = checked
-    public = identity_public_key(key)
-    path = site.state_dir / AUDIT_FILE
-    if not path.exists():
-        raise DataError([Problem(str(path), "", "no audit log (run `blossom-site init`)")])
-    report, records = audit.read_verified_records(path, public_key=public)
-    return fingerprint, report, records
+    return public, source, fingerprint, site_id
+
+
+def _verified_records(args, site=None, log_path=None):
+    """Verify the log; returns ``(verification, report, records)`` or ``None`` (exit 1 said)."""
+    from datetime import UTC, datetime
+
+    from blossom_secure.audit import log as audit
+    from blossom_secure.audit.report import Verification
+    from blossom_secure.errors import AuditIntegrityError, DataError, Problem
+
+    if log_path is None:
+        log_path, site = _audit_target(args)
+    chosen = _verification_key(args, site)
+    if chosen is None:
+        return None
+    public, source, fingerprint, site_id = chosen
+    if not log_path.exists() and not audit.checkpoint_path(log_path).exists():
+        raise DataError([Problem(str(log_path), "", "no audit log (run `blossom-site init`)")])
+    report, records = audit.read_verified_records(log_path, public_key=public,
+                                                  every_signature=getattr(args, "every_signature", False))
+    if site_id is not None and report.site_id is not None and report.site_id != site_id:
+        raise AuditIntegrityError(line=1, seq=0, reason=f"the log's records name site {report.site_id!r}, not "
+                                                        f"{site_id!r}")
+    verification = Verification(
+        key_fingerprint=fingerprint, key_source=source, verified_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        records=report.records, last_seq=report.last_seq, last_hash=report.last_hash,
+        pinned=args.fingerprint is not None, every_signature=getattr(args, "every_signature", False))
+    return verification, report, records
 
 
 def _audit_verify(args) -> int:
-    _, site = _load(args)
-    verified = _verified_records(args, site)
+    verified = _verified_records(args)
     if verified is None:
         return EXIT_AUDIT_FAILED
-    fingerprint, report, _ = verified
-    console.print(f"audit log intact: {report.records} records, seq 0..{report.last_seq}, "
-                  f"{report.first_time} to {report.last_time}")
-    console.print(f"signed by key {fingerprint}; chain head {report.last_hash[:16]}...")
+    verification, report, _ = verified
+    span = "empty" if report.last_seq is None else f"seq 0..{report.last_seq}"
+    console.print(f"audit log intact: {report.records} records, {span}, "
+                  f"{report.first_time} to {report.last_time}", markup=False)
+    console.print(f"signed by key {verification.key_fingerprint}; chain head {report.last_hash[:16]}...", markup=False)
+    console.print(f"verified with the public key from {verification.key_source}"
+                  + ("; it matches --fingerprint" if verification.pinned else ""), markup=False)
     return EXIT_OK
+
+
+def _check_html_path(path: Path) -> None:
+    """``--html``: a file in an existing, writable folder (never a folder; never a folder
+    created on the way)."""
+    from blossom_secure._fs import unwritable_reason
+
+    if path.is_dir():
+        raise UsageError(f"--html {path}: is a folder; give the name of the HTML file to write")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"--html {path}: the folder {parent} does not exist (it is not created)")
+    reason = unwritable_reason(parent, (path.name,))
+    if reason is not None:
+        raise UsageError(f"--html {path}: {reason}")
+
+
+def _ledger_view(site, records):
+    """The site's ledger, reconciled with the verified records, as the review shows it
+    (the same numbers as ``blossom-site budget``); ``None`` if the site never trained."""
+    from blossom_secure.audit.report import LedgerRound, LedgerView
+    from blossom_secure.site.config import AUDIT_FILE, LEDGER_FILE
+    from blossom_secure.site.ledger import load_reconciled_ledger
+
+    path = site.state_dir / LEDGER_FILE
+    terms = site.policy.privacy
+    ledger = load_reconciled_ledger(path, site_id=site.id, terms=terms, records=records,
+                                    audit_file=str(site.state_dir / AUDIT_FILE))
+    totals = _ledger_totals(ledger, terms)
+    rounds = tuple(LedgerRound(round_id=e.round_id, epsilon_total=t, nominal=e.is_nominal)
+                   for e, t in zip(ledger.entries, totals, strict=True))
+    return LedgerView(path=str(path), rounds=rounds, epsilon_spent=totals[-1] if totals else 0.0)
+
+
+def _ledger_totals(ledger, terms) -> list[float]:
+    """The total after each ledger entry, for the policy's current delta and accountant
+    (``budget`` and ``review`` show the same numbers)."""
+    from blossom_secure.site.ledger import compute_epsilon
+
+    return [compute_epsilon(ledger.history[: i + 1], accountant=terms.accountant, delta=terms.delta)
+            for i in range(len(ledger.entries))]
 
 
 def _audit_review(args) -> int:
     from blossom_secure.audit import report as audit_report
 
-    _, site = _load(args)
-    verified = _verified_records(args, site)
+    if args.html is not None:
+        _check_html_path(args.html)
+    log_path, site = _audit_target(args)
+    verified = _verified_records(args, site, log_path)
     if verified is None:
         return EXIT_AUDIT_FAILED
-    fingerprint, report, records = verified
+    verification, report, records = verified
     review = audit_report.summarise(records)
+    ledger = _ledger_view(site, records) if site is not None else None
     try:
-        tables = audit_report.review_table(review, round_id=args.round_id)
+        tables = audit_report.review_table(review, round_id=args.round_id, ledger=ledger,
+                                           max_messages=None if args.round_id is not None else _TERMINAL_MESSAGES)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     for table in tables:
@@ -325,11 +537,15 @@ def _audit_review(args) -> int:
     if review.nominal_rounds:
         console.print(f"[bold]{review.nominal_rounds} round(s) were seeded simulations: their epsilon is nominal "
                       "(the noise follows from a public seed), not a privacy guarantee.[/bold]")
+    budget = site.policy.privacy.epsilon_budget if site is not None else None
+    console.print(f"epsilon spent: {audit_report.epsilon_summary(review, ledger, budget)}", markup=False)
     if args.html is not None:
-        audit_report.write_html(review, args.html, site_id=site.id,
-                                epsilon_budget=site.policy.privacy.epsilon_budget)
-        console.print(f"report: {args.html}")
-    console.print(f"(log verified: {report.records} records, key {fingerprint})")
+        site_id = site.id if site is not None else (review.site_id or args.site or "unknown")
+        audit_report.write_html(review, args.html, site_id=site_id, epsilon_budget=budget, ledger=ledger,
+                                verification=verification)
+        console.print(f"report: {args.html}", markup=False)
+    console.print(f"(log verified: {report.records} records, key {verification.key_fingerprint} from "
+                  f"{verification.key_source})", markup=False)
     return EXIT_OK
 
 
@@ -337,7 +553,7 @@ def _ledger_rebuild(args) -> int:
     from blossom_secure.audit import log as audit
     from blossom_secure.errors import DataError, Problem
     from blossom_secure.site.ledger import rebuild_ledger
-    from blossom_secure.site.agent import AUDIT_FILE, LEDGER_FILE
+    from blossom_secure.site.config import AUDIT_FILE, LEDGER_FILE
 
     _, site = _load(args)
     checked = _checked_key(args, site)
@@ -399,6 +615,11 @@ def _roster_entry(args) -> int:
         console.print(f"# {site.id}: SuperNode key, for [roster.node_keys] (identity key fingerprint "
                       f"{key_fingerprint(public)})", markup=False)
         console.print(f'"{site.id}" = "{line}"', markup=False, soft_wrap=True)
+        return EXIT_OK
+    if args.pem:
+        from blossom_secure.crypto import public_key_to_pem
+
+        console.print(public_key_to_pem(public).decode("ascii").rstrip("\n"), markup=False, soft_wrap=True)
         return EXIT_OK
     console.print(f"# {site.id}: key fingerprint {key_fingerprint(public)}", markup=False)
     console.print(f'"{site.id}" = "{public.hex()}"', markup=False, soft_wrap=True)

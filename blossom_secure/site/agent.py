@@ -30,18 +30,19 @@ from blossom_secure._fs import load_arrays_npz, save_arrays_npz
 from blossom_secure.exchange import BlockOutcome, Contribution
 from blossom_secure.blocks import is_head
 from blossom_secure.config import FederationConfig
-from blossom_secure.site.config import SiteConfig, load_site
+from blossom_secure.site.config import AUDIT_FILE, BLOCKS_FILE, LEDGER_FILE, SiteConfig, load_site
 from blossom_secure.crypto import IdentityKey, identity_public_key, key_fingerprint
 from blossom_secure.site.data import SiteArrays, load_site_arrays, split_holdout
 from blossom_secure.site.dp_random import DPRandomness
-from blossom_secure.site.egress import select_egress, select_report
+from blossom_secure.site.egress import EGRESS_RECIPIENT, egress_block_bytes, select_egress, select_report
 from blossom_secure.errors import PrivacyBudgetExceededError
 from blossom_secure.site.keys import load_or_create_identity_key
 from blossom_secure.model import BlockModel
 from blossom_secure.site.ledger import PrivacyLedger, load_reconciled_ledger
+from blossom_secure.site.round_identity import ANSWER_EVENTS, StaleRoundError, check_round_is_new, last_round_answered
 from blossom_secure.site.training import SiteTensors, evaluate, plan_round, train_dp, train_without_dp_simulation_only
 
-__all__ = ["RoundOffer", "SiteAgent", "ensure_site_data"]
+__all__ = ["RoundOffer", "SiteAgent", "ensure_site_data", "policy_refusal"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +52,6 @@ DECLINED_BUDGET = "privacy budget"
 
 _SECAGG_STAGES = ("advertise_keys", "share_keys", "masked_input", "consistency", "unmask")
 
-BLOCKS_FILE = "blocks.npz"
-LEDGER_FILE = "ledger.json"
-AUDIT_FILE = "audit.jsonl"
 
 
 def ensure_site_data(site: SiteConfig, federation: FederationConfig) -> bool:
@@ -109,6 +107,38 @@ def load_arrays(site: SiteConfig, federation: FederationConfig) -> SiteArrays:
     )
 
 
+def policy_refusal(site: SiteConfig, federation: FederationConfig, *, secure: bool,
+                   coordinator: str | None = None) -> str | None:
+    """Why a site refuses to join a round of ``federation``, or ``None``; decided from the
+    public files alone (site file, policy, federation file), so it can be asked before any
+    site is started.
+
+    ``coordinator`` is the address the site is connected to (a deployed site: its own
+    ``join`` command's ``--coordinator``); ``None`` means the federation file's
+    ``coordinator`` (the embedded runtime). The policy must list it either way.
+
+    Every check that could refuse a contribution later in the protocol runs here,
+    before the site reserves privacy budget or trains: the policy's federation and
+    coordinator, secure aggregation, and a public weight within the federation's bound.
+    """
+    policy = site.policy
+    if policy.federation != federation.id:
+        return f"policy allows federation {policy.federation!r} only"
+    connected = federation.coordinator if coordinator is None else coordinator
+    if connected not in policy.coordinators:
+        return f"coordinator {connected!r} is not allowed by the policy ([policy] coordinators)"
+    if policy.secure_aggregation_required and not secure:
+        return "policy requires secure aggregation; this round would aggregate in plaintext"
+    weight = federation.weighting.weight_of(site.id)
+    if weight is None:
+        return ("the federation file declares no public weight for this site "
+                "([weighting.sites]); its contributions could not be weighted")
+    if weight > federation.aggregation.max_weight:
+        return (f"the site's public weight {weight} exceeds the federation's max_weight "
+                f"{federation.aggregation.max_weight}")
+    return None
+
+
 @dataclass
 class RoundOffer:
     """A site's answer to a round announcement: a contribution, or a reason to decline."""
@@ -143,6 +173,9 @@ class SiteAgent:
             no privacy spend to record), and the round's ``epsilon_total`` is reported as
             infinity. It needs an explicit ``seed`` (a deployment passes ``None``) and no
             policy or site file can ask for it.
+        arrays: The site's data, already loaded with :func:`load_arrays` from this site
+            file (a runtime that checks every site's data before it starts any);
+            ``None``: loaded here.
 
     Raises:
         PolicyError: the site file or policy is invalid.
@@ -154,7 +187,7 @@ class SiteAgent:
     """
 
     def __init__(self, site_dir: Path, federation: FederationConfig, *, seed: int | None = None,
-                 simulation_without_dp: bool = False) -> None:
+                 simulation_without_dp: bool = False, arrays: SiteArrays | None = None) -> None:
         if simulation_without_dp and seed is None:
             raise ValueError("training without differential privacy is for seeded simulations only")
         self.simulation_without_dp = bool(simulation_without_dp)
@@ -168,8 +201,10 @@ class SiteAgent:
         if seed is not None and not self.seeded_noise:
             logger.warning("site %s holds patient data (no [synth] section, no data_origin): its DP noise is drawn "
                            "from the OS CSPRNG, not from the simulation seed", self.config.id)
-        ensure_site_data(self.config, federation)
-        self.arrays = load_arrays(self.config, federation)
+        if arrays is None:
+            ensure_site_data(self.config, federation)
+            arrays = load_arrays(self.config, federation)
+        self.arrays = arrays
         self.train_idx, self.test_idx = split_holdout(self.arrays.patient_ids,
                                                       fraction=federation.training.holdout_fraction,
                                                       seed=federation.training.split_seed)
@@ -239,9 +274,19 @@ class SiteAgent:
         An error after the site joined is written to the audit log (``error``) and raised.
         First the ledger is read again and checked against the verified audit log; a
         ledger behind the log raises ``LedgerError`` (and a log that no longer verifies,
-        ``AuditIntegrityError``) before anything is recorded or reserved.
+        ``AuditIntegrityError``) before anything is recorded or reserved. Then the round
+        number is checked against the same verified log: a round this site already
+        joined or declined (or one before it) raises ``StaleRoundError``, recorded as an
+        ``error``, before anything is reserved
+        (:func:`~blossom_secure.site.round_identity.check_round_is_new`, the check the
+        deployed site steps make).
         """
-        self.ledger = self._reconciled_ledger()
+        self.ledger, records = self._reconciled_ledger_and_records()
+        try:
+            check_round_is_new(records, round_id)
+        except StaleRoundError as exc:
+            self._record_error(None, exc)
+            raise
         reason = self.refusal(secure=secure, coordinator=coordinator)
         kind = DECLINED_POLICY
         entry = plan = None
@@ -293,7 +338,7 @@ class SiteAgent:
                 })
             updates = {b: self.model.get_block(b) - start[b] for b in start}
             egress = select_egress(self.policy, updates)
-        except Exception as exc:
+        except BaseException as exc:  # an interrupt too: the log says why the round has no training record
             self._record_error(round_id, exc)
             raise
         contribution = Contribution(egress=egress, weight=self.public_weight,
@@ -320,37 +365,18 @@ class SiteAgent:
         return DPRandomness.from_os_csprng()
 
     def refusal(self, *, secure: bool, coordinator: str | None = None) -> str | None:
-        """Why this site refuses to join a round, or ``None``.
-
-        ``coordinator``: the address the site is connected to (``None``: the federation
-        file's ``coordinator``, as in the embedded runtime).
-
-        Every check that could refuse a contribution later in the protocol runs here,
-        before the site reserves privacy budget or trains: the policy's federation and
-        coordinator, secure aggregation, a public weight within the federation's bound,
-        and group minimums the federation can meet.
-        """
-        if self.policy.federation != self.federation.id:
-            return f"policy allows federation {self.policy.federation!r} only"
-        connected = self.federation.coordinator if coordinator is None else coordinator
-        if connected not in self.policy.coordinators:
-            return f"coordinator {connected!r} is not allowed by the policy ([policy] coordinators)"
-        if self.policy.secure_aggregation_required and not secure:
-            return "policy requires secure aggregation; this round would aggregate in plaintext"
-        weight = self.public_weight
-        if weight is None:
-            return ("the federation file declares no public weight for this site "
-                    "([weighting.sites]); its contributions could not be weighted")
-        if weight > self.federation.aggregation.max_weight:
-            return (f"the site's public weight {weight} exceeds the federation's max_weight "
-                    f"{self.federation.aggregation.max_weight}")
-        return None
+        """Why this site refuses to join a round, or ``None`` (:func:`policy_refusal`)."""
+        return policy_refusal(self.config, self.federation, secure=secure, coordinator=coordinator)
 
     def _record_error(self, round_id: int | None, exc: BaseException) -> None:
-        """Best effort: an ``error`` record for ``exc`` (never masks the original error)."""
+        """Best effort: an ``error`` record for ``exc`` (never masks the original error).
+        An interrupt (``KeyboardInterrupt``, ``SystemExit``) is recorded as such."""
+        if isinstance(exc, Exception):
+            message = str(exc)[:1000] or type(exc).__name__
+        else:
+            message = f"interrupted ({type(exc).__name__}) during the round"
         try:
-            self._record(audit.ERROR, round_id, {"message": str(exc)[:1000] or type(exc).__name__,
-                                                 "error_type": type(exc).__name__})
+            self._record(audit.ERROR, round_id, {"message": message, "error_type": type(exc).__name__})
         except Exception:  # noqa: BLE001 - the original error is what the caller must see
             logger.exception("site %s could not record an error in its audit log", self.id)
 
@@ -358,11 +384,17 @@ class SiteAgent:
         """Write the audit record of one outbound message. Raises if it cannot be made
         durable; the caller then must not send."""
         self._sent.setdefault(round_id, []).append(message_type)
-        self._record(audit.EGRESS, round_id, {
+        details = {
             "message_type": message_type, "blocks": list(blocks),
             "shapes": {b: [self._block_sizes[b]] for b in blocks},
             "payload_bytes": len(payload), "payload_sha256": hashlib.sha256(payload).hexdigest(),
-        })
+            "recipient": EGRESS_RECIPIENT,
+        }
+        block_bytes = egress_block_bytes(message_type, tuple(blocks), self._block_sizes, len(payload),
+                                         ring_bits=self.federation.aggregation.ring_bits)
+        if block_bytes is not None:
+            details["block_bytes"] = block_bytes
+        self._record(audit.EGRESS, round_id, details)
 
     def record_secagg_outcome(self, round_id: int, *, error: str | None) -> None:
         """Record, after a secure-aggregation round, each stage this site completed (sent
@@ -429,9 +461,20 @@ class SiteAgent:
                 restored from an older copy); nothing is written.
             AuditIntegrityError: the audit log no longer verifies.
         """
-        _, records = self.audit.verified_records(events=(audit.TRAINING_FINISHED,))
-        return load_reconciled_ledger(self.config.state_dir / LEDGER_FILE, site_id=self.id,
-                                      terms=self.policy.privacy, records=records, audit_file=str(self.audit.path))
+        return self._reconciled_ledger_and_records()[0]
+
+    def _reconciled_ledger_and_records(self) -> tuple[PrivacyLedger, list[dict]]:
+        """:meth:`_reconciled_ledger`, and the verified records it was checked against
+        (``training_finished``, ``round_joined`` and ``round_declined``), from one read."""
+        _, records = self.audit.verified_records(events=(audit.TRAINING_FINISHED, *ANSWER_EVENTS))
+        ledger = load_reconciled_ledger(self.config.state_dir / LEDGER_FILE, site_id=self.id,
+                                        terms=self.policy.privacy, records=records, audit_file=str(self.audit.path))
+        return ledger, records
+
+    def last_round_answered(self) -> int | None:
+        """The last round this site's verified audit log shows it joined or declined."""
+        _, records = self.audit.verified_records(events=ANSWER_EVENTS)
+        return last_round_answered(records)
 
     def _record(self, event: str, round_id: int | None, details: dict) -> None:
         self.audit.append(event, round_id=round_id, details=details, policy_sha256=self.policy.sha256)

@@ -20,7 +20,14 @@ from blossom_secure.config import FederationConfig, read_ident
 from blossom_secure.errors import PolicyError, Problem
 from blossom_secure.site.policy import Policy, load_policy
 
-__all__ = ["DATA_ORIGINS", "SiteConfig", "SynthConfig", "load_site", "site_dirs"]
+__all__ = ["AUDIT_FILE", "BLOCKS_FILE", "DATA_ORIGINS", "LEDGER_FILE", "SiteConfig", "SynthConfig",
+           "federation_blocks", "load_site", "shareable_name_problems", "shareable_pattern_warnings", "site_dirs"]
+
+#: The site's files in its state folder (``<site>/state/``): its model blocks (private
+#: ones included), its privacy ledger and its audit log (the signed checkpoint beside it).
+BLOCKS_FILE = "blocks.npz"
+LEDGER_FILE = "ledger.json"
+AUDIT_FILE = "audit.jsonl"
 
 COMPRESSIONS = ("none", "rle", "jpeg2000")
 DATA_ORIGINS = ("patients", "synthetic", "public-benchmark")
@@ -162,6 +169,10 @@ def load_site(site_dir: Path, *, federation: FederationConfig | None = None) -> 
     if policy is not None and federation is not None and policy.federation != federation.id:
         problems.append(Problem(str(policy.path), "policy.federation",
                                 f"allows federation {policy.federation!r}, not {federation.id!r}"))
+    if policy is not None and federation is not None and federation.layout is not None:
+        problems.extend(shareable_name_problems(policy, federation))
+    if modalities is not None and id_col is not None and federation is not None and federation.layout is not None:
+        problems.extend(_column_problems(path, tuple(modalities), id_col, tasks, federation))
     if problems:
         raise PolicyError(problems)
     blocks: tuple[str, ...] = ()
@@ -171,6 +182,74 @@ def load_site(site_dir: Path, *, federation: FederationConfig | None = None) -> 
                       dicom_dir=dicom_dir, clinical_csv=csv, patient_id_column=id_col, tasks=tasks,
                       synth=synth, federation_file=federation_file, blocks=blocks,
                       data_origin=data_origin or "patients")
+
+
+def federation_blocks(federation: FederationConfig) -> tuple[str, ...]:
+    """Every block of the federation's layout that a policy could share: one encoder per
+    modality and the fusion block (heads never leave, so they are not listed)."""
+    layout = federation.layout
+    return tuple(b for b in layout.blocks_for(layout.modalities, ()) if not b.startswith("head."))
+
+
+def shareable_name_problems(policy: Policy, federation: FederationConfig) -> list[Problem]:
+    """``[sharing] shareable`` entries that name no block of the federation's layout: an
+    exact name that matches nothing is a problem (a typo such as ``encoder.imaging`` would
+    otherwise silently share nothing). A wildcard that matches nothing is only a warning
+    (:func:`shareable_pattern_warnings`)."""
+    import difflib
+
+    blocks = federation_blocks(federation)
+    problems = []
+    for entry in policy.shareable:
+        if any(c in entry for c in "*?[") or entry in blocks:
+            continue
+        close = difflib.get_close_matches(entry, blocks, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        problems.append(Problem(str(policy.path), "sharing.shareable",
+                                f"{entry!r} names no block of federation {federation.id!r} (its blocks: "
+                                f"{', '.join(blocks)}){hint}"))
+    return problems
+
+
+def shareable_pattern_warnings(policy: Policy, federation: FederationConfig) -> list[str]:
+    """Wildcard entries of ``[sharing] shareable`` that match no block of the federation."""
+    from blossom_secure.blocks import match_patterns
+
+    blocks = federation_blocks(federation)
+    return [f"{policy.path}: sharing.shareable: {entry!r} matches no block of federation {federation.id!r} "
+            f"(its blocks: {', '.join(blocks)})"
+            for entry in policy.shareable
+            if any(c in entry for c in "*?[") and not any(match_patterns(b, (entry,)) for b in blocks)]
+
+
+def _column_problems(path: Path, modalities: tuple[str, ...], id_col: str, tasks: dict[str, str],
+                     federation: FederationConfig) -> list[Problem]:
+    """The patient id, label and feature columns must be different CSV columns: a label
+    that is also a model input (or the id) would be trained on as a feature."""
+    layout = federation.layout
+    features: dict[str, str] = {}
+    if "tabular" in modalities:
+        features.update({f: "a tabular feature column of the federation" for f in layout.tabular.features})
+    for m in modalities:
+        if m in layout.extra_tabular:
+            features.update({f: f"a feature column of modality {m!r}" for f in layout.extra_tabular[m].features})
+    problems = []
+    if id_col in features:
+        problems.append(Problem(str(path), "data.patient_id_column",
+                                f"{id_col!r} is also {features[id_col]}; the id cannot be a model input"))
+    seen: dict[str, str] = {}
+    for task, column in tasks.items():
+        if column == id_col:
+            problems.append(Problem(str(path), f"tasks.{task}", f"label column {column!r} is the patient id column"))
+        elif column in features:
+            problems.append(Problem(str(path), f"tasks.{task}",
+                                    f"label column {column!r} is also {features[column]}: a label cannot be a model "
+                                    "input (the model would be given the answer)"))
+        elif column in seen:
+            problems.append(Problem(str(path), f"tasks.{task}",
+                                    f"label column {column!r} is also the label column of task {seen[column]!r}"))
+        seen.setdefault(column, task)
+    return problems
 
 
 def _parse_synth(table: Table | None) -> SynthConfig | None:

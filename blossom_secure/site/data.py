@@ -11,7 +11,9 @@ Layout of a site's data:
   ``dicom_dir/<patient_id>.dcm`` (a single image or a multi-frame volume) is also accepted.
   Entries whose names start with ``.`` are ignored everywhere (``.DS_Store`` and the like);
   any other entry that is not a study is a problem.
-* a clinical CSV (UTF-8, comma-separated, header row), keyed by a patient-id column, with
+* a clinical CSV (UTF-8, a byte-order mark allowed; comma-, semicolon-, tab- or
+  ``|``-separated, the separator detected with :class:`csv.Sniffer`; any line endings;
+  header row), keyed by a patient-id column, with
   one label column per task and, for a site that holds the tabular modality, the feature
   columns. Other columns are ignored. The CSV is always required because labels live in
   it; an imaging-only site's CSV may have just the id and label columns (feature names
@@ -34,8 +36,9 @@ Rules:
   missing or repeated columns, duplicate or malformed patient ids, non-numeric or
   non-finite feature values, labels that are not integers in range, a study for a patient
   who is not in the CSV, a study whose PatientID tag disagrees with its folder name,
-  unreadable studies. Problem messages name the patient and the column but never echo a
-  cell's value.
+  unreadable or truncated studies, a CSV with a header and no rows. Problem messages name
+  the patient and the column but never echo a cell's value (nor a DICOM tag's); at most
+  :data:`MAX_PROBLEMS_PER_KIND` problems of one kind are listed, then counted.
 
 Images are returned as ``float32`` arrays of shape ``(1, *size)`` scaled to ``[0, 1]``.
 The spatial axes follow MONAI's convention for DICOM (``PydicomReader(swap_ij=True)``):
@@ -71,7 +74,10 @@ from blossom_secure.blocks import MODALITIES, is_valid_task_name
 from blossom_secure.errors import DataError, Problem
 
 __all__ = [
+    "CSV_DELIMITERS",
+    "MAX_PROBLEMS_PER_KIND",
     "SiteArrays",
+    "bounded_problems",
     "load_site_arrays",
     "read_study",
     "split_holdout",
@@ -296,6 +302,9 @@ def _read_header(path: Path) -> tuple[_SliceHeader | None, list[Problem]]:
     except Exception as exc:  # pydicom raises many types on malformed input
         return None, [Problem(name, "", f"not a readable DICOM file ({_short(exc)})")]
 
+    truncated = _truncation(path, ds)
+    if truncated is not None:
+        return None, [Problem(name, "", truncated)]
     problems: list[Problem] = []
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if ts is None:
@@ -359,6 +368,38 @@ def _read_header(path: Path) -> tuple[_SliceHeader | None, list[Problem]]:
         ),
         [],
     )
+
+
+# A file's first 128 bytes are the preamble, then "DICM", then the file meta group, whose
+# first element (FileMetaInformationGroupLength, 12 bytes) gives the length of the rest.
+_META_START = 128 + 4 + 12
+
+
+def _truncation(path: Path, ds: Any) -> str | None:
+    """Why a file that pydicom read looks cut short, or ``None``. pydicom stops silently at
+    the end of a file, so a study cut in the middle would otherwise read as "no pixel data"
+    or "no transfer syntax"."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return None
+    meta = getattr(ds, "file_meta", None)
+    try:
+        group_length = int(meta.get("FileMetaInformationGroupLength")) if meta is not None else None
+    except (TypeError, ValueError):
+        group_length = None
+    if group_length is not None and size < _META_START + group_length:
+        return f"truncated: the file ends after {size} bytes, inside its file meta information"
+    if "PixelData" in ds:
+        return None
+    sop = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
+    try:
+        is_image = sop is not None and "Image Storage" in pydicom.uid.UID(str(sop)).name
+    except Exception:  # noqa: BLE001 - an unknown UID is simply not known to be an image
+        is_image = False
+    if len(ds) == 0 or is_image or "Rows" in ds:
+        return f"truncated: the file ends after {size} bytes, before its pixel data"
+    return None
 
 
 def _inspect_study(path: Path) -> tuple[_Study | None, list[Problem]]:
@@ -426,6 +467,17 @@ def _loader() -> tuple[LoadImage, PydicomReader]:
     return loader, reader
 
 
+#: pydicom's pixel decoders log every failed decoding attempt with ``LOGGER.exception``.
+_PYDICOM_DECODER_LOGGER = "pydicom.pixels.decoders.base"
+
+
+class _DropTracebacks(logging.Filter):
+    """Drops log records that carry a traceback (``exc_info``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.exc_info
+
+
 class _DropMessages(logging.Filter):
     """Drops log records whose message starts with ``prefix``."""
 
@@ -444,15 +496,27 @@ def _decode_study(
     first = study.headers[0]
     target = study.path if study.path.is_dir() and len(study.headers) > 1 else first.path
     loader, reader = _loader()
+    decoder_logger = logging.getLogger(_PYDICOM_DECODER_LOGGER)
+    quiet = _DropTracebacks()
     try:
         with _LOADER_LOCK, warnings.catch_warnings():
             # PydicomReader warns per file (missing orientation, slice spacing, ...).
             warnings.simplefilter("ignore")
-            # Passing the reader pins it: otherwise a failing read falls back to every
-            # other registered reader (PIL, NumPy, ...).
-            image = loader(str(target), reader=reader)
+            # pydicom's decoders log each failed attempt with its traceback before they
+            # raise; the failure is reported as a Problem below, so the traceback would
+            # only reach the operator's terminal twice over.
+            decoder_logger.addFilter(quiet)
+            try:
+                # Passing the reader pins it: otherwise a failing read falls back to every
+                # other registered reader (PIL, NumPy, ...).
+                image = loader(str(target), reader=reader)
+            finally:
+                decoder_logger.removeFilter(quiet)
         array = convert_to_numpy(image, dtype=np.float32)
     except Exception as exc:  # decoders raise RuntimeError, ValueError, ... on bad pixel data
+        if "less than expected" in str(exc):
+            return None, [Problem(str(target), "PixelData", "truncated: the pixel data is shorter than the image "
+                                                            f"header declares ({_short(exc)})")]
         return None, [Problem(str(target), "PixelData", f"pixel data could not be decoded ({_short(exc)})")]
 
     # PydicomReader swaps the first two axes of the decoded array. For a series that turns
@@ -621,7 +685,12 @@ def _read_clinical_csv(
     except UnicodeDecodeError as exc:
         return None, [Problem(name, "", f"not UTF-8 text (byte {exc.start})")]
 
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    if not text.strip():
+        return None, [Problem(name, "", "empty file: no header row")]
+    delimiter, note = _choose_delimiter(text, patient_id_column)
+    if delimiter is None:
+        return None, [Problem(name, "", note)]
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     try:
         header = next(reader, None)
     except csv.Error as exc:
@@ -643,7 +712,7 @@ def _read_clinical_csv(
     needed += [(col, f"a feature column of modality {m!r}") for m, cols in extra_tabular.items() for col in cols]
     for col, role in needed:
         if col not in column_index:
-            problems.append(Problem(name, col, f"column missing ({role})"))
+            problems.append(Problem(name, col, f"column missing ({role}){note if col == patient_id_column else ''}"))
     if patient_id_column not in column_index:
         return None, problems
 
@@ -653,11 +722,13 @@ def _read_clinical_csv(
     label_at = {task: column_index.get(col) for task, col in tasks.items()}
     rows: dict[str, _ClinicalRow] = {}
     first_line: dict[str, int] = {}
+    data_lines = 0
     try:
         for record in reader:
             line = reader.line_num
             if not record or all(not cell.strip() for cell in record):
                 continue  # blank line
+            data_lines += 1
             if len(record) != len(header):
                 problems.append(
                     Problem(name, f"line {line}", f"{len(record)} fields, but the header has {len(header)}")
@@ -736,7 +807,75 @@ def _read_clinical_csv(
             rows[pid] = _ClinicalRow(features=group_values[""], labels=labels, extra=extra)
     except csv.Error as exc:
         problems.append(Problem(name, f"line {reader.line_num}", f"malformed CSV ({exc})"))
+    if not rows and not problems and not data_lines:
+        return None, [Problem(name, "", "the file has a header but no patient rows (header only)")]
     return rows, problems
+
+
+#: Separators a clinical CSV may use (detected with :class:`csv.Sniffer`), and their names.
+CSV_DELIMITERS = {",": "comma", ";": "semicolon", "\t": "tab", "|": "vertical bar"}
+_SNIFF_BYTES = 64 * 1024
+
+
+def _choose_delimiter(text: str, patient_id_column: str) -> tuple[str | None, str]:
+    """The CSV's separator: the one :class:`csv.Sniffer` finds (among
+    :data:`CSV_DELIMITERS`), or another of them under which the header holds the patient
+    id column. Returns ``(separator, "")``; or ``(None, reason)`` when no separator splits
+    the header at all (a wrong separator: one message naming the header's only column,
+    never a cell of a patient row); or the sniffed separator with a note for the missing
+    patient id column when the header splits but lacks it (then every missing column is
+    reported, as usual).
+    """
+    first = text.splitlines()[0]
+    try:
+        sniffed = csv.Sniffer().sniff(text[:_SNIFF_BYTES], delimiters="".join(CSV_DELIMITERS)).delimiter
+    except csv.Error:
+        sniffed = ","
+    headers: dict[str, list[str]] = {}
+    for delimiter in [sniffed] + [d for d in CSV_DELIMITERS if d != sniffed]:
+        try:
+            headers[delimiter] = [h.strip() for h in next(csv.reader([first], delimiter=delimiter))]
+        except (csv.Error, StopIteration):
+            continue
+        if patient_id_column in headers[delimiter]:
+            return delimiter, ""
+    widest = max(headers, key=lambda d: len(headers[d]), default=sniffed)
+    header = headers.get(widest, [])
+    if len(header) <= 1:
+        shown = repr(first.strip()[:60]) + ("..." if len(first.strip()) > 60 else "")
+        return None, (f"wrong separator: no {', '.join(CSV_DELIMITERS.values())} separates the header's column names, "
+                      f"so it reads as one column ({shown}); separate the columns with one of them")
+    return widest, f"; read as {CSV_DELIMITERS[widest]}-separated (the separator found)"
+
+
+#: At most this many problems of one kind are listed; the rest are counted.
+MAX_PROBLEMS_PER_KIND = 3
+
+
+def _problem_kind(problem: Problem) -> tuple[str, str]:
+    """What a problem is about, without the patient, line or number it names."""
+    key = re.sub(r"(^|, )(patient .*|line [0-9]+)$", "", problem.key)
+    return key, re.sub(r"[0-9]+", "#", problem.reason)
+
+
+def bounded_problems(problems: Sequence[Problem], *, per_kind: int = MAX_PROBLEMS_PER_KIND) -> list[Problem]:
+    """``problems`` with at most ``per_kind`` examples of each kind (the same column or
+    field and the same reason, whatever patient, line or number), followed by one line
+    counting the rest of that kind, so that one mistake (a header-only CSV, a wrong
+    column) is a few lines, not one per patient."""
+    groups: dict[tuple[str, str], list[Problem]] = {}
+    for problem in problems:
+        groups.setdefault(_problem_kind(problem), []).append(problem)
+    out: list[Problem] = []
+    for (key, _), items in groups.items():
+        out.extend(items[:per_kind])
+        rest = items[per_kind:]
+        if rest:
+            files = {p.file for p in rest}
+            where = rest[0].file if len(files) == 1 else f"{len(files)} more files"
+            out.append(Problem(where, key, f"... and {len(rest)} more problem(s) like the one above "
+                                           f"({len(items)} in all)"))
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -878,13 +1017,15 @@ def load_site_arrays(
         return rows is not None and pid in rows and bool(rows[pid].labels)
 
     images: dict[str, np.ndarray] = {}
+    if rows is None:
+        studies = {}  # the CSV is unusable: which studies belong to whom is unknown; none is decoded
     for pid, study_path in studies.items():
-        if rows is not None and pid not in rows:
+        if pid not in rows:
             problems.append(
                 Problem(str(study_path), f"patient {pid}", "a study for a patient who is not in the clinical CSV")
             )
             continue
-        if rows is not None and not is_labelled(pid):
+        if not is_labelled(pid):
             continue  # dropped for want of a label: not read
         array, study, found = _load_study(
             study_path, spatial_dims=image_spatial_dims, size=image_size, window=image_window
@@ -893,12 +1034,13 @@ def load_site_arrays(
         if study is not None:
             wrong = [h for h in study.headers if h.patient_id != pid]
             if wrong:
-                tag = "missing" if wrong[0].patient_id is None else repr(wrong[0].patient_id)
+                # the tag's value is patient data from the file: never echoed
+                what = "is missing" if wrong[0].patient_id is None else "holds another patient id"
                 problems.append(
                     Problem(
                         str(wrong[0].path),
                         "PatientID",
-                        f"PatientID tag {tag} disagrees with the study's name {pid!r} "
+                        f"the PatientID tag {what}: it must equal the study's name {pid!r} "
                         f"({len(wrong)} of {len(study.headers)} files)",
                     )
                 )
@@ -906,7 +1048,7 @@ def load_site_arrays(
             images[pid] = array
 
     if problems or rows is None:
-        raise DataError(problems)
+        raise DataError(bounded_problems(problems))
 
     kept: list[str] = []
     dropped_without_label = dropped_without_modality = 0

@@ -26,7 +26,8 @@ from blossom_secure.blocks import is_head, is_valid_block_name
 from blossom_secure.exchange import PLAIN_UPDATE_VERSION
 from blossom_secure.site.policy import Policy
 
-__all__ = ["Egress", "SiteReport", "encode_plain_update", "select_egress", "select_report"]
+__all__ = ["EGRESS_RECIPIENT", "Egress", "SiteReport", "egress_block_bytes", "encode_plain_update", "select_egress",
+           "select_report"]
 
 _TOKEN = object()
 
@@ -160,3 +161,33 @@ def encode_plain_update(*, federation_id: str, round_id: int, site_id: str, bloc
                          "round": round_id, "site": site_id, "block": block, "weight": int(weight),
                          "n": int(values.size)}, sort_keys=True, separators=(",", ":")).encode()
     return struct.pack("<I", len(header)) + header + values.astype("<f4").tobytes()
+
+
+#: The recipient of every message a site sends: the coordinator (a site connects to nothing
+#: else; protocol messages for other sites are encrypted end to end and routed by it).
+EGRESS_RECIPIENT = "coordinator"
+
+
+def egress_block_bytes(message_type: str, blocks: tuple[str, ...], block_sizes: Mapping[str, int],
+                       payload_bytes: int, *, ring_bits: int) -> dict[str, int] | None:
+    """How many bytes of an outbound message carry each block's values, for the audit
+    record (``block_bytes``); the rest of the payload is protocol (keys, shares,
+    signatures, headers).
+
+    Only two messages carry block values: ``secagg.masked_input`` (per block, its masked
+    ring vector: the block's values and its weight, ``ring_bits / 8`` bytes each) and
+    ``plain_update`` (the block's float32 values). Every other message (key
+    advertisements, shares, consistency signatures, unmask shares, reports) names blocks
+    only as labels and carries none of their values: 0 bytes each.
+
+    Returns:
+        Block -> bytes, or ``None`` if the figures would exceed the payload (then none are
+        recorded, rather than a wrong one).
+    """
+    if message_type == "secagg.masked_input":
+        per_block = {b: (int(block_sizes[b]) + 1) * (ring_bits // 8) for b in blocks}
+    elif message_type == "plain_update":
+        per_block = {b: int(block_sizes[b]) * 4 for b in blocks}
+    else:
+        per_block = dict.fromkeys(blocks, 0)
+    return per_block if sum(per_block.values()) <= payload_bytes else None

@@ -116,6 +116,38 @@ def compute_epsilon(history: list[tuple[float, float, int]], *, accountant: str,
         return float(acct.get_epsilon(delta=delta))
 
 
+#: Opacus's ``RDPAccountant.DEFAULT_ALPHAS`` (a test checks they are equal).
+RDP_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
+
+
+@functools.lru_cache(maxsize=1)
+def _rdp_analysis() -> Any:
+    """Opacus's RDP analysis (``opacus/accountants/analysis/rdp.py``, numpy and scipy only).
+
+    If Opacus is already imported, its module; otherwise the same file of the installed
+    Opacus, loaded on its own, because importing the ``opacus`` package imports torch,
+    and the operator's read-only commands (``budget``, ``audit review``) must answer in
+    well under a second. The code run is Opacus's own, byte for byte (a test compares the
+    results with Opacus's ``RDPAccountant``).
+    """
+    import importlib.util
+    import sys
+
+    loaded = sys.modules.get("opacus.accountants.analysis.rdp")
+    if loaded is not None:
+        return loaded
+    package = importlib.util.find_spec("opacus")  # finds the package without running it
+    if package is None or not package.submodule_search_locations:
+        raise ImportError("opacus is not installed")
+    path = Path(next(iter(package.submodule_search_locations))) / "accountants" / "analysis" / "rdp.py"
+    spec = importlib.util.spec_from_file_location("blossom_secure.site._opacus_rdp_analysis", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
     """Opacus ``RDPAccountant.get_epsilon`` for ``history``, with each mechanism's one-step
     RDP vector computed once per process.
@@ -128,23 +160,17 @@ def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) ->
         ``(q, sigma)`` alone), so the result is bit-for-bit the accountant's, while a
         ledger of ``R`` rounds no longer recomputes ``R`` expensive RDP series per query.
     """
-    from opacus.accountants.analysis import rdp as rdp_analysis
-    from opacus.accountants.rdp import RDPAccountant
-
     rdp = sum([_rdp_one_step(q, s) * n for s, q, n in history])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+        eps, _ = _rdp_analysis().get_privacy_spent(orders=list(RDP_ORDERS), rdp=rdp, delta=delta)
     return float(eps)
 
 
 @functools.lru_cache(maxsize=1024)
 def _rdp_one_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
-    from opacus.accountants.analysis import rdp as rdp_analysis
-    from opacus.accountants.rdp import RDPAccountant
-
-    vector = rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
-                                      orders=RDPAccountant.DEFAULT_ALPHAS)
+    vector = _rdp_analysis().compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+                                         orders=list(RDP_ORDERS))
     vector.setflags(write=False)
     return vector
 

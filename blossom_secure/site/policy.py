@@ -39,6 +39,8 @@ __all__ = ["ACCOUNTANTS", "Policy", "PrivacyTerms", "load_policy", "parse_policy
 #: Opacus accountants a policy may name. GDP is left out: Opacus warns it can underestimate.
 ACCOUNTANTS = ("rdp", "prv")
 POLICY_VERSION = 1
+#: The largest ``[secure_aggregation] min_contributors`` (the protocol's group-size field).
+MAX_MIN_CONTRIBUTORS = 65535
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,9 @@ def parse_policy(data: dict, *, path: Path, sha256: str) -> Policy:
     required = min_contributors = None
     if secagg is not None:
         required = secagg.bool("required")
-        min_contributors = secagg.int("min_contributors", minimum=2)
+        # the upper bound is the secure-aggregation wire format's (a group size travels as
+        # 16 bits); a policy above it is refused here, not when a round is already running
+        min_contributors = secagg.int("min_contributors", minimum=2, maximum=MAX_MIN_CONTRIBUTORS)
         secagg.finish()
 
     reporting = root.table("reporting", required=False)

@@ -66,6 +66,8 @@ from blossom_secure.site.config import SiteConfig, load_site
 from blossom_secure.crypto import IdentityKey, identity_public_key, key_fingerprint
 from blossom_secure.errors import BlossomError, PolicyError, Problem, ProtocolError
 from blossom_secure.site.keys import load_identity_key, load_or_create_identity_key
+from blossom_secure.site.egress import EGRESS_RECIPIENT, egress_block_bytes
+from blossom_secure.site.round_identity import ANSWER_EVENTS, StaleRoundError, check_round_is_new, last_round_answered
 from blossom_secure.site.round_state import discard_round_state, load_round_state, read_private_file, save_round_state
 from blossom_secure import wire
 from blossom_secure.roster import load_roster, roster_path
@@ -114,12 +116,6 @@ _METHODS = {
     "consistency": SiteStageMachine.consistency_check,
     "unmask": SiteStageMachine.unmask,
 }
-
-
-class StaleRoundError(ProtocolError):
-    """A round announcement for a round that does not come after every round this site's
-    verified audit log shows it answered (a replay, or a coordinator that restarted its
-    count: set its first round past the sites' last)."""
 
 
 class PolicyChangedError(BlossomError):
@@ -300,10 +296,17 @@ def _discard(path: Path) -> None:
 # ------------------------------------------------------------------------------ audit helpers
 
 
-def _egress_details(message_type: str, blocks: tuple[str, ...], sizes: Mapping[str, int], payload: bytes) -> dict:
-    """The details of an ``egress`` record, as the site agent writes them."""
-    return {"message_type": message_type, "blocks": list(blocks), "shapes": {b: [int(sizes[b])] for b in blocks},
-            "payload_bytes": len(payload), "payload_sha256": hashlib.sha256(payload).hexdigest()}
+def _egress_details(message_type: str, blocks: tuple[str, ...], sizes: Mapping[str, int], payload: bytes, *,
+                    ring_bits: int = 32) -> dict:
+    """The details of an ``egress`` record, as the site agent writes them (recipient and
+    the bytes that carry each block's values included)."""
+    details = {"message_type": message_type, "blocks": list(blocks), "shapes": {b: [int(sizes[b])] for b in blocks},
+               "payload_bytes": len(payload), "payload_sha256": hashlib.sha256(payload).hexdigest(),
+               "recipient": EGRESS_RECIPIENT}
+    block_bytes = egress_block_bytes(message_type, tuple(blocks), sizes, len(payload), ring_bits=ring_bits)
+    if block_bytes is not None:
+        details["block_bytes"] = block_bytes
+    return details
 
 
 def _record_error(log: audit.AuditLog, round_id: int | None, exc: BaseException) -> None:
@@ -441,7 +444,8 @@ class SiteContext:
                 payload must then not be sent).
         """
         self.log.append(audit.EGRESS, round_id=round_id, policy_sha256=self.config.policy.sha256,
-                        details=_egress_details(message_type, blocks, sizes, payload))
+                        details=_egress_details(message_type, blocks, sizes, payload,
+                                                ring_bits=self.federation.aggregation.ring_bits))
 
     def refused(self, round_id: int | None, exc: ProtocolError) -> ProtocolError:
         """Record a refused request in the audit log (best effort); return ``exc`` to raise."""
@@ -461,9 +465,8 @@ class SiteContext:
 
     def last_round_answered(self) -> int | None:
         """The last round the verified audit log shows this site joined or declined."""
-        _, records = self.log.verified_records(events=(audit.ROUND_JOINED, audit.ROUND_DECLINED))
-        rounds = [r["round_id"] for r in records if isinstance(r["round_id"], int)]
-        return max(rounds) if rounds else None
+        _, records = self.log.verified_records(events=ANSWER_EVENTS)
+        return last_round_answered(records)
 
     def _note_policy(self) -> None:
         """Start an empty log as ``blossom-site init`` does; record the policy in force if
@@ -623,10 +626,11 @@ def _offer(files: SiteFiles, federation: FederationConfig, request: wire.Request
             ctx.record_egress(r, record.offer_message_type, record.offer_blocks, record.block_sizes,
                               record.offer_reply)
             return record.offer_reply
-        last = ctx.last_round_answered()
-        if last is not None and r <= last:
-            raise ctx.refused(r, StaleRoundError(f"offer: round {r} does not come after round {last}, the last this "
-                                                 "site answered"))
+        _, answered = ctx.log.verified_records(events=ANSWER_EVENTS)
+        try:
+            check_round_is_new(answered, r)
+        except StaleRoundError as exc:
+            raise ctx.refused(r, exc) from None
         ctx.close_rounds_before(r)
         roster, params, digest = ctx.roster, ctx.params, ctx.federation_sha256
     sizes = layout_block_sizes(federation)
@@ -685,7 +689,8 @@ def _offer_with_agent(agent, request: wire.Request, untrusted: bytes, request_sh
         secagg_error=error)
     _save_record(state_dir, record)
     agent.audit.append(audit.EGRESS, round_id=r, policy_sha256=agent.policy.sha256,
-                       details=_egress_details(message_type, blocks, sizes, reply))
+                       details=_egress_details(message_type, blocks, sizes, reply,
+                                               ring_bits=agent.federation.aggregation.ring_bits))
     if error is not None:
         logger.warning("site %s takes no part in the secure aggregation of round %d: %s", agent.id, r, error)
         _record_secagg_outcome(agent.audit, agent.policy.sha256, r, error=error)

@@ -21,28 +21,47 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from blossom_secure._fs import atomic_write, save_arrays_npz
+from blossom_secure._fs import atomic_write, save_arrays_npz, unwritable_reason
 from blossom_secure.exchange import Aggregator, BlockOutcome
 from blossom_secure.runtimes.embedded.aggregators import PlaintextAggregator
 from blossom_secure.blocks import is_head
 from blossom_secure.config import FederationConfig, load_federation
 from blossom_secure.coordinator.rounds import RoundReport, initial_global_blocks, site_report_view
-from blossom_secure.site.config import site_dirs
-from blossom_secure.errors import PolicyError, Problem
+from blossom_secure.coordinator.counter import (
+    COORDINATOR_STATE_FILE,
+    RoundCounterError,
+    read_next_round,
+    write_next_round,
+)
+from blossom_secure.crypto import identity_public_key
+from blossom_secure.site.config import SiteConfig, site_dirs
+from blossom_secure.errors import BlossomError, DataError, PolicyError, PrivacyBudgetExceededError, Problem
 from blossom_secure.model import BlockModel
-from blossom_secure.site.agent import RoundOffer, SiteAgent
+from blossom_secure.site.agent import (
+    DECLINED_POLICY,
+    RoundOffer,
+    SiteAgent,
+    ensure_site_data,
+    load_arrays,
+    policy_refusal,
+)
+from blossom_secure.site.keys import IDENTITY_KEY_FILE
+from blossom_secure.site.round_identity import last_round_answered
 
-__all__ = ["Coordinator", "SimulationResult", "make_aggregator", "simulate"]
+__all__ = ["Coordinator", "FederationBudgetExhaustedError", "SimulationResult", "make_aggregator", "simulate"]
 
 logger = logging.getLogger(__name__)
 
 MODES = ("blockwise", "full-model", "local")
+#: :attr:`SimulationResult.answers` of a site that trained in a round.
+TRAINED = "trained"
 
 
 def make_aggregator(federation: FederationConfig, agents: list[SiteAgent], *, secure: bool) -> Aggregator:
@@ -73,9 +92,41 @@ def make_aggregator(federation: FederationConfig, agents: list[SiteAgent], *, se
 
 @dataclass
 class SimulationResult:
+    """What a run of the embedded federation did.
+
+    Attributes:
+        rounds: The coordinator's report of each round (its view: what sites released).
+        out_dir: Where ``metrics.json``, ``global_blocks.npz`` and the round counter are.
+        metrics_path: ``metrics.json``.
+        answers: Round -> site -> ``"trained"``, or the category of its decline
+            (``"policy"``, ``"privacy budget"``). The embedded runtime runs every site in
+            this process, so it knows this for its operator even for sites whose policy
+            keeps their round report in; nothing here left any site.
+    """
+
     rounds: list[RoundReport]
     out_dir: Path
     metrics_path: Path
+    answers: dict[int, dict[str, str]] = field(default_factory=dict)
+
+    @property
+    def round_ids(self) -> list[int]:
+        """The federation's round numbers this run used, in order."""
+        return [r.round_id for r in self.rounds]
+
+    def sites_declined(self, kind: str) -> dict[str, list[int]]:
+        """Site -> the rounds it declined for ``kind`` (``"policy"`` or ``"privacy budget"``)."""
+        out: dict[str, list[int]] = {}
+        for round_id, answers in sorted(self.answers.items()):
+            for site, answer in sorted(answers.items()):
+                if answer == kind:
+                    out.setdefault(site, []).append(round_id)
+        return out
+
+    @property
+    def any_trained(self) -> bool:
+        """Whether any site trained in any round of the run."""
+        return any(a == TRAINED for answers in self.answers.values() for a in answers.values())
 
 
 class Coordinator:
@@ -89,6 +140,8 @@ class Coordinator:
         self.agents = agents
         self.mode = mode
         self.aggregator = aggregator
+        #: Round -> site -> TRAINED or the category of its decline (in-process knowledge).
+        self.answers: dict[int, dict[str, str]] = {}
         self.global_blocks = initial_global_blocks(federation, include_heads=mode == "full-model", seed=seed)
         self._init_site_blocks()
 
@@ -152,6 +205,8 @@ class Coordinator:
 
     def _finish(self, round_id: int, offers: Mapping[str, RoundOffer], outcomes: Mapping[str, BlockOutcome],
                 received: Mapping[str, int], take_globals: bool = True) -> RoundReport:
+        self.answers[round_id] = {a.id: TRAINED if offers[a.id].declined is None
+                                  else (offers[a.id].declined_kind or DECLINED_POLICY) for a in self.agents}
         sites = {}
         received = dict(received)
         for agent in self.agents:
@@ -193,9 +248,33 @@ def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str |
         on_round: Called after every round (progress display).
         on_setup: Called with a line of text as each site is loaded.
 
+    Returns:
+        What the run did; its rounds are numbered on from the federation's earlier runs.
+
     Raises:
-        PolicyError, DataError, ...: a site cannot take part (nothing is run).
+        PolicyError: a site, policy or federation file is invalid, two site folders have
+            the same site id, or every site's policy would decline every round (for
+            example a plaintext run where every policy requires secure aggregation).
+        DataError: a site's data cannot be used as declared, or its state folder cannot
+            be written.
+        RoundCounterError: ``out_dir`` is not a writable folder, its round counter cannot
+            be read or is another federation's, or a site has already answered the round
+            it would announce first (the counter of another output folder).
+        KeyFileError, LedgerError, AuditIntegrityError: a site's key, ledger or audit log
+            is unusable.
+        StaleRoundError: a site refused a round number it had already answered.
+
+        Each of these except the last is raised before any site records, reserves or
+        trains anything.
         ValueError: bad arguments (mode, rounds, full-model without the flag).
+
+    Notes:
+        **Round identity.** A round is named by the federation id and a round number that
+        only increases over the life of the federation: the coordinator keeps
+        ``next_round`` in ``out_dir/coordinator-state.json``
+        (:mod:`blossom_secure.coordinator.counter`), writes it durably before each round
+        is announced, and a run continues from it; every site refuses a round number its
+        verified audit log shows it already answered.
     """
     sites_root = Path(sites_root)
     federation = load_federation(sites_root / "federation.toml")
@@ -212,41 +291,72 @@ def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str |
     dirs = site_dirs(sites_root)
     if not dirs:
         raise PolicyError([Problem(str(sites_root), "", "no site folders (each needs a site.toml)")])
-    if fresh or mode == "full-model":
-        _check_synthetic(dirs, federation, reason="--fresh" if fresh else "full-model")
-    if fresh:
-        for d in dirs:
-            _reset_state(d)
-    agents = []
-    for d in dirs:
-        agent = SiteAgent(d, federation, seed=seed)
-        if on_setup is not None:
-            noise = "seeded simulation (epsilon nominal)" if agent.seeded_noise else "DP noise from the OS CSPRNG"
-            on_setup(f"{agent.id}: modalities {'+'.join(agent.config.modalities)}, "
-                     f"tasks {', '.join(agent.config.tasks)}; {noise}")
-        agents.append(agent)
-    ids = [a.id for a in agents]
-    if len(set(ids)) != len(ids):
-        raise PolicyError([Problem(str(sites_root), "site.id", "two sites have the same id")])
     rounds = federation.training.rounds if rounds is None else rounds
     if rounds < 1:
         raise ValueError("rounds must be at least 1")
-    aggregator = make_aggregator(federation, agents, secure=secure) if mode == "blockwise" else None
-    coordinator = Coordinator(federation, agents, mode=mode, aggregator=aggregator, seed=0 if seed is None else seed)
-    reports = []
-    for r in range(rounds):
-        report = coordinator.run_round(r)
-        reports.append(report)
-        if on_round is not None:
-            on_round(report, agents)
+    # Everything below, up to the first round, only reads and checks: a mistake in any
+    # site's files, the output folder or the round counter stops the run before any site
+    # records, reserves or trains anything.
+    configs = _load_sites(dirs, federation)
+    if fresh or mode == "full-model":
+        _check_synthetic(configs, reason="--fresh" if fresh else "full-model")
+    _check_policies_allow(configs, federation, secure=secure if mode == "blockwise" else True,
+                          plaintext=mode == "blockwise" and not secure)
+    if mode == "blockwise" and secure:
+        _check_secagg_terms(federation, roster_size=len(configs))
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = out_dir / "metrics.json"
-    atomic_write(metrics_path, json.dumps(_metrics_document(federation, agents, reports, mode=mode,
-                                                            secure=secure and mode == "blockwise", seed=seed),
-                                          indent=1).encode() + b"\n")
-    save_arrays_npz(out_dir / "global_blocks.npz", coordinator.global_blocks)
-    return SimulationResult(rounds=reports, out_dir=out_dir, metrics_path=metrics_path)
+    counter_path = _check_out_dir(out_dir)
+    first_round = read_next_round(counter_path, federation.id)
+    _check_writable(configs)
+    if not fresh:
+        _check_site_state(configs, first_round=first_round, counter_path=counter_path)
+    arrays = {}
+    data_problems: list[Problem] = []
+    for site in configs:
+        ensure_site_data(site, federation)
+        try:
+            arrays[site.id] = load_arrays(site, federation)
+        except DataError as exc:
+            data_problems.extend(exc.problems)
+    if data_problems:
+        raise DataError(data_problems)
+    if fresh:
+        for site in configs:
+            _reset_state(site.root)
+    else:
+        _check_budgets(configs, arrays, federation, secure=secure if mode == "blockwise" else True)
+    agents = []
+    try:
+        for site in configs:
+            agent = SiteAgent(site.root, federation, seed=seed, arrays=arrays[site.id])
+            agents.append(agent)
+            if on_setup is not None:
+                noise = "seeded simulation (epsilon nominal)" if agent.seeded_noise else "DP noise from the OS CSPRNG"
+                on_setup(f"{agent.id}: modalities {'+'.join(agent.config.modalities)}, "
+                         f"tasks {', '.join(agent.config.tasks)}; {noise}")
+        aggregator = make_aggregator(federation, agents, secure=secure) if mode == "blockwise" else None
+        coordinator = Coordinator(federation, agents, mode=mode, aggregator=aggregator,
+                                  seed=0 if seed is None else seed)
+        reports = []
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for r in range(first_round, first_round + rounds):
+            # The round number is used from here on, whatever happens next: durable before
+            # any site hears of it, so no later run can announce it again.
+            write_next_round(counter_path, federation.id, r + 1)
+            report = coordinator.run_round(r)
+            reports.append(report)
+            if on_round is not None:
+                on_round(report, agents)
+        metrics_path = out_dir / "metrics.json"
+        atomic_write(metrics_path, json.dumps(_metrics_document(federation, agents, reports, mode=mode,
+                                                                secure=secure and mode == "blockwise", seed=seed),
+                                              indent=1).encode() + b"\n")
+        save_arrays_npz(out_dir / "global_blocks.npz", coordinator.global_blocks)
+    finally:
+        for agent in agents:
+            agent.audit.close()
+    return SimulationResult(rounds=reports, out_dir=out_dir, metrics_path=metrics_path,
+                            answers={r: dict(a) for r, a in coordinator.answers.items()})
 
 
 def _metrics_document(federation: FederationConfig, agents: list[SiteAgent], reports: list[RoundReport], *,
@@ -268,6 +378,7 @@ def _metrics_document(federation: FederationConfig, agents: list[SiteAgent], rep
         "secure_aggregation": secure,
         "seed": seed,
         "rounds": len(reports),
+        "round_ids": [r.round_id for r in reports],
         "sites": {a.id: {"modalities": list(a.config.modalities), "tasks": sorted(a.config.tasks),
                          "shared_blocks": list(a.shared_blocks), "weight": a.public_weight,
                          "epsilon_budget": a.policy.privacy.epsilon_budget,
@@ -280,17 +391,183 @@ def _metrics_document(federation: FederationConfig, agents: list[SiteAgent], rep
     }
 
 
-def _check_synthetic(dirs: list[Path], federation: FederationConfig, *, reason: str) -> None:
+def _load_sites(dirs: list[Path], federation: FederationConfig) -> list[SiteConfig]:
+    """Every site file, checked together; two folders with the same site id are refused
+    (naming both), before any site is started."""
     from blossom_secure.site.config import load_site
 
-    problems = []
+    problems: list[Problem] = []
+    configs: list[SiteConfig] = []
     for d in dirs:
-        site = load_site(d, federation=federation)
-        if site.synth is None:
-            problems.append(Problem(str(d / "site.toml"), "synth",
-                                    f"{reason} is only for example sites with synthetic data ([synth] section)"))
+        try:
+            configs.append(load_site(d, federation=federation))
+        except PolicyError as exc:
+            problems.extend(exc.problems)
+    seen: dict[str, SiteConfig] = {}
+    for site in configs:
+        if site.id in seen:
+            problems.append(Problem(str(site.root / "site.toml"), "site.id",
+                                    f"{site.id!r} is also the id of {seen[site.id].root / 'site.toml'}; every site "
+                                    "of a federation needs its own id (and its own folder, key, ledger and audit log)"))
+        else:
+            seen[site.id] = site
+    if problems:
+        raise PolicyError(list(dict.fromkeys(problems)))  # a policy shared by sites: each problem once
+    return configs
+
+
+def _check_synthetic(configs: list[SiteConfig], *, reason: str) -> None:
+    problems = [Problem(str(site.root / "site.toml"), "synth",
+                        f"{reason} is only for example sites with synthetic data ([synth] section)")
+                for site in configs if site.synth is None]
     if problems:
         raise PolicyError(problems)
+
+
+def _check_policies_allow(configs: list[SiteConfig], federation: FederationConfig, *, secure: bool,
+                          plaintext: bool) -> None:
+    """Refuse a run in which every site's policy would decline every round (nothing could
+    train): an input mistake, reported before anything starts. Sites that would decline
+    while others can train are warned about; the run goes on without them."""
+    refusals = {site.id: policy_refusal(site, federation, secure=secure) for site in configs}
+    if all(refusals.values()):
+        hint = "; run without --plaintext (secure aggregation)" if plaintext and any(
+            site.policy.secure_aggregation_required for site in configs) else ""
+        raise PolicyError([Problem(str(site.policy.path), "", f"site {site.id!r} would decline every round: "
+                                                              f"{refusals[site.id]}{hint}")
+                           for site in configs])
+    for site_id, reason in refusals.items():
+        if reason is not None:
+            logger.warning("site %s will decline every round: %s", site_id, reason)
+
+
+def _check_secagg_terms(federation: FederationConfig, *, roster_size: int) -> None:
+    from blossom_secure.secagg.terms import secagg_params
+
+    try:
+        secagg_params(federation, roster_size=roster_size)
+    except ValueError as exc:
+        raise PolicyError([Problem(str(federation.path), "aggregation", str(exc))]) from None
+
+
+def _check_out_dir(out_dir: Path) -> Path:
+    """The round counter's path in ``out_dir``, after checking that the folder is, or can
+    be made, a writable folder (it is made just before the first round)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RoundCounterError([Problem(str(out_dir), "", "--out must be a folder, and this is a file")])
+    reason = unwritable_reason(out_dir, (COORDINATOR_STATE_FILE, "metrics.json", "global_blocks.npz"))
+    if reason is not None:
+        raise RoundCounterError([Problem(str(out_dir), "", f"--out cannot be written: {reason}")])
+    for name in ("metrics.json", "global_blocks.npz", COORDINATOR_STATE_FILE):
+        if (out_dir / name).is_dir():
+            raise RoundCounterError([Problem(str(out_dir / name), "", "is a folder; the run writes a file here")])
+    return out_dir / COORDINATOR_STATE_FILE
+
+
+def _check_writable(configs: list[SiteConfig]) -> None:
+    """Every site folder's state (and key folder) can be written: refused up front, not
+    half-way through a round."""
+    from blossom_secure.audit.log import checkpoint_path
+    from blossom_secure.site.config import AUDIT_FILE, BLOCKS_FILE, LEDGER_FILE
+
+    problems = []
+    for site in configs:
+        files = (AUDIT_FILE, checkpoint_path(Path(AUDIT_FILE)).name, LEDGER_FILE, BLOCKS_FILE)
+        reason = unwritable_reason(site.state_dir, files)
+        if reason is None and not (site.keys_dir / IDENTITY_KEY_FILE).exists():
+            reason = unwritable_reason(site.keys_dir)
+        if reason is not None:
+            problems.append(Problem(str(site.root), "state", f"the site's state cannot be written: {reason}"))
+    if problems:
+        raise DataError(problems)
+
+
+class FederationBudgetExhaustedError(PrivacyBudgetExceededError):
+    """No site that may join can afford another round within its privacy budget, so
+    nothing would be trained (raised before anything is recorded or reserved).
+
+    Attributes:
+        sites: Site id -> ``(epsilon_spent, epsilon_requested, epsilon_budget)``.
+    """
+
+    def __init__(self, sites: Mapping[str, tuple[float, float, float]]) -> None:
+        self.sites = dict(sites)
+        first = next(iter(self.sites.values()))
+        self.epsilon_spent, self.epsilon_requested, self.epsilon_budget = first
+        listing = "; ".join(f"{site}: spent {spent:.3f}, another round would bring it to {requested:.3f}, over its "
+                            f"budget {budget:g}" for site, (spent, requested, budget) in self.sites.items())
+        BlossomError.__init__(self, f"privacy budget: no site can afford another round ({listing}); nothing was "
+                                    "trained (see `blossom-site budget`)")
+
+
+def _check_budgets(configs: list[SiteConfig], arrays: Mapping[str, Any], federation: FederationConfig, *,
+                   secure: bool) -> None:
+    """Refuse, before anything is recorded, a run in which every site that may join is
+    already at its budget: each would only decline. The plan is the one the site agent
+    makes (:func:`~blossom_secure.site.training.plan_round`, public sampling)."""
+    from blossom_secure.site.config import LEDGER_FILE
+    from blossom_secure.site.data import split_holdout
+    from blossom_secure.site.ledger import PrivacyLedger
+    from blossom_secure.site.training import plan_round
+
+    training = federation.training
+    exhausted: dict[str, tuple[float, float, float]] = {}
+    for site in configs:
+        if policy_refusal(site, federation, secure=secure) is not None:
+            continue
+        train_idx, _ = split_holdout(arrays[site.id].patient_ids, fraction=training.holdout_fraction,
+                                     seed=training.split_seed)
+        plan = plan_round(int(train_idx.size), batch_size=training.batch_size, epochs=training.local_epochs,
+                          terms=site.policy.privacy, sample_rate=training.sample_rate,
+                          steps_per_round=training.steps_per_round)
+        ledger = PrivacyLedger(site.state_dir / LEDGER_FILE, site_id=site.id, terms=site.policy.privacy)
+        requested = ledger.projected_epsilon(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
+                                             steps=plan.steps)
+        if requested <= site.policy.privacy.epsilon_budget:
+            return  # this site can train: the federation goes on (others may decline)
+        exhausted[site.id] = (ledger.epsilon_spent, requested, site.policy.privacy.epsilon_budget)
+    if exhausted:
+        raise FederationBudgetExhaustedError(exhausted)
+
+
+def _check_site_state(configs: list[SiteConfig], *, first_round: int, counter_path: Path) -> None:
+    """Each site's key, verified audit log and ledger, read (never written) before any site
+    starts; the first round number must be new to every site.
+
+    Raises:
+        KeyFileError: a site's key is unusable.
+        AuditIntegrityError: a site's audit log does not verify.
+        LedgerError: a site's ledger is unreadable or behind its audit log.
+        RoundCounterError: a site's audit log shows it already answered ``first_round``
+            or a later round (the counter of another coordinator folder?).
+    """
+    from blossom_secure.audit import log as audit
+    from blossom_secure.site.config import AUDIT_FILE, LEDGER_FILE
+    from blossom_secure.site.keys import load_identity_key
+    from blossom_secure.site.ledger import load_reconciled_ledger
+
+    answered: dict[str, int] = {}
+    for site in configs:
+        log_path = site.state_dir / AUDIT_FILE
+        if not (site.keys_dir / IDENTITY_KEY_FILE).exists():
+            continue  # a new site: its key and log are created when it starts
+        if not log_path.exists() and not audit.checkpoint_path(log_path).exists():
+            continue
+        public_key = identity_public_key(load_identity_key(site.keys_dir))
+        _, records = audit.read_verified_records(log_path, public_key=public_key)
+        load_reconciled_ledger(site.state_dir / LEDGER_FILE, site_id=site.id, terms=site.policy.privacy,
+                               records=records, audit_file=str(log_path))
+        last = last_round_answered(records)
+        if last is not None and last >= first_round:
+            answered[site.id] = last
+    if answered:
+        sites = ", ".join(f"{s} (round {r})" for s, r in sorted(answered.items()))
+        raise RoundCounterError([Problem(
+            str(counter_path), "next_round",
+            f"this coordinator would announce round {first_round}, but these sites' signed audit logs show they "
+            f"already answered a round as late as: {sites}; a site never answers a round number twice. Run with "
+            "the --out folder of this federation's earlier runs (it keeps the round counter), or with --fresh "
+            "(example sites only)")])
 
 
 def _reset_state(site_dir: Path) -> None:
