@@ -133,6 +133,9 @@ def test_roster_entry_prints_the_line_roster_toml_takes(site):
     assert node.returncode == 0, node.stderr
     line = node.stdout.splitlines()[-1]
     assert line.startswith('"st-mary" = "ecdsa-sha2-nistp384 ')
+    # the guide pastes every line that is not a comment into roster.toml: nothing is wrapped
+    for out in (proc.stdout, node.stdout):
+        assert [x for x in out.splitlines() if not x.startswith("#")] == [out.splitlines()[-1]], out
     assert (site / "keys" / "flower-node.key").stat().st_mode & 0o777 == 0o600
     assert cli("blossom-site", "roster-entry", str(site), "--node-key").stdout.splitlines()[-1] == line
 

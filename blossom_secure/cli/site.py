@@ -613,7 +613,7 @@ def _roster_entry(args) -> int:
 
         _, line = load_or_create_node_key(site.keys_dir)
         console.print(f"# {site.id}: SuperNode key, for [roster.node_keys] (identity key fingerprint "
-                      f"{key_fingerprint(public)})", markup=False)
+                      f"{key_fingerprint(public)})", markup=False, soft_wrap=True)
         console.print(f'"{site.id}" = "{line}"', markup=False, soft_wrap=True)
         return EXIT_OK
     if args.pem:
@@ -621,7 +621,7 @@ def _roster_entry(args) -> int:
 
         console.print(public_key_to_pem(public).decode("ascii").rstrip("\n"), markup=False, soft_wrap=True)
         return EXIT_OK
-    console.print(f"# {site.id}: key fingerprint {key_fingerprint(public)}", markup=False)
+    console.print(f"# {site.id}: key fingerprint {key_fingerprint(public)}", markup=False, soft_wrap=True)
     console.print(f'"{site.id}" = "{public.hex()}"', markup=False, soft_wrap=True)
     return EXIT_OK
 
