@@ -322,7 +322,7 @@ def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str |
         raise DataError(data_problems)
     if fresh:
         for site in configs:
-            _reset_state(site.root)
+            reset_site_state(site.root)
     else:
         _check_budgets(configs, arrays, federation, secure=secure if mode == "blockwise" else True)
     agents = []
@@ -570,7 +570,8 @@ def _check_site_state(configs: list[SiteConfig], *, first_round: int, counter_pa
             "(example sites only)")])
 
 
-def _reset_state(site_dir: Path) -> None:
+def reset_site_state(site_dir: Path) -> None:
+    """Delete the files of a synthetic site's ``state/`` folder (``--fresh``; example sites only)."""
     state = site_dir / "state"
     if state.is_dir():
         for child in sorted(state.iterdir()):

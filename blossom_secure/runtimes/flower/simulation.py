@@ -41,6 +41,7 @@ from pathlib import Path
 
 from blossom_secure.config import FederationConfig, load_federation
 from blossom_secure.errors import PolicyError, Problem
+from blossom_secure.runtimes.embedded.federation import reset_site_state
 from blossom_secure.roster import load_roster, roster_path, write_roster
 from blossom_secure.site.config import load_site, site_dirs
 from blossom_secure.site.steps import SiteFiles, site_identity
@@ -112,7 +113,7 @@ def prepare_sites(sites_root: Path, *, fresh: bool = False) -> SimulationSites:
         if problems:
             raise PolicyError(problems)
         for d in dirs:
-            _reset_state(d)
+            reset_site_state(d)
     keys: dict[str, bytes] = {}
     ids: list[str] = []
     for d in dirs:
@@ -150,15 +151,6 @@ def prepare_sites(sites_root: Path, *, fresh: bool = False) -> SimulationSites:
         last = max(last, -1 if answered is None else answered)
     return SimulationSites(root=root, federation=federation, site_dirs=tuple(dirs), site_ids=tuple(ids),
                            roster_file=path, roster_written=written, first_round=last + 1)
-
-
-def _reset_state(site_dir: Path) -> None:
-    """Delete the files of a synthetic site's ``state/`` folder (as ``blossom simulate --fresh``)."""
-    state = site_dir / "state"
-    if state.is_dir():
-        for child in sorted(state.iterdir()):
-            if child.is_file():
-                child.unlink()
 
 
 def run_simulation(*, sites_root: Path, out_dir: Path, rounds: int | None = None, seed: int | None = None,
