@@ -35,6 +35,7 @@ def test_check_valid_site(copy_sites):
     assert "head.malignancy" in out and "task heads never leave" in out
     assert "fusion" in out and "not shareable by policy" in out
     assert "with imaging study" in out and "with clinical features" in out
+    assert "dropped: no label for any task" in out and "rows in the clinical CSV" in out
 
 
 def test_check_broken_policy_lists_every_problem(copy_sites):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from blossom_secure.config import load_federation
 from blossom_secure.coordinator.counter import RoundCounterError, read_next_round, write_next_round
 from blossom_secure.crypto import identity_public_key
 from blossom_secure.runtimes.embedded.federation import simulate
-from blossom_secure.site.config import load_site, site_dirs
+from blossom_secure.site.config import load_site
 from blossom_secure.site.keys import load_identity_key
 from blossom_secure.site.ledger import load_reconciled_ledger
 from blossom_secure.site.round_identity import StaleRoundError, check_round_is_new, last_round_answered

@@ -3,14 +3,17 @@
     blossom-site init SITE_DIR            create the identity key, start the audit log
     blossom-site check SITE_DIR           validate site file, policy and data; show what would leave
     blossom-site budget SITE_DIR          privacy spent per round and remaining
-    blossom-site audit verify SITE_DIR    recompute the audit log's hash chain and signatures
-    blossom-site audit review SITE_DIR [--round R] [--html FILE]
+    blossom-site audit verify SITE_DIR|LOG [--public-key KEY | --roster ROSTER.toml --site ID]
+                              [--fingerprint FP] [--every-signature]
+                                          verify the audit log's hash chain and signatures (public key only)
+    blossom-site audit review SITE_DIR|LOG [--round R] [--html FILE] (and verify's key options)
     blossom-site ledger rebuild SITE_DIR  rebuild the privacy ledger from the verified audit log
     blossom-site join SITE_DIR --coordinator HOST:PORT (--root-certificates CA.pem | --insecure)
                      [--supernode-auth] [--seed S]
                                           run the site's Flower SuperNode until interrupted
-    blossom-site roster-entry SITE_DIR [--node-key]
-                                          print the site's line for the federation's roster.toml
+    blossom-site roster-entry SITE_DIR [--node-key | --pem]
+                                          print the site's line for the federation's roster.toml (its
+                                          SuperNode key's line, or its public key as PEM for auditors)
 
 Every command takes ``--federation FILE`` when the site file does not name its federation.
 Exit codes: see :mod:`blossom_secure.cli`.
