@@ -287,11 +287,16 @@ def _run_rounds(args, connect: str, ca: Path, out: Path, federation, roster, fir
                           markup=False)
         return EXIT_PROTOCOL
     doc = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
-    for round_key, blocks in sorted(doc.get("blocks", {}).items(), key=lambda kv: int(kv[0])):
+    ran = {k: v for k, v in doc.get("blocks", {}).items() if int(k) >= first_round}
+    for round_key, blocks in sorted(ran.items(), key=lambda kv: int(kv[0])):
         outcome = ", ".join(f"{b}: {v.get('failure') or 'aggregated'}" for b, v in sorted(blocks.items()))
-        console.print(f"round {round_key}: {outcome}", markup=False)
+        console.print(f"round {round_key}: {outcome or 'no site took part'}", markup=False)
     console.print(f"metrics: {out / 'metrics.json'}", markup=False)
     console.print(f"global shared blocks: {out / 'global_blocks.npz'}", markup=False)
+    if not any(ran.values()):
+        err_console.print("error: no site took part in any round of this run (each site's audit log says why; a site "
+                          "refuses a round number it has already answered, and a policy may decline)", markup=False)
+        return EXIT_PROTOCOL
     return EXIT_OK
 
 
