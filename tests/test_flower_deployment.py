@@ -1,7 +1,8 @@
 """The deployment runtime on Flower's engine, on loopback with TLS: a SuperLink, one
-SuperNode per example site, one round started over the Control API. The result equals the
-embedded runtime's (same seeds), every site's audit log verifies and accounts for every
-byte the coordinator took, and every process started here is ended here.
+SuperNode per example site (four), two rounds started over the Control API. The global
+blocks after each round equal the embedded runtime's on the same seeds within the
+quantisation bound, every site's audit log verifies and accounts for every byte the
+coordinator took, and every process started here is ended here.
 
 Needs ``flwr`` (the ``flower`` extra) and a few minutes: marked ``deployment`` and ``slow``.
 """
@@ -32,7 +33,7 @@ from blossom_secure.runtimes.flower.control import start_run, stop_run, wait_for
 from blossom_secure.roster import load_roster  # noqa: E402
 from blossom_secure.secagg.terms import secagg_params  # noqa: E402
 from tests.conftest import allow_coordinators  # noqa: E402
-from tests.test_flower_rounds import SEED, embedded, flower_copy, records_of  # noqa: E402,F401
+from tests.test_flower_rounds import SEED, flower_copy, records_of  # noqa: E402
 
 pytestmark = [pytest.mark.deployment, pytest.mark.slow,
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]  # from flwr's own dependencies
@@ -187,10 +188,32 @@ def start_tls_superlink(processes: Processes, certs: Path, port: int, *, superno
     return link
 
 
-def test_one_round_on_flowers_deployment_engine_with_tls(tiny_sites_with_data, tmp_path, embedded):
+ROUNDS = 2
+
+
+@pytest.fixture(scope="module")
+def embedded_rounds(tiny_sites_with_data, tmp_path_factory):
+    """``ROUNDS`` secure rounds of the embedded runtime on the same seed: the reports of
+    each round and the global blocks after the last one (the reference)."""
+    import shutil
+
+    from blossom_secure.runtimes.embedded.federation import simulate
+
+    dest = tmp_path_factory.mktemp("embedded-rounds")
+    shutil.copytree(tiny_sites_with_data.parent / "policies", dest / "policies")
+    shutil.copytree(tiny_sites_with_data, dest / "sites")
+    result = simulate(sites_root=dest / "sites", rounds=ROUNDS, out_dir=dest / "out", seed=SEED, secure=True)
+    with np.load(result.out_dir / "global_blocks.npz") as g:
+        blocks = {k: g[k] for k in g.files}
+    return result.rounds, blocks
+
+
+def test_two_rounds_of_four_supernodes_over_tls_equal_the_embedded_runtime(tiny_sites_with_data, tmp_path,
+                                                                           embedded_rounds):
     sites = flower_copy(tiny_sites_with_data, tmp_path)
     dirs = site_dirs(sites)
     ids = [load_site(d).id for d in dirs]
+    assert len(ids) == 4
     certs = write_dev_certificates(tmp_path / "certs", site_ids=ids)
     ca = certs.directory / "ca.pem"
     link_port = free_port()
@@ -207,7 +230,7 @@ def test_one_round_on_flowers_deployment_engine_with_tls(tiny_sites_with_data, t
                 "--node-config", f'site-dir="{site_dir}" coordinator="{superlink}" simulation-seed={SEED}',
                 "--host", "127.0.0.1", "--port", str(free_port())])
         run_id = start_run(superlink, root_certificates=ca, run_config={
-            "federation-file": str(sites / "federation.toml"), "out-dir": str(out), "rounds": 1, "seed": SEED,
+            "federation-file": str(sites / "federation.toml"), "out-dir": str(out), "rounds": ROUNDS, "seed": SEED,
             "stage-timeout-s": 300.0, "wait-for-sites-s": 180.0})
         status = wait_for_run(superlink, root_certificates=ca, run_id=run_id, timeout_s=RUN_TIMEOUT_S)
         if status.status != "finished":
@@ -219,8 +242,19 @@ def test_one_round_on_flowers_deployment_engine_with_tls(tiny_sites_with_data, t
     assert processes.alive_after_stop == []
 
     doc = json.loads((out / "metrics.json").read_text())
-    reference_report, reference_blocks = embedded
-    assert doc["blocks"]["0"] == reference_report.blocks
+    reference_reports, reference_blocks = embedded_rounds
+    assert [r.round_id for r in reference_reports] == list(range(ROUNDS))
+    assert sorted(doc["blocks"], key=int) == [str(r) for r in range(ROUNDS)]
+    for report in reference_reports:
+        # the same blocks aggregated from the same contributors in every round
+        assert doc["blocks"][str(report.round_id)] == report.blocks, report.round_id
+        # the same training and evaluation at every site: what each site released matches
+        for row in (r for r in doc["metrics"] if r["round"] == report.round_id):
+            view = report.sites[row["site"]]
+            assert row["value"] == view["tasks"][row["task"]]["accuracy"], row
+            assert (row["epsilon"], row["declined"]) == (view["epsilon"], view["declined"]), row
+    trained = {(row["round"], row["site"]) for row in doc["metrics"] if not row["declined"]}
+    assert trained == {(r, site) for r in range(ROUNDS) for site in ids}  # every site, every round
     federation = load_federation(sites / "federation.toml")
     roster = load_roster(sites / "roster.toml", federation=federation)
     bound = 2.0 ** -(secagg_params(federation, roster_size=len(roster)).scale_bits + 1) + 1e-6
@@ -231,8 +265,10 @@ def test_one_round_on_flowers_deployment_engine_with_tls(tiny_sites_with_data, t
     for site_dir in dirs:
         records = records_of(site_dir, roster)  # verifies the whole log
         site_id = records[0]["site_id"]
-        logged = sum(r["details"]["payload_bytes"] for r in records if r["event"] == "egress" and r["round_id"] == 0)
-        assert logged == doc["bytes_received"]["0"][site_id] > 0
+        for round_id in range(ROUNDS):
+            logged = sum(r["details"]["payload_bytes"] for r in records
+                         if r["event"] == "egress" and r["round_id"] == round_id)
+            assert logged == doc["bytes_received"][str(round_id)][site_id] > 0, (site_id, round_id)
         assert any(r["event"] == "egress" and r["details"]["message_type"] == "identify" for r in records)
 
 

@@ -1,7 +1,7 @@
 """The deployment runtime's round, without Flower: the coordinator's driver
 (:mod:`blossom_secure.coordinator.steps`) sends each request to the
-site's step (:mod:`blossom_secure.site.steps`) in this process or in a
-fresh process per request (as Flower runs a ClientApp), and the result is the embedded
+site's step (:mod:`blossom_secure.site.steps`) in this process (the real processes, one
+per request as Flower runs a ClientApp, are in ``test_flower_deployment``), and the result is the embedded
 runtime's, every site's audit log verifies and accounts for every byte the coordinator
 took, and a dropout after the masked input does not stop the round."""
 
@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -95,25 +92,6 @@ class InProcess:
                 self.gone.add(site)
             if self.after is not None:
                 self.after(stage, site)
-        return replies
-
-
-class FreshProcesses(InProcess):
-    """``send`` running every site step in a new Python process, sites in parallel."""
-
-    def answer(self, site: str, request: bytes) -> bytes:
-        done = subprocess.run(
-            [sys.executable, "-m", "blossom_secure.site.steps", str(self.files[site].site_dir),
-             "--simulation-seed", str(SEED)],
-            input=request, capture_output=True, timeout=600, check=False)
-        assert done.returncode == 0, done.stderr.decode(errors="replace")
-        return done.stdout
-
-    def __call__(self, stage: str, requests):
-        live = {s: r for s, r in requests.items() if s not in self.gone}
-        with ThreadPoolExecutor(max_workers=len(live) or 1) as pool:
-            replies = dict(zip(live, pool.map(self.answer, live, live.values())))
-        self.sent.extend((stage, s, live[s], replies[s]) for s in sorted(live))
         return replies
 
 
@@ -283,15 +261,6 @@ def test_supernode_pointed_at_an_unlisted_coordinator_declines_the_round(tiny_si
         return [e["round_id"] for e in json.loads(path.read_text())["entries"]] if path.exists() else []
 
     assert charged_rounds("northgate") == [0] and charged_rounds("riverside") == []
-
-
-def test_round_with_every_site_step_in_a_fresh_process(tiny_sites_with_data, tmp_path, embedded):
-    sites = flower_copy(tiny_sites_with_data, tmp_path)
-    coordinator = coordinator_for(sites)
-    report = coordinator.run_round(0, FreshProcesses(sites))
-    assert coordinator.last_site_errors == {}
-    assert_equals_embedded(coordinator, report, embedded)
-    assert_audit_accounts_for_every_byte(sites, coordinator, [report])
 
 
 def test_audit_file_name_is_the_site_agents():

@@ -41,7 +41,6 @@ must come after every round the site's verified audit log shows it answered.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import binascii
 import contextlib
@@ -51,7 +50,6 @@ import logging
 import math
 import os
 import re
-import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
@@ -811,33 +809,3 @@ def _finish_with_agent(agent, record: _RoundRecord, request: wire.Request, untru
     discard_round_state(state_dir, r)
     _discard(_update_path(state_dir, r))
     return reply
-
-
-# -------------------------------------------------------------------------- one step, one process
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m blossom_secure.site.steps SITE_DIR``: answer the request
-    on standard input with the reply on standard output, in a process of its own (as
-    Flower runs a ClientApp). Exit 0, or 2 with one line on standard error."""
-    parser = argparse.ArgumentParser(prog="python -m blossom_secure.site.steps")
-    parser.add_argument("site_dir", type=Path)
-    parser.add_argument("--federation", type=Path, default=None)
-    parser.add_argument("--roster", type=Path, default=None)
-    parser.add_argument("--simulation-seed", type=int, default=None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    data = sys.stdin.buffer.read(MAX_REQUEST_BYTES + 1)
-    try:
-        reply = handle_request(SiteFiles(args.site_dir, args.federation, args.roster), data,
-                               seed=args.simulation_seed)
-    except BlossomError as exc:
-        print(f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
-        return 2
-    sys.stdout.buffer.write(reply)
-    sys.stdout.buffer.flush()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
