@@ -510,3 +510,22 @@ def test_exported_names_are_importable_from_the_runtime_package():
 
     assert exported is write_dev_certificates
     assert DEFAULT_SERVER_NAMES == ("localhost", "127.0.0.1", "::1")
+
+
+def test_a_long_path_is_printed_whole_on_one_line_in_a_log(tmp_path):
+    """Output redirected to a file (no terminal, rich's 80 columns) never breaks a line
+    inside a path: an operator who greps the log or pastes the command gets it whole."""
+    out = tmp_path / ("a-folder-name-long-enough-that-every-path-in-it-passes-eighty-columns" * 2) / "certs"
+    out.parent.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "BLOSSOM_DEBUG")}
+    proc = subprocess.run([str(BIN / "blossom"), "dev", "certificates", str(out)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    superlink = [line for line in lines if line.startswith("SuperLink: ")]
+    assert len(superlink) == 1
+    assert f"--ssl-ca-certfile {out / 'ca.pem'} --ssl-certfile {out / 'server.pem'}" in superlink[0]
+    # any sentence, not only the ones printed with care
+    assert [line for line in lines if line.startswith("These are test keys")] == [
+        "These are test keys, unencrypted, for local trials only; a real deployment uses the hospital's and the "
+        "coordinator's own PKI."]

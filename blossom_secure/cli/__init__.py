@@ -44,8 +44,20 @@ EXIT_PROTOCOL = 4
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+class _Console(Console):
+    """rich's console, except that a line of text is never wrapped by the console: a path
+    or an address printed in a message stays on one line in a log file or a pipe (the
+    terminal wraps it for the eye), so that ``grep`` and copy-and-paste get it whole.
+    Tables still fit the width."""
+
+    def print(self, *objects, soft_wrap: bool | None = None, **kwargs) -> None:  # noqa: A003 - rich's API
+        if soft_wrap is None and objects and all(isinstance(o, str) for o in objects):
+            soft_wrap = True
+        super().print(*objects, soft_wrap=soft_wrap, **kwargs)
+
+
+console = _Console(highlight=False)
+err_console = _Console(stderr=True, highlight=False)
 
 
 class UsageError(Exception):
