@@ -69,7 +69,8 @@ def _parser() -> ArgumentParser:
         key = cmd.add_mutually_exclusive_group()
         key.add_argument("--public-key", default=None, metavar="KEY",
                          help="verify with this public key only: a PEM file (BEGIN PUBLIC KEY), a file holding the "
-                              "64 hex digits of the roster entry, or those 64 hex digits")
+                              "site's roster entry (as `roster-entry` prints it) or its 64 hex digits, or those "
+                              "64 hex digits")
         key.add_argument("--roster", type=Path, default=None, metavar="ROSTER.toml",
                          help="verify with the site's public key from the federation roster (see --site)")
         cmd.add_argument("--site", default=None, metavar="ID",
@@ -389,8 +390,10 @@ def _read_public_key(value: str) -> tuple[bytes, str]:
             return public_key_from_pem(data), f"public-key file {value}"
         except ValueError as exc:
             raise KeyFileError([Problem(value, "", f"--public-key: {exc}")]) from None
-    text = data.decode("ascii", errors="replace").strip()
-    # a roster line ("st-mary" = "<hex>") or the bare hex digits
+    # a roster entry as `roster-entry` prints it ("st-mary" = "<hex>", after its comment
+    # line), or the bare hex digits
+    text = "\n".join(line for line in data.decode("ascii", errors="replace").splitlines()
+                     if not line.lstrip().startswith("#")).strip()
     found = re.findall(r"[0-9a-fA-F]{64}", text)
     if len(found) == 1 and (hex_key.fullmatch(text) or re.fullmatch(r'"?[a-z0-9_-]+"?\s*=\s*"[0-9a-fA-F]{64}"', text)):
         return bytes.fromhex(found[0]), f"public-key file {value}"
