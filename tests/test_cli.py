@@ -88,3 +88,28 @@ def test_simulate_quick_writes_metrics(copy_sites, tmp_path):
     doc = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert doc["rounds"] == 1 and doc["secure_aggregation"] is True
     assert {r["site"] for r in doc["metrics"]} == {"st-mary", "northgate", "riverside", "lakeside"}
+
+
+@pytest.mark.slow
+def test_simulate_budget_message_never_says_the_others_went_on_when_none_did(copy_sites, tmp_path):
+    """Every budget allows one round: round 0 is trained, in round 1 every site declines.
+    Exit 3 says which rounds nobody trained, not that "the others went on"."""
+    import re
+
+    from blossom_secure.site.ledger import compute_epsilon
+
+    sites = copy_sites()
+    fed = (sites / "federation.toml").read_text()
+    rate = float(re.search(r"sample_rate = ([0-9.]+)", fed).group(1))
+    steps = int(re.search(r"steps_per_round = (\d+)", fed).group(1))
+    for policy in (sites.parent / "policies").glob("*.toml"):
+        text = policy.read_text()
+        noise = float(re.search(r"noise_multiplier = ([0-9.]+)", text).group(1))
+        one_round = compute_epsilon([(noise, rate, steps)], accountant="rdp", delta=1e-5)
+        policy.write_text(re.sub(r"epsilon_budget = [0-9.]+", f"epsilon_budget = {one_round * 1.2:.4f}", text))
+    proc = cli("blossom", "simulate", "--sites", str(sites), "--out", str(tmp_path / "run"), "--rounds", "2")
+    assert proc.returncode == 3, (proc.stdout, proc.stderr)
+    message = " ".join(proc.stderr.split())
+    assert message.startswith("error: the privacy budget stopped") and "Traceback" not in message
+    assert "no site trained in round 1," in message and "the others went on" not in message
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["round_ids"] == [0, 1]

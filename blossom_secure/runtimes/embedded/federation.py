@@ -128,6 +128,11 @@ class SimulationResult:
         """Whether any site trained in any round of the run."""
         return any(a == TRAINED for answers in self.answers.values() for a in answers.values())
 
+    @property
+    def rounds_without_training(self) -> list[int]:
+        """The rounds of the run in which no site trained (every site declined)."""
+        return [r for r, answers in sorted(self.answers.items()) if TRAINED not in answers.values()]
+
 
 class Coordinator:
     """Holds the global shared blocks and runs rounds over in-process sites."""
