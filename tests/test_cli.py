@@ -79,6 +79,31 @@ def test_check_missing_folder_and_bad_arguments(tmp_path):
     assert_clean_failure(cli("blossom", "simulate", "--out", str(tmp_path), "--mode", "full-model"), 2)
 
 
+def _modules_loaded_by(argv: list[str]) -> tuple[int, list[str]]:
+    """Run ``blossom-site ARGV`` in a fresh interpreter; its exit code and which of torch,
+    MONAI and Opacus it imported."""
+    probe = ("import sys\nfrom blossom_secure.cli import run\nfrom blossom_secure.cli.site import main\n"
+             f"code = run(main, {argv!r})\n"
+             "print('LOADED:' + ','.join(m for m in ('torch', 'monai', 'opacus') if m in sys.modules), code)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600, check=False)
+    line = [x for x in done.stdout.splitlines() if x.startswith("LOADED:")]
+    assert len(line) == 1, (done.stdout[-500:], done.stderr[-500:])
+    loaded, _, code = line[0].removeprefix("LOADED:").rpartition(" ")
+    return int(code), [m for m in loaded.split(",") if m]
+
+
+def test_check_decodes_with_the_imaging_stack_but_never_loads_opacus(copy_sites):
+    """`check` trains nothing: it imports MONAI and torch, which decode the studies as
+    training does, and not Opacus (seconds of every check)."""
+    code, loaded = _modules_loaded_by(["check", str(copy_sites() / "st-mary")])
+    assert code == 0 and loaded == ["torch", "monai"]
+
+
+def test_check_of_an_example_site_without_data_answers_before_loading_the_imaging_stack(tiny_sites):
+    code, loaded = _modules_loaded_by(["check", str(tiny_sites / "st-mary")])
+    assert code == 2 and loaded == []
+
+
 @pytest.mark.slow
 def test_simulate_quick_writes_metrics(copy_sites, tmp_path):
     sites = copy_sites()

@@ -146,8 +146,6 @@ def _load(args, *, with_data: bool = False):
 
 def _check(args) -> int:
     from blossom_secure.errors import DataError, Problem
-    from blossom_secure.model import BlockModel
-    from blossom_secure.site.agent import load_arrays
 
     federation, site = _load(args)
     missing = []
@@ -163,7 +161,11 @@ def _check(args) -> int:
     console.print(f"[bold]{site.name}[/bold] ({site.id}) in federation {federation.id!r}")
     console.print(f"policy {site.policy.path} sha256 {site.policy.sha256[:16]}...")
     console.print("reading the data (every study is decoded) ...", markup=False)
-    arrays = load_arrays(site, federation)
+    # only now the imaging stack (MONAI, torch); never Opacus: nothing is trained here
+    from blossom_secure.model import BlockModel
+    from blossom_secure.site.data import load_site_data
+
+    arrays = load_site_data(site, federation)
     sizes = BlockModel(federation.layout, site.modalities, tuple(site.tasks)).block_sizes()
 
     data = Table(title="data", title_justify="left")
@@ -213,8 +215,7 @@ def _check(args) -> int:
 def _check_warnings(federation, site) -> list[str]:
     """What makes a valid site useless in this federation: it would decline every round,
     no shared block could ever leave, or a wildcard pattern matches no block."""
-    from blossom_secure.site.agent import policy_refusal
-    from blossom_secure.site.config import shareable_pattern_warnings
+    from blossom_secure.site.config import policy_refusal, shareable_pattern_warnings
 
     warnings = list(shareable_pattern_warnings(site.policy, federation))
     reason = policy_refusal(site, federation, secure=federation.aggregation.secure)

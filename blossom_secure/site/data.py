@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pydicom
@@ -73,12 +73,17 @@ from pydicom.pixels import get_decoder
 from blossom_secure.blocks import MODALITIES, is_valid_task_name
 from blossom_secure.errors import DataError, Problem
 
+if TYPE_CHECKING:
+    from blossom_secure.config import FederationConfig
+    from blossom_secure.site.config import SiteConfig
+
 __all__ = [
     "CSV_DELIMITERS",
     "MAX_PROBLEMS_PER_KIND",
     "SiteArrays",
     "bounded_problems",
     "load_site_arrays",
+    "load_site_data",
     "read_study",
     "split_holdout",
 ]
@@ -1118,6 +1123,29 @@ def load_site_arrays(
     )
     logger.info("site data loaded: %s", site.summary())
     return site
+
+
+def load_site_data(site: SiteConfig, federation: FederationConfig) -> SiteArrays:
+    """The site's data as arrays, as its site file and the federation's layout declare:
+    what ``blossom-site check`` reads and what the site agent trains on.
+
+    Raises:
+        DataError: As :func:`load_site_arrays`.
+    """
+    layout = federation.layout
+    return load_site_arrays(
+        dicom_dir=site.dicom_dir if "image" in site.modalities else None,
+        clinical_csv=site.clinical_csv,
+        patient_id_column=site.patient_id_column,
+        modalities=site.modalities,
+        tabular_features=layout.tabular.features,
+        tasks=site.tasks,
+        num_classes={t: layout.tasks[t] for t in site.tasks},
+        image_spatial_dims=layout.image.spatial_dims,
+        image_size=layout.image.size,
+        image_window=layout.image.window,
+        extra_tabular={m: layout.extra_tabular[m].features for m in site.modalities if m in layout.extra_tabular},
+    )
 
 
 # --------------------------------------------------------------------------------------
