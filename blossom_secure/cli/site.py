@@ -583,7 +583,7 @@ def _ledger_rebuild(args) -> int:
                                   policy_sha256=site.policy.sha256))
 
     with log:
-        _, records = log.verified_records(events=(audit.TRAINING_FINISHED,))
+        _, records = log.verified_records(events=(audit.TRAINING_FINISHED, audit.ROUND_JOINED))
         result = rebuild_ledger(site.state_dir / LEDGER_FILE, site_id=site.id, terms=site.policy.privacy,
                                 records=records, audit_file=str(log_path), record_rebuild=record)
     terms = site.policy.privacy
@@ -596,8 +596,11 @@ def _ledger_rebuild(args) -> int:
     console.print(f"rebuilt ledger {result.path} from the verified audit log {log_path} (key {fingerprint}):",
                   markup=False)
     kept = "round" if result.rounds_kept == 1 else "rounds"
-    console.print(f"  {len(result.entries)} rounds: {result.rounds_proven} proven by training_finished records, "
-                  f"{result.rounds_kept} reserved {kept} kept from the previous ledger")
+    console.print(f"  {len(result.entries)} rounds: {result.rounds_proven - result.rounds_restored} proven by "
+                  f"training_finished records, {result.rounds_kept} reserved {kept} kept from the previous ledger")
+    if result.rounds_restored:
+        console.print(f"  {result.rounds_restored} interrupted round(s) restored: joined and never finished, their "
+                      "reserved spend is counted in a later training_finished total")
     console.print(f"  spent {spend}")
     if result.previous == "missing":
         console.print("  previous ledger: missing")
