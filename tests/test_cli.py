@@ -79,6 +79,31 @@ def test_check_missing_folder_and_bad_arguments(tmp_path):
     assert_clean_failure(cli("blossom", "simulate", "--out", str(tmp_path), "--mode", "full-model"), 2)
 
 
+def _modules_loaded_by(argv: list[str]) -> tuple[int, list[str]]:
+    """Run ``blossom-site ARGV`` in a fresh interpreter; its exit code and which of torch,
+    MONAI and Opacus it imported."""
+    probe = ("import sys\nfrom blossom_secure.cli import run\nfrom blossom_secure.cli.site import main\n"
+             f"code = run(main, {argv!r})\n"
+             "print('LOADED:' + ','.join(m for m in ('torch', 'monai', 'opacus') if m in sys.modules), code)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600, check=False)
+    line = [x for x in done.stdout.splitlines() if x.startswith("LOADED:")]
+    assert len(line) == 1, (done.stdout[-500:], done.stderr[-500:])
+    loaded, _, code = line[0].removeprefix("LOADED:").rpartition(" ")
+    return int(code), [m for m in loaded.split(",") if m]
+
+
+def test_check_decodes_with_the_imaging_stack_but_never_loads_opacus(copy_sites):
+    """`check` trains nothing: it imports MONAI and torch, which decode the studies as
+    training does, and not Opacus (seconds of every check)."""
+    code, loaded = _modules_loaded_by(["check", str(copy_sites() / "st-mary")])
+    assert code == 0 and loaded == ["torch", "monai"]
+
+
+def test_check_of_an_example_site_without_data_answers_before_loading_the_imaging_stack(tiny_sites):
+    code, loaded = _modules_loaded_by(["check", str(tiny_sites / "st-mary")])
+    assert code == 2 and loaded == []
+
+
 @pytest.mark.slow
 def test_simulate_quick_writes_metrics(copy_sites, tmp_path):
     sites = copy_sites()
@@ -88,3 +113,28 @@ def test_simulate_quick_writes_metrics(copy_sites, tmp_path):
     doc = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert doc["rounds"] == 1 and doc["secure_aggregation"] is True
     assert {r["site"] for r in doc["metrics"]} == {"st-mary", "northgate", "riverside", "lakeside"}
+
+
+@pytest.mark.slow
+def test_simulate_budget_message_never_says_the_others_went_on_when_none_did(copy_sites, tmp_path):
+    """Every budget allows one round: round 0 is trained, in round 1 every site declines.
+    Exit 3 says which rounds nobody trained, not that "the others went on"."""
+    import re
+
+    from blossom_secure.site.ledger import compute_epsilon
+
+    sites = copy_sites()
+    fed = (sites / "federation.toml").read_text()
+    rate = float(re.search(r"sample_rate = ([0-9.]+)", fed).group(1))
+    steps = int(re.search(r"steps_per_round = (\d+)", fed).group(1))
+    for policy in (sites.parent / "policies").glob("*.toml"):
+        text = policy.read_text()
+        noise = float(re.search(r"noise_multiplier = ([0-9.]+)", text).group(1))
+        one_round = compute_epsilon([(noise, rate, steps)], accountant="rdp", delta=1e-5)
+        policy.write_text(re.sub(r"epsilon_budget = [0-9.]+", f"epsilon_budget = {one_round * 1.2:.4f}", text))
+    proc = cli("blossom", "simulate", "--sites", str(sites), "--out", str(tmp_path / "run"), "--rounds", "2")
+    assert proc.returncode == 3, (proc.stdout, proc.stderr)
+    message = " ".join(proc.stderr.split())
+    assert message.startswith("error: the privacy budget stopped") and "Traceback" not in message
+    assert "no site trained in round 1," in message and "the others went on" not in message
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["round_ids"] == [0, 1]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from blossom_secure.crypto import generate_identity_key, identity_key_to_pem
+from blossom_secure.crypto import generate_identity_key, identity_key_to_pem, identity_public_key
 from tests.test_cli import assert_clean_failure, cli
 
 pytestmark = pytest.mark.slow
@@ -252,6 +252,26 @@ def test_verify_with_the_public_key_only(federated_sites, tmp_path):
     proc = cli("blossom-site", "audit", "verify", str(log), "--public-key", hex_key)
     assert_clean_failure(proc, 1)
     assert "line 3" in proc.stderr
+
+
+def test_public_key_file_may_hold_the_roster_entry_as_printed(tiny_sites, tmp_path):
+    """`roster-entry SITE > FILE` (its comment line included) is a key file `--public-key`
+    takes, as the operator guide says; the comment's fingerprint is never what is trusted."""
+    site = tiny_sites / "riverside"
+    assert cli("blossom-site", "init", str(site)).returncode == 0
+    log = _auditor_copy(site, tmp_path / "auditor")
+    entry = cli("blossom-site", "roster-entry", str(site))
+    assert entry.returncode == 0 and entry.stdout.startswith("# riverside: key fingerprint ")
+    fingerprint = entry.stdout.split("key fingerprint ")[1].split()[0]
+    key_file = tmp_path / "riverside.roster-entry"
+    key_file.write_text(entry.stdout)
+    proc = cli("blossom-site", "audit", "verify", str(log), "--public-key", str(key_file), "--fingerprint", fingerprint)
+    assert proc.returncode == 0, proc.stderr
+    assert f"public-key file {key_file}" in proc.stdout and "it matches --fingerprint" in proc.stdout
+    # two entries in one file are refused (which key would be meant?)
+    other = identity_public_key(generate_identity_key()).hex()
+    key_file.write_text(entry.stdout + f'"other" = "{other}"\n')
+    assert_clean_failure(cli("blossom-site", "audit", "verify", str(log), "--public-key", str(key_file)), 2)
 
 
 def test_review_with_the_public_key_states_what_was_verified(federated_sites, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -181,6 +182,60 @@ def test_resize_to_a_3d_size() -> None:
     x = read_study(bundled("rtdose.dcm"), spatial_dims=3, size=(8, 6, 4), window=(0.0, 2e6))
     assert x.shape == (1, 8, 6, 4) and x.dtype == np.float32
     assert x.min() >= 0.0 and x.max() <= 1.0
+
+
+def _reader_output(reader: object, path: Path) -> tuple[np.ndarray, dict]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PydicomReader warns per file (missing orientation, ...)
+        return reader.get_data(reader.read(str(path)))
+
+
+@pytest.mark.parametrize("name", [*REAL_FILES, "rtdose.dcm", "liver_1frame.dcm"])
+def test_reader_metadata_is_monai_pydicom_readers_own(name: str) -> None:
+    """The reader converts only the elements MONAI's pruned metadata keeps (the fast path);
+    the metadata is MONAI's own (the reference), functional groups of a multi-frame file
+    included."""
+    from monai.data import PydicomReader
+
+    from blossom_secure.site.data import _PydicomReader
+
+    fast = _PydicomReader()._get_meta_dict(pydicom.dcmread(bundled(name)))
+    reference = PydicomReader()._get_meta_dict(pydicom.dcmread(bundled(name)))
+    assert fast == reference
+
+
+def test_reader_leaves_out_an_element_it_cannot_convert_as_monai_does(tmp_path: Path) -> None:
+    from monai.data import PydicomReader
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    from blossom_secure.site.data import _PydicomReader
+
+    write_series(tmp_path / "P1", np.arange(2 * 4 * 4, dtype=np.int16).reshape(2, 4, 4))
+
+    def malformed() -> Dataset:
+        ds = pydicom.dcmread(sorted((tmp_path / "P1").iterdir())[0])
+        ds[0x00200032] = RawDataElement(Tag(0x00200032), "DS", 5, b"x\\y\\z", 0, False, True)
+        return ds
+
+    fast = _PydicomReader()._get_meta_dict(malformed())
+    assert "00200032" not in fast and "00280030" in fast
+    assert fast == PydicomReader()._get_meta_dict(malformed())
+
+
+def test_reader_decodes_a_series_exactly_as_monai_pydicom_reader(tmp_path: Path) -> None:
+    from monai.data import PydicomReader
+
+    from blossom_secure.site.data import _SLICE_REGEX, _PydicomReader
+
+    volume = np.random.default_rng(1).integers(-1000, 1000, size=(4, 6, 5)).astype(np.int16)
+    write_series(tmp_path / "P1", volume)
+    fast_array, fast_meta = _reader_output(_PydicomReader(fname_regex=_SLICE_REGEX), tmp_path / "P1")
+    ref_array, ref_meta = _reader_output(PydicomReader(fname_regex=_SLICE_REGEX), tmp_path / "P1")
+    np.testing.assert_array_equal(fast_array, ref_array)
+    assert fast_meta.keys() == ref_meta.keys()
+    for key, value in ref_meta.items():
+        np.testing.assert_array_equal(np.asarray(fast_meta[key]), np.asarray(value), err_msg=key)
 
 
 # --------------------------------------------------------------------------------------

@@ -191,6 +191,31 @@ def test_cli_ledger_behind_exits_2_and_rebuild_restores_it(tiny_sites, tmp_path)
     assert again.returncode == 0 and "nothing changed" in again.stdout
 
 
+def test_deleting_the_ledger_after_an_interrupted_round_does_not_drop_its_spend(tiny_sites):
+    """Round 1 was reserved and interrupted; round 2's signed total counts it. After the
+    ledger is deleted, the rebuild restores round 1, and budget shows the log's total."""
+    site = tiny_sites / "st-mary"
+    spend(site, [0])
+    spend(site, [1], finish=False)
+    last = spend(site, [2])[-1]
+    (state(site) / "ledger.json").unlink()
+    rebuilt = cli("blossom-site", "ledger", "rebuild", str(site))
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "3 rounds: 2 proven" in rebuilt.stdout and "1 interrupted round(s) restored" in rebuilt.stdout
+    budget = cli("blossom-site", "budget", str(site))
+    assert budget.returncode == 0, budget.stderr
+    assert f"spent {last.epsilon_total:.3f}" in budget.stdout
+    rows = [line for line in budget.stdout.splitlines() if line.startswith("│")]
+    assert [int(line.split("│")[1]) for line in rows] == [0, 1, 2]
+    # the ledger without round 1 again: refused, never the smaller number
+    data = json.loads((state(site) / "ledger.json").read_text())
+    data["entries"] = [e for e in data["entries"] if e["round_id"] != 1]
+    (state(site) / "ledger.json").write_text(json.dumps(data))
+    behind = cli("blossom-site", "budget", str(site))
+    assert_clean_failure(behind, 2)
+    assert "a round reserved before it (joined, never finished) is missing" in " ".join(behind.stderr.split())
+
+
 def test_ledger_rebuild_refuses_a_tampered_audit_log(tiny_sites):
     site = tiny_sites / "st-mary"
     spend(site, [0, 1])

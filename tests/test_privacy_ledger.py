@@ -216,7 +216,7 @@ class SiteState:
 
     def rebuild(self, record=None):
         with self.open_log() as log:
-            _, records = log.verified_records(events=(audit.TRAINING_FINISHED,))
+            _, records = log.verified_records(events=(audit.TRAINING_FINISHED, audit.ROUND_JOINED))
 
             def append(details):
                 log.append(audit.LEDGER_REBUILT, round_id=None, details=details, policy_sha256=POLICY_SHA)
@@ -422,6 +422,48 @@ def test_ledger_rebuild_keeps_rounds_the_ledger_is_ahead(tmp_path):
     assert result.entries[1] == crashed
     assert result.previous == "readable" and result.backup.read_bytes() == old
     assert site.reconciled().epsilon_spent == pytest.approx(history_epsilon(result.entries, site.terms))
+
+
+def test_dropping_an_interrupted_rounds_entry_is_behind_the_audit_log(tmp_path):
+    """Round 1 was reserved, then interrupted (no training_finished of its own); round 2's
+    signed total counts it. A ledger without it holds every proven round, yet reads lower
+    than the log proves: refused, not a smaller spend."""
+    site = SiteState(tmp_path)
+    site.train(0)
+    site.train(1, finish=False)
+    last = site.train(2)
+    site.edit_ledger(lambda entries: entries.pop(1))
+    with pytest.raises(LedgerError, match="below the .* that the signed audit log .* proves at seq") as caught:
+        site.reconciled()
+    assert "round 2" in str(caught.value) and f"{last.epsilon_total:.3f}" in str(caught.value)
+
+
+def test_ledger_rebuild_restores_an_interrupted_round_that_a_later_total_counts(tmp_path):
+    site = SiteState(tmp_path)
+    site.train(0)
+    interrupted = site.train(1, finish=False)
+    last = site.train(2)
+    site.ledger_path.unlink()
+    result = site.rebuild()
+    assert (result.rounds_proven, result.rounds_restored, result.rounds_kept) == (3, 1, 0)
+    assert [e.round_id for e in result.entries] == [0, 1, 2]
+    restored = result.entries[1]
+    assert (restored.noise_multiplier, restored.sample_rate, restored.steps) == \
+        (interrupted.noise_multiplier, interrupted.sample_rate, interrupted.steps)
+    assert site.reconciled().epsilon_spent == pytest.approx(last.epsilon_total, rel=1e-12)
+    assert site.records()[-1]["details"]["rounds_proven"] == 3
+
+
+def test_ledger_rebuild_cannot_count_an_interrupted_last_round(tmp_path):
+    """Nothing in the log counts the spend of a round interrupted after the last
+    training_finished record: the rebuild holds the proven rounds (as documented)."""
+    site = SiteState(tmp_path)
+    proven = site.train(0)
+    site.train(1, finish=False)
+    site.ledger_path.unlink()
+    result = site.rebuild()
+    assert [e.round_id for e in result.entries] == [0] and result.rounds_restored == 0
+    assert result.epsilon_total == pytest.approx(proven.epsilon_total, rel=1e-12)
 
 
 def test_ledger_rebuild_of_an_unreadable_ledger_uses_the_log_and_keeps_its_bytes(tmp_path):

@@ -101,6 +101,8 @@ def test_three_runs_one_interrupted_then_every_surface_agrees_with_the_ledger(co
         simulate(sites_root=sites, rounds=2, out_dir=out, seed=0)
     monkeypatch.setattr(site_agent, "train_dp", real_train)
     assert read_next_round(out / "coordinator-state.json", "blossom-demo") == 3
+    # metrics.json is the last finished run's, as the operator guide says
+    assert json.loads((out / "metrics.json").read_text())["round_ids"] == [0]
 
     third = simulate(sites_root=sites, rounds=1, out_dir=out, seed=0)
     assert third.round_ids == [3]  # round 2 is never announced again

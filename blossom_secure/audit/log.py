@@ -146,7 +146,9 @@ string of 1 to 2000 characters.
 ``error``                    ``message`` (text). Optional: ``error_type`` (id).
 ``ledger_rebuilt``           ``rounds`` (int >= 0: entries in the rebuilt privacy ledger),
                              ``rounds_proven`` (int >= 0: of those, rounds taken from this
-                             log's ``training_finished`` records), ``rounds_kept`` (int >= 0:
+                             log: its ``training_finished`` records, and rounds joined and
+                             never finished that a later record's total counts),
+                             ``rounds_kept`` (int >= 0:
                              reserved rounds kept from the previous ledger that this log does
                              not prove), ``epsilon_total`` (number >= 0: the rebuilt spend),
                              ``delta`` (number in (0, 1)), ``accountant`` (id),

@@ -399,8 +399,12 @@ def _simulate(args) -> int:
                           markup=False, soft_wrap=True)
         return EXIT_BUDGET if budget else EXIT_INVALID_INPUT
     if budget:
-        err_console.print(f"error: the privacy budget stopped {listing(budget)} from joining; the others went on "
-                          "and the results are written (see `blossom-site budget`)", markup=False, soft_wrap=True)
+        idle = result.rounds_without_training
+        # "the others went on" only if, in every round, some site did
+        went_on = (f"no site trained in round{'s' if len(idle) > 1 else ''} {', '.join(map(str, idle))}" if idle
+                   else "the others went on")
+        err_console.print(f"error: the privacy budget stopped {listing(budget)} from joining; {went_on}, and the "
+                          "results are written (see `blossom-site budget`)", markup=False, soft_wrap=True)
         return EXIT_BUDGET
     return EXIT_OK
 

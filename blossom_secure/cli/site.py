@@ -69,7 +69,8 @@ def _parser() -> ArgumentParser:
         key = cmd.add_mutually_exclusive_group()
         key.add_argument("--public-key", default=None, metavar="KEY",
                          help="verify with this public key only: a PEM file (BEGIN PUBLIC KEY), a file holding the "
-                              "64 hex digits of the roster entry, or those 64 hex digits")
+                              "site's roster entry (as `roster-entry` prints it) or its 64 hex digits, or those "
+                              "64 hex digits")
         key.add_argument("--roster", type=Path, default=None, metavar="ROSTER.toml",
                          help="verify with the site's public key from the federation roster (see --site)")
         cmd.add_argument("--site", default=None, metavar="ID",
@@ -145,8 +146,6 @@ def _load(args, *, with_data: bool = False):
 
 def _check(args) -> int:
     from blossom_secure.errors import DataError, Problem
-    from blossom_secure.model import BlockModel
-    from blossom_secure.site.agent import load_arrays
 
     federation, site = _load(args)
     missing = []
@@ -162,7 +161,11 @@ def _check(args) -> int:
     console.print(f"[bold]{site.name}[/bold] ({site.id}) in federation {federation.id!r}")
     console.print(f"policy {site.policy.path} sha256 {site.policy.sha256[:16]}...")
     console.print("reading the data (every study is decoded) ...", markup=False)
-    arrays = load_arrays(site, federation)
+    # only now the imaging stack (MONAI, torch); never Opacus: nothing is trained here
+    from blossom_secure.model import BlockModel
+    from blossom_secure.site.data import load_site_data
+
+    arrays = load_site_data(site, federation)
     sizes = BlockModel(federation.layout, site.modalities, tuple(site.tasks)).block_sizes()
 
     data = Table(title="data", title_justify="left")
@@ -212,8 +215,7 @@ def _check(args) -> int:
 def _check_warnings(federation, site) -> list[str]:
     """What makes a valid site useless in this federation: it would decline every round,
     no shared block could ever leave, or a wildcard pattern matches no block."""
-    from blossom_secure.site.agent import policy_refusal
-    from blossom_secure.site.config import shareable_pattern_warnings
+    from blossom_secure.site.config import policy_refusal, shareable_pattern_warnings
 
     warnings = list(shareable_pattern_warnings(site.policy, federation))
     reason = policy_refusal(site, federation, secure=federation.aggregation.secure)
@@ -389,8 +391,10 @@ def _read_public_key(value: str) -> tuple[bytes, str]:
             return public_key_from_pem(data), f"public-key file {value}"
         except ValueError as exc:
             raise KeyFileError([Problem(value, "", f"--public-key: {exc}")]) from None
-    text = data.decode("ascii", errors="replace").strip()
-    # a roster line ("st-mary" = "<hex>") or the bare hex digits
+    # a roster entry as `roster-entry` prints it ("st-mary" = "<hex>", after its comment
+    # line), or the bare hex digits
+    text = "\n".join(line for line in data.decode("ascii", errors="replace").splitlines()
+                     if not line.lstrip().startswith("#")).strip()
     found = re.findall(r"[0-9a-fA-F]{64}", text)
     if len(found) == 1 and (hex_key.fullmatch(text) or re.fullmatch(r'"?[a-z0-9_-]+"?\s*=\s*"[0-9a-fA-F]{64}"', text)):
         return bytes.fromhex(found[0]), f"public-key file {value}"
@@ -579,7 +583,7 @@ def _ledger_rebuild(args) -> int:
                                   policy_sha256=site.policy.sha256))
 
     with log:
-        _, records = log.verified_records(events=(audit.TRAINING_FINISHED,))
+        _, records = log.verified_records(events=(audit.TRAINING_FINISHED, audit.ROUND_JOINED))
         result = rebuild_ledger(site.state_dir / LEDGER_FILE, site_id=site.id, terms=site.policy.privacy,
                                 records=records, audit_file=str(log_path), record_rebuild=record)
     terms = site.policy.privacy
@@ -592,8 +596,11 @@ def _ledger_rebuild(args) -> int:
     console.print(f"rebuilt ledger {result.path} from the verified audit log {log_path} (key {fingerprint}):",
                   markup=False)
     kept = "round" if result.rounds_kept == 1 else "rounds"
-    console.print(f"  {len(result.entries)} rounds: {result.rounds_proven} proven by training_finished records, "
-                  f"{result.rounds_kept} reserved {kept} kept from the previous ledger")
+    console.print(f"  {len(result.entries)} rounds: {result.rounds_proven - result.rounds_restored} proven by "
+                  f"training_finished records, {result.rounds_kept} reserved {kept} kept from the previous ledger")
+    if result.rounds_restored:
+        console.print(f"  {result.rounds_restored} interrupted round(s) restored: joined and never finished, their "
+                      "reserved spend is counted in a later training_finished total")
     console.print(f"  spent {spend}")
     if result.previous == "missing":
         console.print("  previous ledger: missing")

@@ -30,9 +30,9 @@ from blossom_secure._fs import load_arrays_npz, save_arrays_npz
 from blossom_secure.exchange import BlockOutcome, Contribution
 from blossom_secure.blocks import is_head
 from blossom_secure.config import FederationConfig
-from blossom_secure.site.config import AUDIT_FILE, BLOCKS_FILE, LEDGER_FILE, SiteConfig, load_site
+from blossom_secure.site.config import AUDIT_FILE, BLOCKS_FILE, LEDGER_FILE, SiteConfig, load_site, policy_refusal
 from blossom_secure.crypto import IdentityKey, identity_public_key, key_fingerprint
-from blossom_secure.site.data import SiteArrays, load_site_arrays, split_holdout
+from blossom_secure.site.data import SiteArrays, load_site_data, split_holdout
 from blossom_secure.site.dp_random import DPRandomness
 from blossom_secure.site.egress import EGRESS_RECIPIENT, egress_block_bytes, select_egress, select_report
 from blossom_secure.errors import PrivacyBudgetExceededError
@@ -42,7 +42,7 @@ from blossom_secure.site.ledger import PrivacyLedger, load_reconciled_ledger
 from blossom_secure.site.round_identity import ANSWER_EVENTS, StaleRoundError, check_round_is_new, last_round_answered
 from blossom_secure.site.training import SiteTensors, evaluate, plan_round, train_dp, train_without_dp_simulation_only
 
-__all__ = ["RoundOffer", "SiteAgent", "ensure_site_data", "policy_refusal"]
+__all__ = ["RoundOffer", "SiteAgent", "ensure_site_data"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,56 +89,6 @@ def ensure_site_data(site: SiteConfig, federation: FederationConfig) -> bool:
     return True
 
 
-def load_arrays(site: SiteConfig, federation: FederationConfig) -> SiteArrays:
-    """The site's data as arrays, as its manifest and the federation layout declare."""
-    layout = federation.layout
-    return load_site_arrays(
-        dicom_dir=site.dicom_dir if "image" in site.modalities else None,
-        clinical_csv=site.clinical_csv,
-        patient_id_column=site.patient_id_column,
-        modalities=site.modalities,
-        tabular_features=layout.tabular.features,
-        tasks=site.tasks,
-        num_classes={t: layout.tasks[t] for t in site.tasks},
-        image_spatial_dims=layout.image.spatial_dims,
-        image_size=layout.image.size,
-        image_window=layout.image.window,
-        extra_tabular={m: layout.extra_tabular[m].features for m in site.modalities if m in layout.extra_tabular},
-    )
-
-
-def policy_refusal(site: SiteConfig, federation: FederationConfig, *, secure: bool,
-                   coordinator: str | None = None) -> str | None:
-    """Why a site refuses to join a round of ``federation``, or ``None``; decided from the
-    public files alone (site file, policy, federation file), so it can be asked before any
-    site is started.
-
-    ``coordinator`` is the address the site is connected to (a deployed site: its own
-    ``join`` command's ``--coordinator``); ``None`` means the federation file's
-    ``coordinator`` (the embedded runtime). The policy must list it either way.
-
-    Every check that could refuse a contribution later in the protocol runs here,
-    before the site reserves privacy budget or trains: the policy's federation and
-    coordinator, secure aggregation, and a public weight within the federation's bound.
-    """
-    policy = site.policy
-    if policy.federation != federation.id:
-        return f"policy allows federation {policy.federation!r} only"
-    connected = federation.coordinator if coordinator is None else coordinator
-    if connected not in policy.coordinators:
-        return f"coordinator {connected!r} is not allowed by the policy ([policy] coordinators)"
-    if policy.secure_aggregation_required and not secure:
-        return "policy requires secure aggregation; this round would aggregate in plaintext"
-    weight = federation.weighting.weight_of(site.id)
-    if weight is None:
-        return ("the federation file declares no public weight for this site "
-                "([weighting.sites]); its contributions could not be weighted")
-    if weight > federation.aggregation.max_weight:
-        return (f"the site's public weight {weight} exceeds the federation's max_weight "
-                f"{federation.aggregation.max_weight}")
-    return None
-
-
 @dataclass
 class RoundOffer:
     """A site's answer to a round announcement: a contribution, or a reason to decline."""
@@ -173,7 +123,7 @@ class SiteAgent:
             no privacy spend to record), and the round's ``epsilon_total`` is reported as
             infinity. It needs an explicit ``seed`` (a deployment passes ``None``) and no
             policy or site file can ask for it.
-        arrays: The site's data, already loaded with :func:`load_arrays` from this site
+        arrays: The site's data, already loaded with :func:`~blossom_secure.site.data.load_site_data` from this site
             file (a runtime that checks every site's data before it starts any);
             ``None``: loaded here.
 
@@ -203,7 +153,7 @@ class SiteAgent:
                            "from the OS CSPRNG, not from the simulation seed", self.config.id)
         if arrays is None:
             ensure_site_data(self.config, federation)
-            arrays = load_arrays(self.config, federation)
+            arrays = load_site_data(self.config, federation)
         self.arrays = arrays
         self.train_idx, self.test_idx = split_holdout(self.arrays.patient_ids,
                                                       fraction=federation.training.holdout_fraction,
@@ -365,7 +315,7 @@ class SiteAgent:
         return DPRandomness.from_os_csprng()
 
     def refusal(self, *, secure: bool, coordinator: str | None = None) -> str | None:
-        """Why this site refuses to join a round, or ``None`` (:func:`policy_refusal`)."""
+        """Why this site refuses to join a round, or ``None`` (:func:`~blossom_secure.site.config.policy_refusal`)."""
         return policy_refusal(self.config, self.federation, secure=secure, coordinator=coordinator)
 
     def _record_error(self, round_id: int | None, exc: BaseException) -> None:

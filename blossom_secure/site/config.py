@@ -21,7 +21,8 @@ from blossom_secure.errors import PolicyError, Problem
 from blossom_secure.site.policy import Policy, load_policy
 
 __all__ = ["AUDIT_FILE", "BLOCKS_FILE", "DATA_ORIGINS", "LEDGER_FILE", "SiteConfig", "SynthConfig",
-           "federation_blocks", "load_site", "shareable_name_problems", "shareable_pattern_warnings", "site_dirs"]
+           "federation_blocks", "load_site", "policy_refusal", "shareable_name_problems",
+           "shareable_pattern_warnings", "site_dirs"]
 
 #: The site's files in its state folder (``<site>/state/``): its model blocks (private
 #: ones included), its privacy ledger and its audit log (the signed checkpoint beside it).
@@ -220,6 +221,38 @@ def shareable_pattern_warnings(policy: Policy, federation: FederationConfig) -> 
             f"(its blocks: {', '.join(blocks)})"
             for entry in policy.shareable
             if any(c in entry for c in "*?[") and not any(match_patterns(b, (entry,)) for b in blocks)]
+
+
+def policy_refusal(site: SiteConfig, federation: FederationConfig, *, secure: bool,
+                   coordinator: str | None = None) -> str | None:
+    """Why a site refuses to join a round of ``federation``, or ``None``; decided from the
+    public files alone (site file, policy, federation file), so it can be asked before any
+    site is started.
+
+    ``coordinator`` is the address the site is connected to (a deployed site: its own
+    ``join`` command's ``--coordinator``); ``None`` means the federation file's
+    ``coordinator`` (the embedded runtime). The policy must list it either way.
+
+    Every check that could refuse a contribution later in the protocol runs here,
+    before the site reserves privacy budget or trains: the policy's federation and
+    coordinator, secure aggregation, and a public weight within the federation's bound.
+    """
+    policy = site.policy
+    if policy.federation != federation.id:
+        return f"policy allows federation {policy.federation!r} only"
+    connected = federation.coordinator if coordinator is None else coordinator
+    if connected not in policy.coordinators:
+        return f"coordinator {connected!r} is not allowed by the policy ([policy] coordinators)"
+    if policy.secure_aggregation_required and not secure:
+        return "policy requires secure aggregation; this round would aggregate in plaintext"
+    weight = federation.weighting.weight_of(site.id)
+    if weight is None:
+        return ("the federation file declares no public weight for this site "
+                "([weighting.sites]); its contributions could not be weighted")
+    if weight > federation.aggregation.max_weight:
+        return (f"the site's public weight {weight} exceeds the federation's max_weight "
+                f"{federation.aggregation.max_weight}")
+    return None
 
 
 def _column_problems(path: Path, modalities: tuple[str, ...], id_col: str, tasks: dict[str, str],

@@ -51,9 +51,9 @@ from typing import Any
 import numpy as np
 
 from blossom_secure._fs import atomic_write, fsync_dir
-from blossom_secure.audit.log import TRAINING_FINISHED
+from blossom_secure.audit.log import ROUND_JOINED, TRAINING_FINISHED
 from blossom_secure.errors import InputError, PrivacyBudgetExceededError, Problem
-from blossom_secure.site.policy import PrivacyTerms
+from blossom_secure.site.policy import ACCOUNTANTS, PrivacyTerms
 
 __all__ = [
     "LedgerEntry",
@@ -339,6 +339,9 @@ class ProvenRound:
         time_utc: When the record was written (after training).
         carried: Details of the record that :class:`LedgerEntry` also has a field for
             (such as ``randomness``), as ``(name, value)`` pairs.
+        accountant: The accountant ``epsilon_total`` was computed with, or ``None`` if the
+            record does not say.
+        delta: The delta ``epsilon_total`` was computed for.
     """
 
     seq: int
@@ -349,6 +352,8 @@ class ProvenRound:
     epsilon_total: float
     time_utc: str
     carried: tuple[tuple[str, object], ...] = ()
+    accountant: str | None = None
+    delta: float | None = None
 
     @property
     def terms(self) -> tuple[int, float, float, int]:
@@ -405,7 +410,8 @@ def proven_rounds(records: Sequence[Mapping[str, Any]], *, audit_file: str) -> l
             seq=record["seq"], round_id=record["round_id"], noise_multiplier=float(details["noise_multiplier"]),
             sample_rate=float(details["sample_rate"]), steps=int(details["steps"]),
             epsilon_total=float(details["epsilon_total"]), time_utc=record["time_utc"],
-            carried=tuple((name, details[name]) for name in carried_fields if name in details)))
+            carried=tuple((name, details[name]) for name in carried_fields if name in details),
+            accountant=details.get("accountant"), delta=float(details["delta"])))
     if problems:
         raise LedgerError(problems)
     return rounds
@@ -435,6 +441,29 @@ def _match(entries: Sequence[LedgerEntry], proven: Sequence[ProvenRound]) -> tup
 
 def _is_below(ledger_epsilon: float, proven_epsilon: float) -> bool:
     return ledger_epsilon < proven_epsilon * (1.0 - _EPSILON_REL_TOL)
+
+
+def _short_of(history: Sequence[tuple[float, float, int]],
+              proven: Sequence[ProvenRound]) -> tuple[float, ProvenRound] | None:
+    """A total the log proves (the largest per accountant and delta) that ``history``
+    composes below, with what it composes to; ``None`` if it reaches every one.
+
+    A ``training_finished`` record's ``epsilon_total`` is the ledger's total after that
+    round, so it also counts every round reserved before it, those interrupted before
+    their own record included: a ledger that drops one holds every proven round and still
+    reads lower than the log. Records that do not name their accountant are not compared.
+    """
+    largest: dict[tuple[str, float], ProvenRound] = {}
+    for p in proven:
+        if p.accountant in ACCOUNTANTS and p.delta is not None:
+            key = (p.accountant, p.delta)
+            if key not in largest or p.epsilon_total > largest[key].epsilon_total:
+                largest[key] = p
+    for (accountant, delta), p in sorted(largest.items(), key=lambda item: item[1].seq):
+        composed = compute_epsilon(list(history), accountant=accountant, delta=delta)
+        if _is_below(composed, p.epsilon_total):
+            return composed, p
+    return None
 
 
 def _capped(problems: list[Problem], where: str) -> list[Problem]:
@@ -469,6 +498,13 @@ def _coverage_problems(ledger: PrivacyLedger, proven: Sequence[ProvenRound], aud
             problems.append(Problem(where, f"entries[{j}].epsilon_total",
                                     f"{entry.epsilon_total:.6g} is below the {p.epsilon_total:.6g} that the signed "
                                     f"audit log {audit_file} proves for round {p.round_id} at seq {p.seq}"))
+    short = None if problems else _short_of(ledger.history, proven)
+    if short is not None:
+        composed, p = short
+        problems.append(Problem(where, "", f"its rounds compose to epsilon {composed:.3f} ({p.accountant}, delta "
+                                           f"{p.delta:g}), below the {p.epsilon_total:.3f} that the signed audit log "
+                                           f"{audit_file} proves at seq {p.seq} (round {p.round_id}): a round "
+                                           "reserved before it (joined, never finished) is missing"))
     problems = _capped(problems, where)
     if problems:
         problems.append(Problem(where, "", "the ledger is behind the signed audit log and must not be used; "
@@ -481,7 +517,11 @@ def verify_ledger_covers(ledger: PrivacyLedger, proven: Sequence[ProvenRound], *
 
     Every proven round must have its own ledger entry with the same round id,
     noise multiplier, sample rate and steps, and that entry's ``epsilon_total`` must not be
-    below the one the log records. Ledger entries the log does not prove are accepted:
+    below the one the log records; and the ledger's rounds, composed, must reach every
+    total the log records (for the record's accountant and delta): a record's total also
+    counts the rounds reserved before it that were interrupted before their own record,
+    so such a round cannot be dropped either. Ledger entries the log does not prove are
+    accepted:
     a round is reserved in the ledger (durably) before training and its
     ``training_finished`` record is written after, so a crash in between leaves the
     ledger ahead, which over-counts and is safe.
@@ -493,8 +533,9 @@ def verify_ledger_covers(ledger: PrivacyLedger, proven: Sequence[ProvenRound], *
 
     Raises:
         LedgerError: the ledger file is missing while the log proves a round, or the
-            ledger lacks a proven round or records a smaller epsilon for one; every
-            problem is listed (up to 20), each naming the ledger file and the round.
+            ledger lacks a proven round, records a smaller epsilon for one, or composes
+            below a total the log records; every problem is listed (up to 20), each
+            naming the ledger file and the round.
 
     Notes:
         Rounds are compared by their ``(noise_multiplier, sample_rate, steps)`` history,
@@ -544,7 +585,8 @@ class LedgerRebuild:
     Attributes:
         path: The ledger file.
         entries: The entries of the rebuilt ledger (the existing ones if nothing changed).
-        rounds_proven: Rounds the audit log proves (all in ``entries``).
+        rounds_proven: Rounds the audit log proves (all in ``entries``): by their
+            ``training_finished`` records, and ``rounds_restored`` more.
         rounds_kept: Entries kept from the previous ledger that the log does not prove
             (reserved, never finished).
         epsilon_total: The rebuilt spend, for the policy's delta and accountant.
@@ -553,6 +595,9 @@ class LedgerRebuild:
         backup: Where the previous file was copied before being replaced, else ``None``.
         changed: Whether the ledger file was written (``False``: it already held every
             round the log proves, or there is no ledger and the log proves no round).
+        rounds_restored: Rounds the log shows joined and never finished (interrupted
+            after their spend was reserved) that a later ``training_finished`` total
+            counts, restored because the ledger lacked them.
     """
 
     path: Path
@@ -564,6 +609,7 @@ class LedgerRebuild:
     previous_problem: str | None
     backup: Path | None
     changed: bool
+    rounds_restored: int = 0
 
 
 def _merge(entries: Sequence[LedgerEntry], proven: Sequence[ProvenRound]) -> tuple[list[LedgerEntry], int]:
@@ -589,14 +635,69 @@ def _merge(entries: Sequence[LedgerEntry], proven: Sequence[ProvenRound]) -> tup
     return merged, len(entries) - len(paired)
 
 
+def _interrupted_rounds(records: Sequence[Mapping[str, Any]],
+                        proven: Sequence[ProvenRound]) -> list[tuple[Mapping[str, Any], ProvenRound]]:
+    """The ``round_joined`` records of rounds that never finished (no ``training_finished``
+    record with steps follows for that round), each with the first proven round after it
+    (whose total counts its reserved spend); rounds with no proven round after them are
+    left out (nothing in the log counts their spend)."""
+    proven_seqs = {p.seq for p in proven}
+    open_joins: dict[int, Mapping[str, Any]] = {}
+    unfinished: list[Mapping[str, Any]] = []
+    for record in records:
+        if record.get("event") == ROUND_JOINED:
+            if record["round_id"] in open_joins:  # a number answered twice (an old log)
+                unfinished.append(open_joins[record["round_id"]])
+            open_joins[record["round_id"]] = record
+        elif record.get("seq") in proven_seqs:
+            open_joins.pop(record["round_id"], None)
+    unfinished.extend(open_joins.values())
+    out = []
+    for joined in sorted(unfinished, key=lambda r: r["seq"]):
+        later = next((p for p in proven if p.seq > joined["seq"]), None)
+        if later is not None:
+            out.append((joined, later))
+    return out
+
+
+def _restore_interrupted(entries: Sequence[LedgerEntry], records: Sequence[Mapping[str, Any]],
+                         proven: Sequence[ProvenRound], terms: PrivacyTerms) -> tuple[list[LedgerEntry], int]:
+    """``entries`` plus one entry for each round the log shows joined and never finished
+    that they lack, placed before the entry of the proven round that followed it, with that
+    round's DP-SGD terms (the same policy and federation terms reserve the same); only if
+    ``entries`` compose below a total the log proves. Returns the entries and how many
+    were added."""
+    if _short_of([_entry_terms(e)[1:] for e in entries], proven) is None:
+        return list(entries), 0
+    merged = list(entries)
+    held = {e.round_id for e in entries}
+    added = 0
+    for joined, later in _interrupted_rounds(records, proven):
+        if joined["round_id"] in held:
+            continue
+        at = next(j for j, e in enumerate(merged) if _entry_terms(e) == later.terms)
+        history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in merged[:at]]
+        history.append((later.noise_multiplier, later.sample_rate, later.steps))
+        merged.insert(at, LedgerEntry(
+            round_id=joined["round_id"], noise_multiplier=later.noise_multiplier, sample_rate=later.sample_rate,
+            steps=later.steps, epsilon_total=compute_epsilon(history, accountant=terms.accountant, delta=terms.delta),
+            time_utc=joined["time_utc"], **dict(later.carried)))
+        held.add(joined["round_id"])
+        added += 1
+    return merged, added
+
+
 def rebuild_ledger(path: Path, *, site_id: str, terms: PrivacyTerms, records: Sequence[Mapping[str, Any]],
                    audit_file: str, record_rebuild: Callable[[dict[str, Any]], object]) -> LedgerRebuild:
     """Rebuild the site's ledger from its verified audit log, keeping any rounds it is ahead.
 
     The new ledger holds every round the log's ``training_finished`` records prove and, if
     the existing ledger file is readable, every entry of it that the log does not prove
-    (rounds reserved but never finished: keeping them can only over-count). An unreadable
-    ledger (corrupt, foreign) is rebuilt from the log alone and its bytes kept as a backup.
+    (rounds reserved but never finished: keeping them can only over-count). If those still
+    compose below a total the log records, each round the log shows joined and never
+    finished before that total is restored with the terms of the round that followed it.
+    An unreadable ledger (corrupt, foreign) is rebuilt from the log alone and its bytes
+    kept as a backup.
 
     Order: the new file is written beside the old one and read back with the ledger's own
     reader and checked against the log; then ``record_rebuild`` is called with the
@@ -611,7 +712,8 @@ def rebuild_ledger(path: Path, *, site_id: str, terms: PrivacyTerms, records: Se
         path: The ledger file.
         site_id: The site.
         terms: The policy's privacy terms.
-        records: The site's verified audit records, in log order.
+        records: The site's verified audit records, in log order (at least its
+            ``training_finished`` and ``round_joined`` ones).
         audit_file: The audit log's path, to name it in errors.
         record_rebuild: Called with the details of the ``ledger_rebuilt`` audit record
             before the new ledger replaces the old one (it must append that record
@@ -621,7 +723,8 @@ def rebuild_ledger(path: Path, *, site_id: str, terms: PrivacyTerms, records: Se
         What was done.
 
     Raises:
-        LedgerError: a record the ledger cannot hold (see :func:`proven_rounds`), or the
+        LedgerError: a record the ledger cannot hold (see :func:`proven_rounds`), a
+            total the log records that the rebuilt rounds still compose below, or the
             ledger cannot be written.
         Exception: whatever ``record_rebuild`` raises (the ledger is unchanged).
 
@@ -645,6 +748,7 @@ def rebuild_ledger(path: Path, *, site_id: str, terms: PrivacyTerms, records: Se
                              epsilon_total=current.epsilon_spent, previous=previous, previous_problem=None,
                              backup=None, changed=False)
     entries, kept = _merge(current.entries if current is not None else [], proven)
+    entries, restored = _restore_interrupted(entries, records, proven, terms)
     staged = path.with_name(f".{path.name}.rebuild.tmp")
     old_bytes = backup = None
     try:
@@ -658,7 +762,7 @@ def rebuild_ledger(path: Path, *, site_id: str, terms: PrivacyTerms, records: Se
         if previous != "missing":
             old_bytes = path.read_bytes()
         details: dict[str, Any] = {
-            "rounds": len(fresh.entries), "rounds_proven": len(proven), "rounds_kept": kept,
+            "rounds": len(fresh.entries), "rounds_proven": len(proven) + restored, "rounds_kept": kept,
             "epsilon_total": fresh.epsilon_spent, "delta": terms.delta, "accountant": terms.accountant,
             "ledger_sha256": hashlib.sha256(new_bytes).hexdigest(), "previous_ledger": previous,
         }
@@ -676,6 +780,6 @@ def rebuild_ledger(path: Path, *, site_id: str, terms: PrivacyTerms, records: Se
     finally:
         with suppress(FileNotFoundError):
             staged.unlink()
-    return LedgerRebuild(path=path, entries=tuple(fresh.entries), rounds_proven=len(proven), rounds_kept=kept,
-                         epsilon_total=fresh.epsilon_spent, previous=previous, previous_problem=previous_problem,
-                         backup=backup, changed=True)
+    return LedgerRebuild(path=path, entries=tuple(fresh.entries), rounds_proven=len(proven) + restored,
+                         rounds_kept=kept, epsilon_total=fresh.epsilon_spent, previous=previous,
+                         previous_problem=previous_problem, backup=backup, changed=True, rounds_restored=restored)

@@ -41,7 +41,7 @@ from blossom_secure.coordinator.counter import (
     write_next_round,
 )
 from blossom_secure.crypto import identity_public_key
-from blossom_secure.site.config import SiteConfig, site_dirs
+from blossom_secure.site.config import SiteConfig, policy_refusal, site_dirs
 from blossom_secure.errors import BlossomError, DataError, PolicyError, PrivacyBudgetExceededError, Problem
 from blossom_secure.model import BlockModel
 from blossom_secure.site.agent import (
@@ -49,9 +49,8 @@ from blossom_secure.site.agent import (
     RoundOffer,
     SiteAgent,
     ensure_site_data,
-    load_arrays,
-    policy_refusal,
 )
+from blossom_secure.site.data import load_site_data
 from blossom_secure.site.keys import IDENTITY_KEY_FILE
 from blossom_secure.site.round_identity import last_round_answered
 
@@ -127,6 +126,11 @@ class SimulationResult:
     def any_trained(self) -> bool:
         """Whether any site trained in any round of the run."""
         return any(a == TRAINED for answers in self.answers.values() for a in answers.values())
+
+    @property
+    def rounds_without_training(self) -> list[int]:
+        """The rounds of the run in which no site trained (every site declined)."""
+        return [r for r, answers in sorted(self.answers.items()) if TRAINED not in answers.values()]
 
 
 class Coordinator:
@@ -315,7 +319,7 @@ def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str |
     for site in configs:
         ensure_site_data(site, federation)
         try:
-            arrays[site.id] = load_arrays(site, federation)
+            arrays[site.id] = load_site_data(site, federation)
         except DataError as exc:
             data_problems.extend(exc.problems)
     if data_problems:
