@@ -234,21 +234,17 @@ def train_dp(model: BlockModel, data: SiteTensors, plan: RoundPlan, *, max_grad_
 def _train_dp(model: BlockModel, data: SiteTensors, plan: RoundPlan, *, max_grad_norm: float,
               learning_rate: float, randomness: DPRandomness, momentum: float) -> TrainResult:
     from opacus import PrivacyEngine
-    from opacus.data_loader import wrap_collate_with_empty
-    from torch.utils.data._utils.collate import default_collate
 
     dataset, unpack = _dataset(model, data)
-    first = dataset[0]
     sampler = PoissonBatchSampler(num_samples=len(dataset), sample_rate=plan.sample_rate,
                                   steps=plan.steps // plan.epochs, randomness=randomness)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=wrap_collate_with_empty(
-        collate_fn=default_collate, sample_empty_shapes=[(0, *x.shape) for x in first],
-        dtypes=[x.dtype for x in first]))
+    # Opacus reads the loader's length and dataset only (the sampling is ours, below).
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler)
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
     engine = PrivacyEngine(accountant="rdp")
     # Opacus wraps the model (per-sample gradients) and validates it; the loader is ours
     # (Poisson sampling from the keyed stream), and so is the optimizer's noise.
-    dp_model, opacus_opt, dp_loader = engine.make_private(
+    dp_model, opacus_opt, _ = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.noise_multiplier,
         max_grad_norm=max_grad_norm, poisson_sampling=False)
     dp_model.forbid_grad_accumulation()
@@ -261,7 +257,7 @@ def _train_dp(model: BlockModel, data: SiteTensors, plan: RoundPlan, *, max_grad
     losses = []
     steps = 0
     for _ in range(plan.epochs):
-        for batch in dp_loader:
+        for batch in _poisson_batches(sampler, dataset.tensors):
             inputs, labels = unpack(batch)
             dp_opt.zero_grad(set_to_none=True)
             if batch[0].shape[0] > 0:
@@ -300,9 +296,22 @@ class _KeyedNoiseDPOptimizer(DPOptimizer):
     def add_noise(self) -> None:
         for p in self.params:
             _check_processed_flag(p.summed_grad)
-            noise = self.randomness.gaussian_like(p.summed_grad, self.noise_multiplier * self.max_grad_norm)
+        # One pass over the stream for every parameter: the same values as one
+        # gaussian_like call per parameter, in order.
+        noises = self.randomness.gaussian_like_each([p.summed_grad for p in self.params],
+                                                    self.noise_multiplier * self.max_grad_norm)
+        for p, noise in zip(self.params, noises, strict=True):
             p.grad = (p.summed_grad + noise).view_as(p)
             _mark_as_processed(p.summed_grad)
+
+
+def _poisson_batches(sampler: PoissonBatchSampler, tensors: Sequence[torch.Tensor]):
+    """The sampler's batches, each a list of the rows of every tensor in ``tensors``
+    (possibly empty). What a DataLoader over the same sampler yields, gathered with one
+    index per tensor instead of one dataset item per patient."""
+    for idx in sampler:
+        rows = torch.as_tensor(idx, dtype=torch.int64)
+        yield [t.index_select(0, rows) for t in tensors]
 
 
 def _dataset(model: BlockModel, data: SiteTensors):
