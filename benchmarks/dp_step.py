@@ -30,13 +30,28 @@ project's cost around Opacus; target <= 1.15), ``project / plain`` (what DP cost
 target <= 2.0) and the peak RSS (target <= 3 GiB for DenseNet121). ``loadavg_1m`` records
 how busy the machine was: the ratios are meaningful on a loaded machine, the seconds are not.
 
+The project's DenseNet121 step is also measured with ``--physical`` patients per physical
+batch (``train_dp(max_physical_batch_size=...)``, default 16; 0 leaves it out): the logical
+Poisson batch, its clipping, its one noise draw and its one accounted step are unchanged,
+only the per-sample gradients and activations held at once shrink.
+
 Grad-sample mode (``--modes``, default ``hooks,ew``: the bare Opacus step is measured in
-each): Opacus's per-sample gradients with backward ``hooks`` are what the project uses. On
-these networks ``ew`` (expanded weights) is as fast or slower and needs more memory, and
-``functorch`` and ``ghost`` are slower (measured 2026: DenseNet121 128x128 batch 32, two
-threads: hooks 6.0 s and 3.0 GB, ew 6.0 s and 3.2 GB, functorch 8.3 s, ghost 7.8 s; ghost
-clipping also needs its own loss wrapper). Run with ``--modes hooks,ew,functorch`` to see it
-again on this machine.
+each). The project uses Opacus's backward ``hooks``: measured here (one thread, 2 CPUs,
+load average 3-5), ``ew`` (expanded weights) fails on MONAI's DenseNet121 2D under Opacus
+1.6 (``view size is not compatible with input tensor's size and stride``) and on the demo
+model is no faster than hooks (ew over plain 3.08x, hooks 2.96x); ``functorch`` and
+``ghost`` are slower on DenseNet121 (measured earlier at two threads: hooks 6.0 s, ew 6.0 s,
+functorch 8.3 s, ghost 7.8 s per step) and ghost clipping needs its own loss wrapper.
+
+Measured (one run, one thread per process, load average 3.3 -> 5.4 on 2 CPUs; seconds
+are the best repetition, ratios the median of side-by-side pairs):
+
+* demo, batch 64: project 0.054 s, bare Opacus (hooks) 0.063 s, plain 0.021 s per step;
+  project / Opacus 0.87, project / plain 2.8 (bare Opacus itself 3.0x plain: on a model this
+  small the per-sample hooks cost more than the model); peak RSS about 515 MiB each.
+* DenseNet121 2D 128x128, batch 32: project 19.0 s, bare Opacus 16.4 s, plain 8.5 s per
+  step; project / Opacus 0.93 (1.16 in the quieter pair), project / plain 1.86; peak RSS
+  project 4.2 GiB, bare Opacus 3.5 GiB, plain 2.1 GiB (see ``--physical`` for less).
 """
 
 from __future__ import annotations
@@ -116,14 +131,16 @@ def _worker(spec: dict) -> dict:
 
         def timed_step(self, *args, **kwargs):
             out = original_step(self, *args, **kwargs)
-            ends.append(time.perf_counter())
+            if not self._is_last_step_skipped:  # the end of a logical step, not of a physical part
+                ends.append(time.perf_counter())
             return out
 
         training._KeyedNoiseDPOptimizer.step = timed_step
         plan = training.RoundPlan(noise_multiplier=NOISE_MULTIPLIER, sample_rate=batch / n, steps=steps,
                                   batch_size=batch, epochs=1)
         training.train_dp(model, data, plan, max_grad_norm=MAX_GRAD_NORM, learning_rate=0.05, momentum=0.9,
-                          randomness=DPRandomness.seeded_simulation(0, site_id="benchmark", round_id=1))
+                          randomness=DPRandomness.seeded_simulation(0, site_id="benchmark", round_id=1),
+                          max_physical_batch_size=spec.get("physical"))
     else:
         dataset, unpack = training._dataset(model, data)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -177,15 +194,21 @@ def _run_worker(spec: dict, timeout_s: float) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _name(kind: str, mode: str, physical: int | None) -> str:
+    return f"{kind}/{mode}" + (f"/physical{physical}" if physical is not None else "")
+
+
 def measure_model(model: str, *, modes: list[str], repeats: int, steps: int, warmup: int, threads: int,
-                  timeout_s: float) -> dict:
-    configs = [("project", "hooks")] + [("opacus", m) for m in modes] + [("plain", "-")]
-    runs: dict[str, list[dict]] = {f"{k}/{m}": [] for k, m in configs}
+                  timeout_s: float, physical: int | None = None) -> dict:
+    configs = [("project", "hooks", None)] + [("opacus", m, None) for m in modes] + [("plain", "-", None)]
+    if physical is not None:
+        configs.insert(1, ("project", "hooks", physical))
+    runs: dict[str, list[dict]] = {_name(k, m, p): [] for k, m, p in configs}
     for _ in range(repeats):
-        for kind, mode in configs:
+        for kind, mode, part in configs:
             spec = {"model": model, "kind": kind, "mode": mode, "steps": steps, "warmup": warmup,
-                    "threads": threads}
-            runs[f"{kind}/{mode}"].append(_run_worker(spec, timeout_s))
+                    "threads": threads, "physical": part}
+            runs[_name(kind, mode, part)].append(_run_worker(spec, timeout_s))
     out: dict = {"batch_size": MODELS[model]["batch_size"], "configs": {}}
     for name, results in runs.items():
         ok = [r for r in results if "error" not in r]
@@ -212,6 +235,10 @@ def measure_model(model: str, *, modes: list[str], repeats: int, steps: int, war
         "project_over_opacus": ratio("project/hooks", "opacus/hooks"),
         "project_over_plain": ratio("project/hooks", "plain/-"),
     }
+    if physical is not None:
+        name = _name("project", "hooks", physical)
+        out["ratios"][f"{name.replace('/', '_')}_over_opacus"] = ratio(name, "opacus/hooks")
+        out["ratios"][f"{name.replace('/', '_')}_over_plain"] = ratio(name, "plain/-")
     for m in modes:
         out["ratios"][f"opacus_{m}_over_plain"] = ratio(f"opacus/{m}", "plain/-")
     return out
@@ -224,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="hooks,ew", help="grad-sample modes of the bare Opacus step")
     parser.add_argument("--repeats", type=int, default=None, help="repetitions per configuration")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--physical", type=int, default=16,
+                        help="also the project's DenseNet121 step in physical batches of this size (0: not)")
+    parser.add_argument("--only", choices=sorted(MODELS), help="measure this model only")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -240,12 +270,13 @@ def main(argv: list[str] | None = None) -> int:
         "max_grad_norm": MAX_GRAD_NORM,
         "models": {},
     }
-    report["models"]["demo"] = measure_model("demo", modes=modes, repeats=args.repeats or 5, steps=20, warmup=3,
-                                             threads=args.threads, timeout_s=300)
-    if not args.quick:
-        report["models"]["densenet121"] = measure_model("densenet121", modes=modes, repeats=args.repeats or 2,
-                                                        steps=3, warmup=1, threads=args.threads,
-                                                        timeout_s=600)
+    if args.only in (None, "demo"):
+        report["models"]["demo"] = measure_model("demo", modes=modes, repeats=args.repeats or 5, steps=20,
+                                                 warmup=3, threads=args.threads, timeout_s=300)
+    if not args.quick and args.only in (None, "densenet121"):
+        report["models"]["densenet121"] = measure_model(
+            "densenet121", modes=modes, repeats=args.repeats or 2, steps=3, warmup=1, threads=args.threads,
+            timeout_s=600, physical=args.physical or None)
     report["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
     report["total_s"] = round(time.perf_counter() - started, 1)
     if args.json:

@@ -51,7 +51,7 @@ RANDOMNESS_KINDS = (OS_CSPRNG, SEEDED_SIMULATION)
 
 _CHUNK_BYTES = 1 << 20
 #: Coordinates whose noise :meth:`DPRandomness.gaussian_like_each` draws in one pass.
-_GROUP_COORDINATES = 1 << 20
+_GROUP_COORDINATES = 1 << 18
 _SEED_LABEL = b"blossom_secure/v1/dp-sgd-seeded-simulation"
 
 
@@ -131,7 +131,7 @@ class DPRandomness:
         the same stretch of the stream, as one :meth:`gaussian_like` call per tensor.
 
         The keystream and the Box-Muller transform run over groups of tensors together (up
-        to about a million coordinates per group, so memory stays bounded), instead of a
+        to about 260,000 coordinates per group, so memory stays bounded), instead of a
         few dozen small calls per tensor: a DP-SGD step over a model with many small
         parameter tensors spends most of its noise time in the calls, not the arithmetic.
         """
