@@ -51,10 +51,13 @@ are the best repetition, ratios the median of side-by-side pairs):
   small the per-sample hooks cost more than the model); peak RSS about 515 MiB each.
 * DenseNet121 2D 128x128, batch 32: project 19.0 s, bare Opacus 16.4 s, plain 8.5 s per
   step; project / Opacus 0.93 (1.16 in the quieter pair), project / plain 1.86; peak RSS
-  project 4.2 GiB, bare Opacus 3.5 GiB, plain 2.1 GiB. In physical batches of 8
-  (``--physical 8``) the project's peak RSS is 1.2 GiB (below the plain step's), at about
-  the whole batch's step time or less (14.2 s against 17.0 s in a run where both were
-  slowed alike by other work).
+  project 4.2 GiB, bare Opacus 3.5 GiB, plain 2.1 GiB. A quieter run (load 1.1 -> 2.3, one
+  repetition, ``--physical 8``): project 12.5 s, in physical batches of 8 14.0 s, bare
+  Opacus 9.9 s, plain 5.4 s; project / Opacus 1.26 (1.41 in physical batches), project /
+  plain 2.30 (2.57); peak RSS project 4.0 GiB, in physical batches of 8 1.2 GiB (below the
+  plain step's 2.1 GiB), bare Opacus 3.5 GiB. What remains of the project's cost over bare
+  Opacus on DenseNet121 is most likely the keyed noise (float64 Box-Muller, four normals per
+  coordinate, for 7M coordinates; not yet profiled on this network).
 """
 
 from __future__ import annotations
