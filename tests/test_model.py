@@ -172,3 +172,50 @@ def test_empty_poisson_batches_are_stepped_and_accounted():
                       randomness=DPRandomness.seeded_simulation(3, site_id="s", round_id=0))
     assert result.steps == 30 and sum(s for _, _, s in result.history) == 30
     assert all(np.isfinite(v).all() for v in m.get_blocks().values())
+
+
+def test_physical_batches_take_the_same_dp_step():
+    """A Poisson batch run in physical parts (less memory) is the same DP-SGD step as the
+    whole batch: the same patients, clipping, noise and accounting, so the same model up to
+    float rounding, and the same history for the ledger."""
+    torch.manual_seed(0)
+    lay = layout()
+    rng = np.random.default_rng(1)
+    n = 40
+    arrays = SimpleNamespace(
+        image=rng.random((n, 1, *lay.image.size)).astype(np.float32), image_present=rng.random(n) < 0.8,
+        tabular=rng.normal(size=(n, 3)).astype(np.float32), tabular_present=rng.random(n) < 0.8,
+        labels={"malignancy": rng.integers(0, 2, n), "severity": rng.integers(0, 3, n)},
+    )
+    data = SiteTensors.from_arrays(arrays, lay)
+    terms = PrivacyTerms(accountant="rdp", delta=1e-5, max_grad_norm=1.0, epsilon_budget=10.0,
+                         noise_multiplier=1.0, target_epsilon_per_round=None)
+    plan = plan_round(n, batch_size=16, epochs=2, terms=terms)
+    start = BlockModel(lay, ("image", "tabular"), ("malignancy", "severity")).get_blocks()
+    results, blocks = [], []
+    for physical in (None, 5):
+        m = BlockModel(lay, ("image", "tabular"), ("malignancy", "severity"))
+        m.set_blocks(start)
+        results.append(train_dp(m, data, plan, max_grad_norm=1.0, learning_rate=0.1, momentum=0.9,
+                                randomness=DPRandomness.seeded_simulation(2, site_id="s", round_id=0),
+                                max_physical_batch_size=physical))
+        blocks.append(m.get_blocks())
+    assert results[0].history == results[1].history and results[0].steps == results[1].steps == plan.steps
+    assert abs(results[0].mean_loss - results[1].mean_loss) < 1e-5
+    for name, whole in blocks[0].items():
+        assert np.allclose(whole, blocks[1][name], atol=1e-5), name
+        assert not np.allclose(whole, start[name]), name
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_physical_batch_size_must_be_a_positive_int(bad):
+    lay = layout()
+    m = BlockModel(lay, ("tabular",), ("severity",))
+    arrays = SimpleNamespace(image=None, image_present=np.zeros(3, bool), tabular=np.ones((3, 3), np.float32),
+                             tabular_present=np.ones(3, bool), labels={"severity": np.array([0, 1, 2])})
+    terms = PrivacyTerms(accountant="rdp", delta=1e-5, max_grad_norm=1.0, epsilon_budget=10.0,
+                         noise_multiplier=1.0, target_epsilon_per_round=None)
+    with pytest.raises(ValueError, match="max_physical_batch_size"):
+        train_dp(m, SiteTensors.from_arrays(arrays, lay), plan_round(3, batch_size=1, epochs=1, terms=terms),
+                 max_grad_norm=1.0, learning_rate=0.1, max_physical_batch_size=bad,
+                 randomness=DPRandomness.seeded_simulation(3, site_id="s", round_id=0))

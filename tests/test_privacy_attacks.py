@@ -115,6 +115,43 @@ def test_dp_noise_is_standard_normal():
     assert 0.0 < u.min() and u.max() < 1.0 and abs(u.mean() - 0.5) < 0.003
 
 
+def test_batched_noise_is_the_per_tensor_noise_bit_for_bit():
+    """Drawing a step's noise for all parameters in one pass (fast path) gives exactly the
+    values, from the same stretch of the stream, of one draw per parameter (reference):
+    the noise of a round does not depend on how it was computed."""
+    import torch
+
+    shapes = [(1,), (3,), (4, 1, 3, 3), (2, 5), (600_000,), (300_000, 3), (7,)]
+    refs = [torch.zeros(s) for s in shapes] + [torch.zeros(3, dtype=torch.float64)]
+    reference = DPRandomness.seeded_simulation(3, site_id="x", round_id=1)
+    fast = DPRandomness.seeded_simulation(3, site_id="x", round_id=1)
+    expected = [reference.gaussian_like(r, 0.7) for r in refs]
+    got = fast.gaussian_like_each(refs, 0.7)
+    assert len(got) == len(expected)
+    assert all(g.dtype == e.dtype and g.shape == e.shape and torch.equal(g, e) for g, e in zip(got, expected))
+    assert np.array_equal(reference.uniform(8), fast.uniform(8))  # the stream continues in step
+
+
+def test_training_batches_are_the_keyed_sampler_batches():
+    """The training loop's batches hold exactly the patients the keyed Poisson sampler drew,
+    empty batches included, as a DataLoader over the same sampler would give them."""
+    import torch
+
+    from blossom_secure.site.dp_random import PoissonBatchSampler
+    from blossom_secure.site.training import _poisson_batches
+
+    tensors = (torch.arange(40.0).reshape(20, 2), torch.arange(20))
+    def sampler():
+        return PoissonBatchSampler(num_samples=20, sample_rate=0.05, steps=30,
+                                   randomness=DPRandomness.seeded_simulation(1, site_id="x", round_id=2))
+    draws = list(sampler())
+    batches = list(_poisson_batches(sampler(), tensors))
+    assert len(batches) == 30 and any(not d for d in draws)
+    for idx, batch in zip(draws, batches):
+        assert batch[0].shape == (len(idx), 2) and torch.equal(batch[1], torch.tensor(idx, dtype=torch.int64))
+        assert torch.equal(batch[0], tensors[0][idx])
+
+
 # -- 2. Data-dependent preprocessing ----------------------------------------------------------
 
 

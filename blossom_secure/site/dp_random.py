@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -50,6 +50,8 @@ SEEDED_SIMULATION = "seeded-simulation"
 RANDOMNESS_KINDS = (OS_CSPRNG, SEEDED_SIMULATION)
 
 _CHUNK_BYTES = 1 << 20
+#: Coordinates whose noise :meth:`DPRandomness.gaussian_like_each` draws in one pass.
+_GROUP_COORDINATES = 1 << 18
 _SEED_LABEL = b"blossom_secure/v1/dp-sgd-seeded-simulation"
 
 
@@ -123,6 +125,59 @@ class DPRandomness:
         """Noise of standard deviation ``std`` with the shape, dtype and device of ``reference``."""
         noise = self.standard_normal(reference.numel()) * float(std)
         return torch.from_numpy(noise).to(dtype=reference.dtype, device=reference.device).view_as(reference)
+
+    def gaussian_like_each(self, references: Sequence[torch.Tensor], std: float) -> list[torch.Tensor]:
+        """Noise for every tensor of ``references``, in order: the same values, drawn from
+        the same stretch of the stream, as one :meth:`gaussian_like` call per tensor.
+
+        The keystream and the Box-Muller transform run over groups of tensors together (up
+        to about 260,000 coordinates per group, so memory stays bounded), instead of a
+        few dozen small calls per tensor: a DP-SGD step over a model with many small
+        parameter tensors spends most of its noise time in the calls, not the arithmetic.
+        """
+        out: list[torch.Tensor] = []
+        group: list[torch.Tensor] = []
+        size = 0
+        for ref in references:
+            if group and size + ref.numel() > _GROUP_COORDINATES:
+                out += self._gaussian_group(group, std)
+                group, size = [], 0
+            group.append(ref)
+            size += ref.numel()
+        if group:
+            out += self._gaussian_group(group, std)
+        return out
+
+    def _gaussian_group(self, references: list[torch.Tensor], std: float) -> list[torch.Tensor]:
+        # One gaussian_like(ref) consumes, per round r of four, ``p = ceil(n / 2)`` uniforms u1
+        # then p uniforms u2. Draw the whole group's uniforms at once (the same stream, in the
+        # same order), then gather every round's u1 and u2 of all tensors side by side.
+        sizes = [ref.numel() for ref in references]
+        pairs = [math.ceil(n / 2) for n in sizes]
+        total_pairs = sum(pairs)
+        u = self.uniform(8 * total_pairs)
+        first = np.empty((4, total_pairs), dtype=np.int64)  # index of each u1, by round
+        start, column = 0, 0
+        for p in pairs:
+            for r in range(4):
+                first[r, column:column + p] = np.arange(start + 2 * r * p, start + (2 * r + 1) * p)
+            start += 8 * p
+            column += p
+        radius = np.sqrt(-2.0 * np.log(u[first]))
+        angle = 2.0 * math.pi * u[first + np.repeat(pairs, pairs)[None, :]]
+        cos_total = np.zeros(total_pairs, dtype=np.float64)
+        sin_total = np.zeros(total_pairs, dtype=np.float64)
+        for r in range(4):  # the same additions, in the same order, as standard_normal
+            cos_total += radius[r] * np.cos(angle[r])
+            sin_total += radius[r] * np.sin(angle[r])
+        out = []
+        column = 0
+        for ref, n, p in zip(references, sizes, pairs, strict=True):
+            normal = np.concatenate([cos_total[column:column + p], sin_total[column:column + p]])[:n] / 2.0
+            noise = normal * float(std)
+            out.append(torch.from_numpy(noise).to(dtype=ref.dtype, device=ref.device).view_as(ref))
+            column += p
+        return out
 
 
 class PoissonBatchSampler:

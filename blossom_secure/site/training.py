@@ -200,7 +200,8 @@ def _loss(logits: Mapping[str, torch.Tensor], labels: Mapping[str, torch.Tensor]
 
 
 def train_dp(model: BlockModel, data: SiteTensors, plan: RoundPlan, *, max_grad_norm: float,
-             learning_rate: float, randomness: DPRandomness, momentum: float = 0.0) -> TrainResult:
+             learning_rate: float, randomness: DPRandomness, momentum: float = 0.0,
+             max_physical_batch_size: int | None = None) -> TrainResult:
     """Train every block of ``model`` in place with DP-SGD for ``plan``.
 
     Args:
@@ -214,6 +215,10 @@ def train_dp(model: BlockModel, data: SiteTensors, plan: RoundPlan, *, max_grad_
         randomness: The round's source of Poisson sampling and Gaussian noise
             (:class:`~blossom_secure.site.dp_random.DPRandomness`): from the OS CSPRNG, or a
             seeded simulation whose epsilon is nominal.
+        max_physical_batch_size: Run a Poisson batch through the model in parts of at most
+            this many patients (less memory for large networks). The step, its noise and its
+            accounting are those of the whole batch: sampling, clipping, noise and the
+            ledger's plan do not change. ``None``: the whole batch at once.
 
     Returns:
         Steps taken, mean loss, and the (noise, rate, steps) history Opacus accounted.
@@ -221,34 +226,36 @@ def train_dp(model: BlockModel, data: SiteTensors, plan: RoundPlan, *, max_grad_
     Raises:
         RuntimeError: Opacus ran a different number of steps or sample rate than planned
             (the ledger would then be wrong; the update must not be released).
+        ValueError: ``max_physical_batch_size`` is given and not a positive int.
     """
+    if max_physical_batch_size is not None and (
+            not isinstance(max_physical_batch_size, int) or isinstance(max_physical_batch_size, bool)
+            or max_physical_batch_size < 1):
+        raise ValueError("max_physical_batch_size must be a positive int or None")
     with warnings.catch_warnings():
         # Documented in the module notes (secure_mode), and harmless (hooks on inputs).
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         return _train_dp(model, data, plan, max_grad_norm=max_grad_norm, learning_rate=learning_rate,
-                         randomness=randomness, momentum=momentum)
+                         randomness=randomness, momentum=momentum, max_physical_batch_size=max_physical_batch_size)
 
 
 def _train_dp(model: BlockModel, data: SiteTensors, plan: RoundPlan, *, max_grad_norm: float,
-              learning_rate: float, randomness: DPRandomness, momentum: float) -> TrainResult:
+              learning_rate: float, randomness: DPRandomness, momentum: float,
+              max_physical_batch_size: int | None) -> TrainResult:
     from opacus import PrivacyEngine
-    from opacus.data_loader import wrap_collate_with_empty
-    from torch.utils.data._utils.collate import default_collate
 
     dataset, unpack = _dataset(model, data)
-    first = dataset[0]
     sampler = PoissonBatchSampler(num_samples=len(dataset), sample_rate=plan.sample_rate,
                                   steps=plan.steps // plan.epochs, randomness=randomness)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=wrap_collate_with_empty(
-        collate_fn=default_collate, sample_empty_shapes=[(0, *x.shape) for x in first],
-        dtypes=[x.dtype for x in first]))
+    # Opacus reads the loader's length and dataset only (the sampling is ours, below).
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler)
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
     engine = PrivacyEngine(accountant="rdp")
     # Opacus wraps the model (per-sample gradients) and validates it; the loader is ours
     # (Poisson sampling from the keyed stream), and so is the optimizer's noise.
-    dp_model, opacus_opt, dp_loader = engine.make_private(
+    dp_model, opacus_opt, _ = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.noise_multiplier,
         max_grad_norm=max_grad_norm, poisson_sampling=False)
     dp_model.forbid_grad_accumulation()
@@ -261,20 +268,30 @@ def _train_dp(model: BlockModel, data: SiteTensors, plan: RoundPlan, *, max_grad
     losses = []
     steps = 0
     for _ in range(plan.epochs):
-        for batch in dp_loader:
-            inputs, labels = unpack(batch)
-            dp_opt.zero_grad(set_to_none=True)
+        for batch in _poisson_batches(sampler, dataset.tensors):
+            # A logical (Poisson) batch in physical parts of at most max_physical_batch_size
+            # patients: every part's per-sample gradients are clipped and summed, and only the
+            # last part's step adds the noise and is accounted (Opacus's skip-step signal, as
+            # in its BatchMemoryManager), so the step is the same DP-SGD step.
+            parts = _physical_parts(batch, max_physical_batch_size)
+            batch_loss = 0.0
+            for i, part in enumerate(parts):
+                dp_opt.signal_skip_step(do_skip=i < len(parts) - 1)
+                inputs, labels = unpack(part)
+                dp_opt.zero_grad(set_to_none=True)
+                if part[0].shape[0] > 0:
+                    logits = dp_model(*inputs)
+                    loss = _loss(logits, labels)
+                    loss.backward()
+                    batch_loss += float(loss.detach()) * part[0].shape[0]
+                else:
+                    # An empty Poisson batch: no per-sample gradients, but the step (noise
+                    # only) is still taken and accounted, exactly as DP-SGD prescribes.
+                    for p in dp_model.parameters():
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                dp_opt.step()
             if batch[0].shape[0] > 0:
-                logits = dp_model(*inputs)
-                loss = _loss(logits, labels)
-                loss.backward()
-                losses.append(float(loss.detach()))
-            else:
-                # An empty Poisson batch: no per-sample gradients, but the step (noise only)
-                # is still taken and accounted, exactly as DP-SGD prescribes.
-                for p in dp_model.parameters():
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
-            dp_opt.step()
+                losses.append(batch_loss / batch[0].shape[0])
             steps += 1
     history = tuple((float(s), float(q), int(n)) for s, q, n in engine.accountant.history)
     accounted = sum(n for _, _, n in history)
@@ -300,9 +317,31 @@ class _KeyedNoiseDPOptimizer(DPOptimizer):
     def add_noise(self) -> None:
         for p in self.params:
             _check_processed_flag(p.summed_grad)
-            noise = self.randomness.gaussian_like(p.summed_grad, self.noise_multiplier * self.max_grad_norm)
+        # One pass over the stream for every parameter: the same values as one
+        # gaussian_like call per parameter, in order.
+        noises = self.randomness.gaussian_like_each([p.summed_grad for p in self.params],
+                                                    self.noise_multiplier * self.max_grad_norm)
+        for p, noise in zip(self.params, noises, strict=True):
             p.grad = (p.summed_grad + noise).view_as(p)
             _mark_as_processed(p.summed_grad)
+
+
+def _physical_parts(batch: list[torch.Tensor], max_size: int | None) -> list[list[torch.Tensor]]:
+    """``batch`` in consecutive parts of at most ``max_size`` rows (the whole batch, even
+    empty, when ``max_size`` is None or not exceeded)."""
+    n = batch[0].shape[0]
+    if max_size is None or n <= max_size:
+        return [batch]
+    return [[t[start:start + max_size] for t in batch] for start in range(0, n, max_size)]
+
+
+def _poisson_batches(sampler: PoissonBatchSampler, tensors: Sequence[torch.Tensor]):
+    """The sampler's batches, each a list of the rows of every tensor in ``tensors``
+    (possibly empty). What a DataLoader over the same sampler yields, gathered with one
+    index per tensor instead of one dataset item per patient."""
+    for idx in sampler:
+        rows = torch.as_tensor(idx, dtype=torch.int64)
+        yield [t.index_select(0, rows) for t in tensors]
 
 
 def _dataset(model: BlockModel, data: SiteTensors):
