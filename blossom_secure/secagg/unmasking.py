@@ -81,6 +81,7 @@ def removal_masks(
 
     Raises:
         AllZeroSharedSecretError: a contributor's mask public key is a low-order point.
+        ValueError: an X25519 key is not 32 bytes.
 
     Notes:
         A contributor ``u`` added ``+PRG(s_{u,d})`` if ``u < d`` and ``-PRG(s_{u,d})``
@@ -88,14 +89,17 @@ def removal_masks(
         sign. The self masks were all added, so they are all subtracted.
     """
     masks = [(key, -1) for key in self_mask_keys]
-    salt_fields = {"federation_id": context.federation_id, "round_id": context.round_id, "block": context.block}
+    label_fields = {"federation_id": context.federation_id, "round_id": context.round_id, "block": context.block}
     for site in dropped:
+        keys = (site.mask_private_key, *(key for _, key in site.contributors))
+        if any(len(key) != crypto.X25519_KEY_BYTES for key in keys):
+            raise ValueError("X25519 keys are 32 bytes")
         try:
             secrets = crypto.x25519_shared_secrets(site.mask_private_key, [key for _, key in site.contributors])
         except ValueError:
             raise AllZeroSharedSecretError("an X25519 agreement with a contributor's mask key is all zero") from None
         for (peer, _), secret in zip(site.contributors, secrets, strict=True):
-            key = kdf.pairwise_mask_key(secret, sites=(site.site, peer), **salt_fields)
+            key = kdf.pairwise_mask_key(secret, sites=(site.site, peer), **label_fields)
             masks.append((key, 1 if peer > site.site else -1))
     return masks
 
@@ -157,7 +161,7 @@ def remove_masks(
 
     Raises:
         AllZeroSharedSecretError: a contributor's mask public key is a low-order point.
-        ValueError: a bad accumulator, key or ``parts``.
+        ValueError: a bad accumulator, key (not 32 bytes) or ``parts``.
 
     Notes:
         The dropped sites' mask private keys and the self-mask keys travel to the

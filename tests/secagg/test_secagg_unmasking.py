@@ -152,11 +152,14 @@ def test_low_order_contributor_key_refused_and_the_sum_left_unchanged(parts: int
     assert np.array_equal(total, before)
 
 
-def test_bad_parts_and_bad_sums_refused() -> None:
+def test_bad_parts_keys_and_sums_refused() -> None:
     vector = np.zeros(4, dtype="<u4")
     for parts in (0, -1, True, 2.0):
         with pytest.raises(ValueError, match="parts"):
             remove_masks(vector, self_mask_keys=[], dropped=[], context=CONTEXT, parts=parts)  # type: ignore[arg-type]
+    short = DroppedSite("d0", bytes(31), (("c0", bytes(range(32))),))
+    with pytest.raises(ValueError, match="32 bytes"):
+        remove_masks(vector, self_mask_keys=[], dropped=[short], context=CONTEXT)
     read_only = np.zeros(4, dtype="<u4")
     read_only.flags.writeable = False
     keys = [os.urandom(32), os.urandom(32)]
