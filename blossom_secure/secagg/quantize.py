@@ -117,13 +117,10 @@ class ChunkQuantizer:
             ValueError: the chunk contains NaN or infinity.
         """
         count = out.shape[0]
-        if count == 0:
-            return
         if self._scratch.shape[0] < count:
             self._scratch = np.empty(count, dtype=self._float)
         source = self._update[start : start + count]
-        # min and max propagate NaN and show an infinity: two reductions, no temporary.
-        if not (math.isfinite(np.minimum.reduce(source)) and math.isfinite(np.maximum.reduce(source))):
+        if not np.isfinite(source).all():
             raise ValueError("update contains NaN or infinity")
         work = self._scratch[:count]
         signed = out.view(self._signed)
@@ -194,5 +191,6 @@ def dequantize_sum(ring_sum: np.ndarray, *, params: SecAggParams) -> tuple[np.nd
     if ring_sum.dtype != params.ring_dtype or ring_sum.ndim != 1 or ring_sum.shape[0] < 1:
         raise ValueError("ring_sum must be a non-empty ring vector")
     signed = ring_sum[:-1].view(np.int32 if params.ring_bits == 32 else np.int64)
-    weighted = np.ldexp(signed.astype(np.float64), -int(params.scale_bits or 0))
+    # One pass: the conversion to float64, then a power-of-two scaling (exact, as ldexp).
+    weighted = np.multiply(signed, math.ldexp(1.0, -int(params.scale_bits or 0)), dtype=np.float64)
     return weighted, int(ring_sum[-1])
