@@ -35,6 +35,10 @@ from blossom_secure.secagg.masking import _check_vector, apply_masks
 
 __all__ = ["DroppedSite", "MaskContext", "remove_masks", "removal_masks"]
 
+#: Fewest keystreams worth a worker: a worker's part comes back as a whole vector through
+#: the executor's pipe, which costs about as much as regenerating ten to twenty keystreams.
+MIN_KEYSTREAMS_PER_PART = 32
+
 
 @dataclass(frozen=True)
 class MaskContext:
@@ -157,7 +161,8 @@ def remove_masks(
         context: The block's federation, round and name (the pairwise key labels).
         executor: Regenerates all parts but the first in parallel with this process;
             ``None``: everything here.
-        parts: The number of parts when ``executor`` is given (typically the cores).
+        parts: The most parts when ``executor`` is given (typically the cores); fewer
+            when a part would hold under :data:`MIN_KEYSTREAMS_PER_PART` keystreams.
 
     Raises:
         AllZeroSharedSecretError: a contributor's mask public key is a low-order point.
@@ -170,7 +175,9 @@ def remove_masks(
     """
     if not isinstance(parts, int) or isinstance(parts, bool) or parts < 1:
         raise ValueError("parts must be an int >= 1")
-    split = _split_removals(self_mask_keys, dropped, parts if executor is not None else 1)
+    keystreams = len(self_mask_keys) + sum(len(site.contributors) for site in dropped)
+    worth = max(1, keystreams // MIN_KEYSTREAMS_PER_PART)
+    split = _split_removals(self_mask_keys, dropped, min(parts, worth) if executor is not None else 1)
     if executor is None or len(split) == 1:
         masks = removal_masks(split[0].self_mask_keys, split[0].dropped, context)
         apply_masks(accumulator, masks)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from typing import NoReturn
 
 import numpy as np
 import pytest
@@ -17,9 +18,16 @@ from blossom_secure.secagg import AllZeroSharedSecretError, SecAggParams, kdf
 from blossom_secure.secagg.masking import CHUNK_BYTES, expand_mask
 from blossom_secure.secagg.quantize import quantize_into
 from blossom_secure.secagg.site import mask_block
+from blossom_secure.secagg import unmasking
 from blossom_secure.secagg.unmasking import DroppedSite, MaskContext, _split_removals, remove_masks
 
 CONTEXT = MaskContext("fed-test", 4, "fusion")
+
+
+@pytest.fixture(autouse=True)
+def _small_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Split even the few keystreams of a test into parts."""
+    monkeypatch.setattr(unmasking, "MIN_KEYSTREAMS_PER_PART", 1)
 PARAMS = SecAggParams(max_weight=100, max_group_size=8, clip=0.5)
 SIZES = [1, 5, CHUNK_BYTES // 4 + 3]
 
@@ -109,6 +117,21 @@ def test_removal_in_parts_equals_the_straightforward_one_and_the_plain_sum(group
         remove_masks(split, self_mask_keys=group.self_mask_keys(), dropped=group.dropped_sites(), context=CONTEXT,
                      executor=executor, parts=parts)
     assert np.array_equal(split, expected)
+
+
+def test_few_keystreams_stay_in_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(unmasking, "MIN_KEYSTREAMS_PER_PART", 32)
+
+    class Refusing(ThreadPoolExecutor):
+        def submit(self, *args: object, **kwargs: object) -> NoReturn:
+            raise AssertionError("a part of under 32 keystreams went to the executor")
+
+    group = Group(6, {0, 1}, 10)  # 4 * (1 + 2) = 12 keystreams
+    total = group.masked_sum()
+    with Refusing(max_workers=1) as executor:
+        remove_masks(total, self_mask_keys=group.self_mask_keys(), dropped=group.dropped_sites(), context=CONTEXT,
+                     executor=executor, parts=2)
+    assert np.array_equal(total, group.plain_sum())
 
 
 def test_removal_split_across_a_process_pool_equals_one_process() -> None:
