@@ -13,6 +13,7 @@ client certificates) are X.509 with ECDSA P-256 keys and SHA-256 signatures.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import re
@@ -50,6 +51,7 @@ __all__ = [
     "is_low_order_x25519_public_key",
     "x25519_public_key",
     "x25519_shared_secret",
+    "x25519_shared_secrets",
     "IdentityKey",
     "generate_identity_key",
     "identity_key_from_pem",
@@ -60,6 +62,7 @@ __all__ = [
     "public_key_to_pem",
     "sign",
     "verify_signature",
+    "verify_signature_remembered",
     "NODE_AUTH_CURVE",
     "generate_node_auth_key",
     "node_auth_public_line",
@@ -205,6 +208,42 @@ def verify_signature(public_key: bytes, message: bytes, signature: bytes) -> Non
         raise AuthenticationError() from None
 
 
+#: Triples remembered by :func:`verify_signature_remembered`, and the longest message kept.
+_REMEMBERED_SIGNATURES = 4096
+_REMEMBERED_MESSAGE_BYTES = 4096
+
+
+def verify_signature_remembered(public_key: bytes, message: bytes, signature: bytes) -> None:
+    """:func:`verify_signature`, remembering the triples that verified in this process so
+    that the same signature over the same message under the same key is checked once.
+
+    For signatures that many parties in one process check in turn: every site of a
+    federation run in one process (the embedded runtime, tests, benchmarks) checks every
+    other site's key advertisement and consistency signatures, which would otherwise be
+    ``n * n`` verifications for ``n`` distinct signatures.
+
+    Raises:
+        AuthenticationError: as :func:`verify_signature`.
+
+    Notes:
+        Ed25519 verification is a pure function of (key, message, signature), so a triple
+        that verified once verifies again: remembering it changes no answer. Only
+        successes are kept (a failure raises again every time), keyed by the exact bytes
+        of all three (messages longer than 4 KiB are always verified afresh), in a bounded
+        least-recently-used table; the table holds public values only.
+    """
+    if len(message) > _REMEMBERED_MESSAGE_BYTES:
+        verify_signature(public_key, message, signature)
+        return
+    _verified_triple(bytes(public_key), bytes(message), bytes(signature))
+
+
+@functools.lru_cache(maxsize=_REMEMBERED_SIGNATURES)
+def _verified_triple(public_key: bytes, message: bytes, signature: bytes) -> bool:
+    verify_signature(public_key, message, signature)
+    return True
+
+
 def key_fingerprint(public_key: bytes) -> str:
     """A short, human-comparable fingerprint: SHA-256 of the raw public key, first 16 bytes,
     as colon-separated hex groups of two bytes (``ab12:cd34:...``)."""
@@ -226,6 +265,7 @@ AEAD_TAG_BYTES = 16
 AES256_KEY_BYTES = 32
 AES_BLOCK_BYTES = 16
 _HKDF_MAX_BYTES = 255 * 32
+_ALL_ZERO_SECRET = bytes(X25519_KEY_BYTES)
 
 
 def generate_x25519_key_pair() -> tuple[bytes, bytes]:
@@ -266,17 +306,37 @@ def x25519_shared_secret(private_key: bytes, peer_public_key: bytes) -> bytes:
         small order, which makes the "secret" known to everyone; it must be refused.
         OpenSSL already refuses it; the explicit check keeps that true whatever the backend.
     """
-    if len(private_key) != X25519_KEY_BYTES or len(peer_public_key) != X25519_KEY_BYTES:
+    return x25519_shared_secrets(private_key, (peer_public_key,))[0]
+
+
+def x25519_shared_secrets(private_key: bytes, peer_public_keys: Sequence[bytes]) -> list[bytes]:
+    """The X25519 agreements of one ``private_key`` with each of ``peer_public_keys``, in
+    order: :func:`x25519_shared_secret` for many peers, loading the private key once.
+
+    Raises:
+        ValueError: a key is not 32 bytes, or an agreement is the all-zero value (that
+            peer's key is a low-order point); nothing is returned then.
+
+    Notes:
+        Loading a raw X25519 private key costs about as much as an agreement (the
+        backend derives its public key), so a site masking with ``k`` neighbours, or the
+        coordinator rebuilding a dropped site's ``k`` pairwise masks, loads it once,
+        not ``k`` times. The loaded key lives only for the call. The all-zero check is
+        that of :func:`x25519_shared_secret` (RFC 7748 section 6.1).
+    """
+    if len(private_key) != X25519_KEY_BYTES or any(len(key) != X25519_KEY_BYTES for key in peer_public_keys):
         raise ValueError("X25519 keys are 32 bytes")
-    try:
-        secret = X25519PrivateKey.from_private_bytes(bytes(private_key)).exchange(
-            X25519PublicKey.from_public_bytes(bytes(peer_public_key))
-        )
-    except ValueError:
-        raise ValueError("X25519 agreement is all zero (low-order public key)") from None
-    if secret == bytes(X25519_KEY_BYTES):
-        raise ValueError("X25519 agreement is all zero (low-order public key)")
-    return secret
+    loaded = X25519PrivateKey.from_private_bytes(bytes(private_key))
+    secrets = []
+    for peer_public_key in peer_public_keys:
+        try:
+            secret = loaded.exchange(X25519PublicKey.from_public_bytes(bytes(peer_public_key)))
+        except ValueError:
+            raise ValueError("X25519 agreement is all zero (low-order public key)") from None
+        if secret == _ALL_ZERO_SECRET:
+            raise ValueError("X25519 agreement is all zero (low-order public key)")
+        secrets.append(secret)
+    return secrets
 
 
 def is_low_order_x25519_public_key(public_key: bytes) -> bool:

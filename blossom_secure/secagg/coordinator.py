@@ -47,7 +47,6 @@ from blossom_secure.secagg.groups import (
     validate_roster,
     verify_offer,
 )
-from blossom_secure.secagg.masking import apply_masks, apply_masks_split
 from blossom_secure.secagg.messages import (
     AdvertiseKeys,
     BlockSignatures,
@@ -71,6 +70,7 @@ from blossom_secure.secagg.messages import (
 )
 from blossom_secure.secagg.params import SecAggParams
 from blossom_secure.secagg.quantize import dequantize_sum
+from blossom_secure.secagg.unmasking import DroppedSite, MaskContext, remove_masks
 
 __all__ = ["BlockResult", "CoordinatorStageMachine"]
 
@@ -134,16 +134,18 @@ class CoordinatorStageMachine:
         roster: Site id to raw Ed25519 public key; at most ``params.max_group_size`` sites.
         block_sizes: The federation's layout: block name to number of float32 values.
         params: The round's protocol parameters.
-        unmask_executor: Optional process pool that removes masks in parallel with this
-            process (``None``: all in this process). Owned by the caller, reused across
-            rounds; a thread pool would not help (``cryptography`` holds the GIL).
-        unmask_slices: Slices each block is cut into when ``unmask_executor`` is given
-            (typically the number of cores).
+        unmask_executor: Optional process pool that regenerates masks in parallel with
+            this process (``None``: all in this process). Owned by the caller, reused
+            across rounds; a thread pool would not help (``cryptography`` holds the GIL
+            while it writes a keystream).
+        unmask_parts: Parts each block's masks are split into when ``unmask_executor``
+            is given, one done here and the others by the executor (typically the
+            number of cores).
 
     Raises:
         ValueError: a bad roster (or one larger than ``params.max_group_size``), layout,
             id or federation hash, a layout whose masked input would not fit in
-            ``params.max_message_bytes``, or ``unmask_slices`` < 1.
+            ``params.max_message_bytes``, or ``unmask_parts`` < 1.
 
     Notes:
         The coordinator only relays ciphertexts it cannot open (the share keys come from
@@ -166,7 +168,7 @@ class CoordinatorStageMachine:
         block_sizes: Mapping[str, int],
         params: SecAggParams,
         unmask_executor: Executor | None = None,
-        unmask_slices: int = 2,
+        unmask_parts: int = 2,
     ) -> None:
         validate_roster(roster)
         validate_block_sizes(block_sizes)
@@ -188,10 +190,10 @@ class CoordinatorStageMachine:
         )
         if largest > params.max_message_bytes:
             raise ValueError(f"a masked input of this layout needs up to {largest} bytes, over max_message_bytes")
-        if not isinstance(unmask_slices, int) or isinstance(unmask_slices, bool) or unmask_slices < 1:
-            raise ValueError("unmask_slices must be an int >= 1")
+        if not isinstance(unmask_parts, int) or isinstance(unmask_parts, bool) or unmask_parts < 1:
+            raise ValueError("unmask_parts must be an int >= 1")
         self._executor = unmask_executor
-        self._slices = unmask_slices
+        self._parts = unmask_parts
         self._federation_id = federation_id
         self._federation_sha256 = federation_sha256
         self._round_id = round_id
@@ -603,14 +605,21 @@ class CoordinatorStageMachine:
         if len(responders) < threshold:
             raise _BlockFailure(f"fewer than t survivors: {len(responders)} answered unmask, t = {threshold}")
         holders = tuple(responders[:threshold])
-        masks = [(self._self_mask_key(block, site, holders), -1) for site in contributors]
-        for site in dropped:
-            masks.extend(self._pairwise_removals(block, site, contributors, holders))
+        self_mask_keys = [self._self_mask_key(block, site, holders) for site in contributors]
+        peers = tuple((peer, self._mask_public_key(peer, block)) for peer in contributors)
+        dropped_sites = [DroppedSite(site, self._mask_private_key(block, site, holders), peers) for site in dropped]
         accumulator = self._sums[block]
-        if self._executor is None:
-            apply_masks(accumulator, masks)
-        else:
-            apply_masks_split(accumulator, masks, executor=self._executor, slices=self._slices)
+        try:
+            remove_masks(
+                accumulator,
+                self_mask_keys=self_mask_keys,
+                dropped=dropped_sites,
+                context=MaskContext(self._federation_id, self._round_id, block),
+                executor=self._executor,
+                parts=self._parts,
+            )
+        except AllZeroSharedSecretError:
+            raise _BlockFailure("an X25519 agreement is all zero") from None
         weighted_sum, weight_sum = dequantize_sum(accumulator, params=self._params)
         if not len(contributors) <= weight_sum <= len(contributors) * self._params.max_weight:
             raise _BlockFailure("weight sum out of range: a contributor's input is malformed")
@@ -632,26 +641,14 @@ class CoordinatorStageMachine:
             )
         return kdf.self_mask_key(seed, **context)
 
-    def _pairwise_removals(
-        self, block: str, site: str, contributors: tuple[str, ...], holders: tuple[str, ...]
-    ) -> list[tuple[bytes, int]]:
+    def _mask_private_key(self, block: str, site: str, holders: tuple[str, ...]) -> bytes:
+        """A dropped site's mask private key, rebuilt and checked against the public key
+        it signed."""
         value = self._rebuild(block, site, holders)
-        public_key = self._mask_public_key(site, block)
         private_key = value.to_bytes(32, "big") if value < _SEED_LIMIT else b""
-        if not private_key or crypto.x25519_public_key(private_key) != public_key:
+        if not private_key or crypto.x25519_public_key(private_key) != self._mask_public_key(site, block):
             raise _BlockFailure(f"share verification failed: the mask key of {site} does not match its public key")
-        removals = []
-        for peer in contributors:
-            try:
-                secret = crypto.x25519_shared_secret(private_key, self._mask_public_key(peer, block))
-            except ValueError:
-                raise _BlockFailure("an X25519 agreement is all zero") from None
-            key = kdf.pairwise_mask_key(
-                secret, federation_id=self._federation_id, round_id=self._round_id, block=block, sites=(site, peer)
-            )
-            peer_sign = 1 if peer < site else -1
-            removals.append((key, -peer_sign))
-        return removals
+        return private_key
 
     def _mask_public_key(self, site: str, block: str) -> bytes:
         return next(entry.mask_public_key for entry in self._adverts[site].blocks if entry.block == block)

@@ -10,6 +10,7 @@ through HKDF into 256-bit AES and ChaCha20-Poly1305 keys; nothing is truncated o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections.abc import Sequence
@@ -98,7 +99,18 @@ def kdf_label(*, purpose: Purpose, federation_id: str, round_id: int, block: str
 
 
 def round_salt(*, federation_id: str, round_id: int) -> bytes:
-    """The HKDF salt of every derivation in one round: SHA-256 of the round's label."""
+    """The HKDF salt of every derivation in one round: SHA-256 of the round's label.
+
+    Notes:
+        A public value, computed once per (federation, round) and kept: a site masking
+        with ``k`` neighbours, or the coordinator rebuilding masks, derives hundreds of
+        keys with the same salt.
+    """
+    return _round_salt(federation_id, round_id)
+
+
+@functools.lru_cache(maxsize=64, typed=True)
+def _round_salt(federation_id: str, round_id: int) -> bytes:
     label = kdf_label(purpose=Purpose.ROUND_SALT, federation_id=federation_id, round_id=round_id, block="", parties=())
     return hashlib.sha256(label).digest()
 

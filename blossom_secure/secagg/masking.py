@@ -14,7 +14,6 @@ mask over the whole vector, while memory is crossed once instead of twice per ma
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
 
 import numpy as np
 
@@ -25,7 +24,6 @@ from blossom_secure.secagg.quantize import ChunkQuantizer, check_weight
 __all__ = [
     "CHUNK_BYTES",
     "apply_masks",
-    "apply_masks_split",
     "expand_mask",
     "masked_ring_vector",
 ]
@@ -58,7 +56,7 @@ def apply_masks(
             values before its masks are added (used to fuse quantisation with masking).
         first_element: Index in the full mask of ``vector[0]``; a multiple of the number
             of ring elements per AES block, so that slices of one vector can be masked
-            separately (for example in worker processes).
+            separately.
 
     Raises:
         ValueError: bad vector, key, sign or ``first_element``.
@@ -94,51 +92,6 @@ def apply_masks(
                 np.add(part, stream, out=part)
             else:
                 np.subtract(part, stream, out=part)
-
-
-def apply_masks_split(
-    vector: np.ndarray, masks: Sequence[tuple[bytes, int]], *, executor: Executor, slices: int
-) -> None:
-    """:func:`apply_masks`, with the vector cut into ``slices`` slices of which all but the
-    first are masked by ``executor`` while this process masks the first.
-
-    Use a process pool: ``cryptography`` holds the GIL while it writes a keystream, so
-    threads do not run in parallel. Each worker expands the masks over its slice (the CTR
-    counter starts at the slice's first block) into a fresh array and returns it; this
-    process adds it in. The result is identical to :func:`apply_masks`.
-
-    Raises:
-        ValueError: bad vector, masks or ``slices``.
-
-    Notes:
-        The mask keys travel to the worker processes through the executor's pipe (pickled
-        by the standard library): the workers are this process's own children, in the same
-        trust domain; nothing untrusted is ever unpickled.
-    """
-    _check_vector(vector)
-    if not isinstance(slices, int) or slices < 1:
-        raise ValueError("slices must be an int >= 1")
-    align = max(1, CHUNK_BYTES // vector.dtype.itemsize)
-    step = -(-vector.shape[0] // slices)
-    step = -(-step // align) * align
-    bounds = [(start, min(start + step, vector.shape[0])) for start in range(0, vector.shape[0], step)]
-    if len(bounds) <= 1:
-        apply_masks(vector, masks)
-        return
-    futures = [
-        executor.submit(_masked_slice, stop - start, vector.dtype.str, start, list(masks)) for start, stop in bounds[1:]
-    ]
-    apply_masks(vector[: bounds[0][1]], masks)
-    for (start, stop), future in zip(bounds[1:], futures, strict=True):
-        part = vector[start:stop]
-        np.add(part, future.result(), out=part)
-
-
-def _masked_slice(count: int, dtype: str, first_element: int, masks: list[tuple[bytes, int]]) -> np.ndarray:
-    """Worker: the masks' sum over ``count`` elements starting at ``first_element``."""
-    part = np.zeros(count, dtype=dtype)
-    apply_masks(part, masks, first_element=first_element)
-    return part
 
 
 def expand_mask(key: bytes, *, count: int, dtype: np.dtype | str) -> np.ndarray:

@@ -29,6 +29,7 @@ body or compares the federation and round, so a forged message is always the one
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 from collections.abc import Mapping
@@ -310,11 +311,25 @@ def _require(condition: bool, reason: str) -> None:
 
 
 def _require_identifier(value: object, what: str) -> None:
-    _require(is_valid_identifier(value), f"{what} is not a valid identifier")
+    if not (isinstance(value, str) and _is_identifier_text(value)):
+        raise ValueError(f"{what} is not a valid identifier")
 
 
 def _require_block(value: object) -> None:
-    _require(is_valid_block_name(value) and not is_head(str(value)), "not a shareable block name")
+    if not (isinstance(value, str) and _is_shareable_block_text(value)):
+        raise ValueError("not a shareable block name")
+
+
+# A round's messages name the same few sites and blocks thousands of times (an unmask
+# response holds one share per peer and block): their checks are remembered.
+@functools.lru_cache(maxsize=1024)
+def _is_identifier_text(value: str) -> bool:
+    return is_valid_identifier(value)
+
+
+@functools.lru_cache(maxsize=256)
+def _is_shareable_block_text(value: str) -> bool:
+    return is_valid_block_name(value) and not is_head(value)
 
 
 def _require_sorted_unique(keys: list, what: str) -> None:
@@ -610,7 +625,8 @@ class RevealedShare:
     def __post_init__(self) -> None:
         _require_identifier(self.peer, "peer")
         _require_block(self.block)
-        object.__setattr__(self, "kind", ShareKind(self.kind))
+        if type(self.kind) is not ShareKind:
+            object.__setattr__(self, "kind", ShareKind(self.kind))
 
 
 @dataclass(frozen=True)
@@ -676,10 +692,13 @@ class _KindCodec(_Codec):
         writer.raw(bytes([int(value)]))
 
     def read(self, reader: _Reader) -> ShareKind:
-        try:
-            return ShareKind(reader.take(1)[0])
-        except ValueError:
-            raise MalformedMessageError("unknown share kind") from None
+        kind = _SHARE_KINDS.get(reader.take(1)[0])
+        if kind is None:
+            raise MalformedMessageError("unknown share kind")
+        return kind
+
+
+_SHARE_KINDS = {int(kind): kind for kind in ShareKind}
 
 
 #: The envelope, fields 1-4 of every message: (tag, attribute, codec); the attribute of
@@ -813,10 +832,9 @@ def _known_tags(cls: type) -> set[int]:
 
 
 def _read_field(reader: _Reader, cls: type, tag: int, codec: _Codec) -> Any:
-    known = _known_tags(cls)
     got = reader.take(1)[0]
     if got != tag:
-        if got not in known:
+        if got not in _known_tags(cls):
             raise UnknownFieldError(f"unknown field tag {got} in {cls.__name__}")
         raise MalformedMessageError(f"field {got} out of order in {cls.__name__} (expected {tag})")
     return codec.read(reader)
@@ -890,7 +908,10 @@ def decode_site_message(
         the body is parsed or the context compared, and every signature failure is the
         same opaque error. Binding federation and round inside the signed bytes is what
         makes a message replayed from another round or federation detectable (Bonawitz
-        et al. 2017 assume such authenticated channels between sites and server).
+        et al. 2017 assume such authenticated channels between sites and server). A
+        signature that already verified in this process is not checked again
+        (:func:`blossom_secure.crypto.verify_signature_remembered`): every site run in
+        one process checks the same advertisements.
     """
     view = _checked_view(untrusted_message, max_bytes)
     cls = _BY_TYPE[_read_header(view)]
@@ -904,7 +925,8 @@ def decode_site_message(
     body_end = view.nbytes - _SIGNATURE_TRAILER_BYTES
     if body_end < reader.pos or view[body_end] != _SIGNATURE_TAG:
         raise AuthenticationError()
-    crypto.verify_signature(roster[sender], signature_payload(view[:body_end]), bytes(view[body_end + 1 :]))
+    payload = signature_payload(view[:body_end])
+    crypto.verify_signature_remembered(roster[sender], payload, bytes(view[body_end + 1 :]))
     _check_context(
         envelope, expected_federation=federation_id, expected_sha256=federation_sha256, expected_round=round_id
     )

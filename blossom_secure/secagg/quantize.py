@@ -65,34 +65,47 @@ class ChunkQuantizer:
 
     Notes:
         Working on chunks that stay in cache lets the site quantise and mask in one pass
-        over memory. For a 32-bit ring the arithmetic is done in float32, which is exact
-        here: multiplying a float32 by ``2**s`` only changes its exponent and rounding to
-        an integer is exact. ``clip`` itself may not be a float32, so values are first
-        clipped to the smallest float32 >= ``clip`` and the integers then clipped to
-        ``[-Q, Q]`` with ``Q = round(clip * 2**s)`` computed exactly: the result equals
-        ``round(clip_exact(x) * 2**s)`` for every input. The no-wrap proof keeps
-        ``|q| <= 2**30`` and ``|w * q| < 2**31``, so the int32 weight product is exact.
+        over memory. The arithmetic is done in float32 for a 32-bit ring (float64 for a
+        64-bit ring), which is exact here: multiplying by ``2**s`` only changes the
+        exponent, and rounding to an integer is exact. ``clip`` itself may not be a
+        float32; with ``Q = round(clip * 2**s)`` computed exactly (half to even),
+        ``round(clamp(y, clip * 2**s)) == round(clamp(y, Q))`` for every ``y``, because
+        rounding is monotone and ``round(Q) = Q = round(clip * 2**s)``. So ``x`` is
+        clipped to ``[-Q / 2**s, Q / 2**s]`` (exact bounds), scaled and rounded: the
+        result equals ``round(clip_exact(x) * 2**s)`` for every input, in four passes
+        with the weight. That needs ``Q`` exact in the working float (below ``2**24``,
+        or ``2**53``); otherwise the values are clipped to the smallest float >= ``clip``,
+        scaled and rounded, and the integers clipped to ``[-Q, Q]``. The no-wrap proof keeps
+        ``|q| <= 2**30`` and ``|w * q| < 2**31`` (32-bit ring), so the integer weight
+        product is exact.
     """
 
-    __slots__ = ("_update", "_weight", "_low", "_high", "_scale", "_float", "_signed", "_scratch", "_limit")
+    __slots__ = ("_update", "_weight", "_low", "_high", "_scale", "_float", "_signed", "_scratch", "_limit", "_fast")
 
     def __init__(self, update: np.ndarray, *, weight: int, params: SecAggParams) -> None:
         self._update = update
         self._weight = int(weight)
         scale_bits = int(params.scale_bits or 0)
+        limit = round(Fraction(params.clip) * Fraction(2) ** scale_bits)
         if params.ring_bits == 32:
             self._float = np.dtype(np.float32)
             self._signed = np.dtype(np.int32)
-            self._high = _smallest_float32_at_least(params.clip)
-            self._scale = np.float32(math.ldexp(1.0, scale_bits))
-            exact = Fraction(params.clip) * Fraction(2) ** scale_bits
-            self._limit: int | None = round(exact) if float(self._high) != params.clip else None
+            high = _smallest_float32_at_least(params.clip)
+            self._fast = limit < 1 << 24
         else:
             self._float = np.dtype(np.float64)
             self._signed = np.dtype(np.int64)
-            self._high = np.float64(params.clip)
-            self._scale = np.float64(math.ldexp(1.0, scale_bits))
-            self._limit = None
+            high = np.float64(params.clip)
+            self._fast = limit < 1 << 53
+        self._scale = self._float.type(math.ldexp(1.0, scale_bits))
+        bound = math.ldexp(limit, -scale_bits)
+        self._fast = self._fast and float(self._float.type(bound)) == bound
+        if self._fast:
+            self._high = self._float.type(bound)
+            self._limit: int | None = None
+        else:
+            self._high = high
+            self._limit = limit if float(high) != params.clip else None
         self._low = -self._high
         self._scratch = np.empty(0, dtype=self._float)
 
@@ -110,10 +123,16 @@ class ChunkQuantizer:
         if not np.isfinite(source).all():
             raise ValueError("update contains NaN or infinity")
         work = self._scratch[:count]
+        signed = out.view(self._signed)
+        if self._fast:
+            np.clip(source, self._low, self._high, out=work)
+            np.multiply(work, self._scale, out=work)
+            np.rint(work, out=work)
+            np.multiply(work, self._weight, out=signed, dtype=self._signed, casting="unsafe")
+            return
         np.clip(source, self._low, self._high, out=work)
         np.multiply(work, self._scale, out=work)
         np.rint(work, out=work)
-        signed = out.view(self._signed)
         np.copyto(signed, work, casting="unsafe")
         if self._limit is not None:
             np.clip(signed, -self._limit, self._limit, out=signed)
@@ -172,5 +191,6 @@ def dequantize_sum(ring_sum: np.ndarray, *, params: SecAggParams) -> tuple[np.nd
     if ring_sum.dtype != params.ring_dtype or ring_sum.ndim != 1 or ring_sum.shape[0] < 1:
         raise ValueError("ring_sum must be a non-empty ring vector")
     signed = ring_sum[:-1].view(np.int32 if params.ring_bits == 32 else np.int64)
-    weighted = np.ldexp(signed.astype(np.float64), -int(params.scale_bits or 0))
+    # One pass: the conversion to float64, then a power-of-two scaling (exact, as ldexp).
+    weighted = np.multiply(signed, math.ldexp(1.0, -int(params.scale_bits or 0)), dtype=np.float64)
     return weighted, int(ring_sum[-1])

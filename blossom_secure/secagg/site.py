@@ -254,8 +254,9 @@ def mask_block(
         site that is slow rather than gone (Bonawitz et al. 2017, section 4).
     """
     masks = [(kdf.self_mask_key(seed, federation_id=federation_id, round_id=round_id, block=block, site=site_id), 1)]
-    for peer in sorted(peer_mask_public_keys):
-        secret = _agree(mask_private_key, peer_mask_public_keys[peer])
+    peers = sorted(peer_mask_public_keys)
+    secrets = _agree(mask_private_key, [peer_mask_public_keys[peer] for peer in peers])
+    for peer, secret in zip(peers, secrets, strict=True):
         key = kdf.pairwise_mask_key(
             secret, federation_id=federation_id, round_id=round_id, block=block, sites=(site_id, peer)
         )
@@ -263,9 +264,10 @@ def mask_block(
     return masked_ring_vector(update, weight=weight, params=params, masks=masks)
 
 
-def _agree(private_key: bytes, peer_public_key: bytes) -> bytes:
+def _agree(private_key: bytes, peer_public_keys: list[bytes]) -> list[bytes]:
+    """The X25519 agreements with each peer key, the private key loaded once."""
     try:
-        return crypto.x25519_shared_secret(private_key, peer_public_key)
+        return crypto.x25519_shared_secrets(private_key, peer_public_keys)
     except ValueError:
         raise AllZeroSharedSecretError("X25519 agreement with a peer's key is all zero") from None
 
@@ -555,7 +557,9 @@ class SiteStageMachine:
                     entry = BlockShares(block, shamir.share_to_bytes(key_share), shamir.share_to_bytes(seed_share))
                     per_holder.setdefault(holder, []).append(entry)
         ciphertexts = []
-        for peer in neighbours(self._site_id, plan):
+        peers = neighbours(self._site_id, plan)
+        share_secrets = _agree(self._share_private_key, [adverts[peer].share_public_key for peer in peers])
+        for peer, share_secret in zip(peers, share_secrets, strict=True):
             plaintext = SharePlaintext(
                 federation_id=self._federation_id,
                 federation_sha256=self._federation_sha256,
@@ -564,7 +568,7 @@ class SiteStageMachine:
                 recipient=peer,
                 blocks=tuple(per_holder[peer]),
             )
-            key = self._share_key(adverts[peer].share_public_key, sender=self._site_id, recipient=peer)
+            key = self._share_key(share_secret, sender=self._site_id, recipient=peer)
             nonce = os.urandom(crypto.AEAD_NONCE_BYTES)
             associated = kdf.share_associated_data(
                 federation_id=self._federation_id,
@@ -580,8 +584,7 @@ class SiteStageMachine:
             )
         return own_shares, ciphertexts
 
-    def _share_key(self, peer_share_public_key: bytes, *, sender: str, recipient: str) -> bytes:
-        secret = _agree(self._share_private_key, peer_share_public_key)
+    def _share_key(self, secret: bytes, *, sender: str, recipient: str) -> bytes:
         return kdf.share_encryption_key(
             secret, federation_id=self._federation_id, round_id=self._round_id, sender=sender, recipient=recipient
         )
@@ -661,10 +664,9 @@ class SiteStageMachine:
             raise InconsistentMessageError(
                 "share delivery does not hold exactly one ciphertext per neighbour that shared keys"
             )
-        for share in delivery.shares:
-            key = self._share_key(
-                shared.adverts[share.peer].share_public_key, sender=share.peer, recipient=self._site_id
-            )
+        share_secrets = _agree(self._share_private_key, [shared.adverts[peer].share_public_key for peer in received])
+        for share, share_secret in zip(delivery.shares, share_secrets, strict=True):
+            key = self._share_key(share_secret, sender=share.peer, recipient=self._site_id)
             associated = kdf.share_associated_data(
                 federation_id=self._federation_id,
                 federation_sha256=self._federation_sha256,
@@ -899,7 +901,7 @@ class SiteStageMachine:
             )
         payload = self._consistency_payload(block, signed_set)
         for entry in signatures:
-            crypto.verify_signature(self._roster[entry.site], payload, entry.signature)
+            crypto.verify_signature_remembered(self._roster[entry.site], payload, entry.signature)
 
     def _refuse_second_request(self, untrusted_unmask_request: bytes) -> None:
         """After answering: refuse any further unmask request, naming the contradiction if

@@ -40,6 +40,43 @@ def test_all_zero_agreement_refused(point: bytes) -> None:
     assert not crypto.is_low_order_x25519_public_key(BOB_PUBLIC)
 
 
+def test_many_agreements_with_one_private_key_equal_one_at_a_time() -> None:
+    peers = [crypto.generate_x25519_key_pair()[1] for _ in range(5)] + [BOB_PUBLIC]
+    secrets = crypto.x25519_shared_secrets(ALICE_PRIVATE, peers)
+    assert secrets == [crypto.x25519_shared_secret(ALICE_PRIVATE, peer) for peer in peers]
+    assert secrets[-1] == SHARED
+    assert crypto.x25519_shared_secrets(ALICE_PRIVATE, []) == []
+
+
+@pytest.mark.parametrize("point", [bytes(32), (1).to_bytes(32, "little")])
+def test_many_agreements_refuse_a_low_order_point_anywhere(point: bytes) -> None:
+    with pytest.raises(ValueError, match="all zero"):
+        crypto.x25519_shared_secrets(ALICE_PRIVATE, [BOB_PUBLIC, point, BOB_PUBLIC])
+
+
+def test_remembered_signature_check_remembers_only_successes() -> None:
+    key = crypto.generate_identity_key()
+    public = crypto.identity_public_key(key)
+    message = os.urandom(40)
+    signature = crypto.sign(key, message)
+    forged = bytes([signature[0] ^ 1]) + signature[1:]
+    for _ in range(2):
+        with pytest.raises(AuthenticationError):
+            crypto.verify_signature_remembered(public, message, forged)
+    hits = crypto._verified_triple.cache_info().hits
+    crypto.verify_signature_remembered(public, message, signature)
+    crypto.verify_signature_remembered(public, message, signature)
+    assert crypto._verified_triple.cache_info().hits == hits + 1
+    for bad in ((public, message + b"x", signature), (crypto.identity_public_key(crypto.generate_identity_key()),
+                message, signature), (public, message, forged), (public[:31], message, signature)):
+        with pytest.raises(AuthenticationError):
+            crypto.verify_signature_remembered(*bad)
+    long_message = os.urandom(5000)
+    crypto.verify_signature_remembered(public, long_message, crypto.sign(key, long_message))
+    with pytest.raises(AuthenticationError):
+        crypto.verify_signature_remembered(public, long_message, signature)
+
+
 def test_x25519_key_lengths_checked() -> None:
     with pytest.raises(ValueError):
         crypto.x25519_public_key(bytes(31))
@@ -47,6 +84,10 @@ def test_x25519_key_lengths_checked() -> None:
         crypto.x25519_shared_secret(ALICE_PRIVATE, bytes(33))
     with pytest.raises(ValueError):
         crypto.is_low_order_x25519_public_key(bytes(5))
+    with pytest.raises(ValueError):
+        crypto.x25519_shared_secrets(bytes(31), [BOB_PUBLIC])
+    with pytest.raises(ValueError):
+        crypto.x25519_shared_secrets(ALICE_PRIVATE, [BOB_PUBLIC, bytes(31)])
 
 
 def test_hkdf_arguments_checked() -> None:

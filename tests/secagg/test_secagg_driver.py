@@ -377,7 +377,7 @@ def test_coordinator_with_an_unmask_executor_gives_the_same_sums() -> None:
     sizes = {"fusion": 200_000}
     with ThreadPoolExecutor(max_workers=2) as executor:
         federation = Federation({s: ("fusion",) for s in ("s0", "s1", "s2", "s3")}, sizes=sizes)
-        twin = federation.new_coordinator(unmask_executor=executor, unmask_slices=3)
+        twin = federation.new_coordinator(unmask_executor=executor, unmask_parts=3)
         federation.advertise()
         for message in federation.adverts.values():
             twin.receive(message)
@@ -401,8 +401,8 @@ def test_coordinator_with_an_unmask_executor_gives_the_same_sums() -> None:
     expected = federation.coordinator.results()["fusion"]
     assert expected.failure is None
     assert np.array_equal(twin.results()["fusion"].weighted_sum, expected.weighted_sum)
-    with pytest.raises(ValueError, match="unmask_slices"):
-        federation.new_coordinator(unmask_slices=0)
+    with pytest.raises(ValueError, match="unmask_parts"):
+        federation.new_coordinator(unmask_parts=0)
 
 
 # ---------------------------------------------------- public block groups

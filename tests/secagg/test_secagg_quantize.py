@@ -25,6 +25,10 @@ PARAM_SETS = [
     SecAggParams(ring_bits=32, clip=3.3, scale_bits=4, max_weight=9, max_group_size=3),
     SecAggParams(ring_bits=64, clip=0.37, max_weight=1000, max_group_size=100),
     SecAggParams(ring_bits=64, clip=1.0, scale_bits=20, max_weight=10, max_group_size=10),
+    # Q = round(clip * 2**s) beyond 2**24 (32-bit ring) or 2**53 (64-bit ring): the path that
+    # clips at the float nearest clip and then clips the integers.
+    SecAggParams(ring_bits=32, clip=0.1, max_weight=2, max_group_size=2),
+    SecAggParams(ring_bits=64, clip=0.3, max_weight=1, max_group_size=2),
 ]
 
 
@@ -80,6 +84,32 @@ def test_largest_inputs_from_the_largest_group_do_not_wrap(params: SecAggParams,
     assert weighted.tolist() == pytest.approx([expected, expected], rel=2**-52)
     assert np.sign(weighted).tolist() == [sign, sign]
     assert weight_sum == params.max_group_size * params.max_weight
+
+
+@pytest.mark.parametrize("params", PARAM_SETS)
+def test_values_at_the_clip_and_at_half_steps_quantise_exactly(params: SecAggParams) -> None:
+    """The edges where a shortcut would go wrong: either side of the clip, the float32
+    values nearest the clip, half-way points between two quantisation steps (ties go to
+    even), and the largest and smallest float32 values."""
+    step = 2.0 ** -params.scale_bits
+    clip32 = np.float32(params.clip)
+    limit = round(Fraction(params.clip) / Fraction(step))
+    values = [
+        params.clip, -params.clip,
+        float(np.nextafter(clip32, np.float32(np.inf))), float(np.nextafter(clip32, np.float32(0))),
+        float(-np.nextafter(clip32, np.float32(np.inf))), float(-np.nextafter(clip32, np.float32(0))),
+        (limit - 0.5) * step, (limit + 0.5) * step, -(limit - 0.5) * step, (limit - 1.5) * step,
+        0.5 * step, 1.5 * step, 2.5 * step, -0.5 * step, -1.5 * step,
+        float(np.finfo(np.float32).max), float(-np.finfo(np.float32).max),
+        float(np.finfo(np.float32).smallest_subnormal),
+        0.0, -0.0,
+    ]
+    values = [float(np.float32(value)) for value in values]
+    for weight in (1, params.max_weight):
+        expected = ref.quantize_reference(
+            values, clip=params.clip, scale_bits=params.scale_bits, weight=weight, ring_bits=params.ring_bits
+        )
+        assert quantize(values, weight, params) == expected
 
 
 def test_clip_that_is_not_a_float32_matches_exact_clipping() -> None:

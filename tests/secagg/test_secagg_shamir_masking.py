@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blossom_secure.secagg import shamir
-from blossom_secure.secagg.masking import CHUNK_BYTES, apply_masks, apply_masks_split, expand_mask
+from blossom_secure.secagg.masking import CHUNK_BYTES, apply_masks, expand_mask
 
 
 @settings(max_examples=40, deadline=None)
@@ -114,23 +114,3 @@ def test_bad_mask_arguments_refused() -> None:
         expand_mask(os.urandom(32), count=-1, dtype="<u4")
     with pytest.raises(ValueError):
         expand_mask(os.urandom(32), count=1, dtype="<i4")
-
-
-def test_masking_split_across_a_process_pool_equals_one_process() -> None:
-    from concurrent.futures import ProcessPoolExecutor
-
-    masks = [(os.urandom(32), 1), (os.urandom(32), -1), (os.urandom(32), 1)]
-    start = np.arange(3 * CHUNK_BYTES // 4 + 77, dtype="<u4")
-    whole = start.copy()
-    apply_masks(whole, masks)
-    split = start.copy()
-    with ProcessPoolExecutor(max_workers=2) as executor:
-        apply_masks_split(split, masks, executor=executor, slices=3)
-    assert np.array_equal(whole, split)
-
-
-def test_masking_split_refuses_bad_slices() -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=1) as executor, pytest.raises(ValueError):
-        apply_masks_split(np.zeros(4, dtype="<u4"), [], executor=executor, slices=0)
