@@ -49,6 +49,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from blossom_secure.runtimes.flower.processes import descendants, live_process
+
 ROOT = Path(__file__).resolve().parents[1]
 FEDERATION_ID = "blossom-scale"
 #: Site counts above this are refused (the federation's public bound is the count itself).
@@ -242,32 +244,8 @@ def run_child(args: argparse.Namespace) -> int:
     return 0
 
 
-def _descendants(pid: int) -> dict[int, str]:
-    """Live descendants of ``pid`` with their start times (so a reused pid is never signalled)."""
-    children: dict[int, list[tuple[int, str]]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        children.setdefault(int(fields[1]), []).append((int(entry.name), fields[19]))
-    found: dict[int, str] = {}
-    todo = list(children.get(pid, []))
-    while todo:
-        child, started = todo.pop()
-        found[child] = started
-        todo.extend(children.get(child, []))
-    return found
-
-
 def _kill_if_same(pid: int, started: str) -> None:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return
-    if fields[19] == started and fields[0] != "Z":
+    if (info := live_process(pid)) is not None and info[1] == started:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -276,7 +254,7 @@ def _kill_if_same(pid: int, started: str) -> None:
 
 def _stop(process: subprocess.Popen) -> None:
     """End the child and everything it started: SIGTERM (Flower then ends Ray), SIGKILL after 30 s."""
-    started = _descendants(process.pid)
+    started = descendants(process.pid)
     try:
         os.killpg(process.pid, signal.SIGTERM)
     except ProcessLookupError:

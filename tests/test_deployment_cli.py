@@ -24,7 +24,7 @@ from blossom_secure.audit import log as audit
 from blossom_secure.crypto import identity_public_key
 from blossom_secure.site.keys import load_identity_key
 from blossom_secure.runtimes.flower import write_dev_certificates
-from blossom_secure.runtimes.flower.processes import is_loopback_host, parse_address
+from blossom_secure.runtimes.flower.processes import descendants, is_loopback_host, live_process, parse_address
 from tests.conftest import allow_coordinators
 from tests.test_flower_deployment import Processes, free_port, wait_listening
 
@@ -150,30 +150,6 @@ def test_addresses():
     assert not is_loopback_host("10.0.0.5") and not is_loopback_host("coordinator.example.org")
 
 
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), list(children.get(pid, []))
-    while todo:
-        child = todo.pop()
-        found.add(child)
-        todo.extend(children.get(child, []))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 @pytest.mark.deployment
 @pytest.mark.parametrize("how", ["tls", "insecure"])
 def test_join_runs_a_supernode_until_terminated(tiny_sites, tmp_path, how):
@@ -208,7 +184,7 @@ def test_join_runs_a_supernode_until_terminated(tiny_sites, tmp_path, how):
         node = re.search(r"Activated node_id=(\d+)", link_log.read_text(errors="replace"))
         assert node is not None, link_log.read_text(errors="replace")
         assert f"SuperNode ID: {node.group(1)}" in (site_dir / "state" / "flower-supernode.log").read_text()
-        children = _descendants(join.pid)
+        children = descendants(join.pid)
         assert children  # the SuperNode (and whatever it started)
         join.send_signal(signal.SIGTERM)
         out, err = join.communicate(timeout=60)
@@ -217,7 +193,7 @@ def test_join_runs_a_supernode_until_terminated(tiny_sites, tmp_path, how):
         assert "joining " + address in out
         assert ("warning: --insecure" in err) == (how == "insecure")
         time.sleep(1.0)
-        assert [pid for pid in children if _alive(pid)] == []
+        assert [pid for pid, started in children.items() if (info := live_process(pid)) and info[1] == started] == []
 
 
 def _records_so_far(site_dir: Path) -> list[dict]:

@@ -30,6 +30,7 @@ from blossom_secure.config import load_federation  # noqa: E402
 from blossom_secure.site.config import load_site, site_dirs
 from blossom_secure.runtimes.flower import write_dev_certificates  # noqa: E402
 from blossom_secure.runtimes.flower.control import start_run, stop_run, wait_for_run  # noqa: E402
+from blossom_secure.runtimes.flower.processes import descendants, live_process  # noqa: E402
 from blossom_secure.roster import load_roster  # noqa: E402
 from blossom_secure.secagg.terms import secagg_params  # noqa: E402
 from tests.conftest import allow_coordinators  # noqa: E402
@@ -81,32 +82,8 @@ class Processes:
         self.started[name] = process
         return process
 
-    @staticmethod
-    def _stat(pid: int) -> tuple[int, str] | None:
-        """``(parent pid, start time)`` of a live process, or ``None``."""
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            return None
-        return (int(fields[1]), fields[19]) if fields[0] != "Z" else None
-
-    def _descendants(self, pid: int) -> dict[int, str]:
-        """Every live descendant of ``pid``, with its start time (so that a pid reused by
-        an unrelated process later is never signalled)."""
-        children: dict[int, list[tuple[int, str]]] = {}
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit() and (info := self._stat(int(entry.name))) is not None:
-                children.setdefault(info[0], []).append((int(entry.name), info[1]))
-        found: dict[int, str] = {}
-        todo = list(children.get(pid, []))
-        while todo:
-            child, started = todo.pop()
-            found[child] = started
-            todo.extend(children.get(child, []))
-        return found
-
     def _signal(self, pid: int, started: str, sig: int) -> bool:
-        info = self._stat(pid)
+        info = live_process(pid)
         if info is None or info[1] != started:
             return False
         try:
@@ -124,8 +101,8 @@ class Processes:
             RuntimeError: a process survived ``timeout_s``.
         """
         process = self.started[name]
-        targets = self._descendants(process.pid)
-        if (leader := self._stat(process.pid)) is not None:
+        targets = descendants(process.pid)
+        if (leader := live_process(process.pid)) is not None:
             targets[process.pid] = leader[1]
         try:
             os.killpg(process.pid, signal.SIGKILL)
@@ -136,7 +113,7 @@ class Processes:
         process.wait(timeout=timeout_s)
         deadline = time.monotonic() + timeout_s
         while (alive := [pid for pid, started in targets.items()
-                         if (info := self._stat(pid)) is not None and info[1] == started]):
+                         if (info := live_process(pid)) is not None and info[1] == started]):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{name}: pid(s) {alive} still alive {timeout_s} s after SIGKILL")
             time.sleep(0.1)
@@ -148,7 +125,7 @@ class Processes:
         targets: dict[int, str] = {}
         for process in self.started.values():
             if process.poll() is None:
-                targets.update(self._descendants(process.pid))
+                targets.update(descendants(process.pid))
                 try:
                     os.killpg(process.pid, signal.SIGTERM)  # the leader is alive: the group is ours
                 except ProcessLookupError:
@@ -157,7 +134,7 @@ class Processes:
             self._signal(pid, started, signal.SIGTERM)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and (any(p.poll() is None for p in self.started.values())
-                                               or any(self._stat(pid) for pid in targets)):
+                                               or any(live_process(pid) for pid in targets)):
             time.sleep(0.2)
         killed = [pid for pid, started in targets.items() if self._signal(pid, started, signal.SIGKILL)]
         for process in self.started.values():
@@ -166,7 +143,7 @@ class Processes:
                 killed.append(process.pid)
         time.sleep(1.0)
         self.alive_after_stop = [pid for pid, started in targets.items()
-                                 if (info := self._stat(pid)) is not None and info[1] == started]
+                                 if (info := live_process(pid)) is not None and info[1] == started]
         for process in self.started.values():
             try:
                 process.wait(timeout=10)

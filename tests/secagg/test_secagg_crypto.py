@@ -54,7 +54,7 @@ def test_many_agreements_refuse_a_low_order_point_anywhere(point: bytes) -> None
         crypto.x25519_shared_secrets(ALICE_PRIVATE, [BOB_PUBLIC, point, BOB_PUBLIC])
 
 
-def test_remembered_signature_check_remembers_only_successes() -> None:
+def test_signature_remembered_for_one_key_and_message_never_passes_a_forgery_or_another_sites_message() -> None:
     key = crypto.generate_identity_key()
     public = crypto.identity_public_key(key)
     message = os.urandom(40)

@@ -27,10 +27,12 @@ from blossom_secure.crypto import TlsCertificateInfo, describe_tls_certificate
 __all__ = [
     "FLOWER_HOME_DIR",
     "check_ca_certificate",
+    "descendants",
     "end_process_group",
     "flower_environment",
     "free_local_port",
     "is_loopback_host",
+    "live_process",
     "parse_address",
     "start_process",
     "supernode_command",
@@ -255,3 +257,30 @@ def _group_alive(pgid: int) -> bool:
     except (ProcessLookupError, PermissionError):
         return False
     return True
+
+
+def live_process(pid: int) -> tuple[int, str] | None:
+    """``(parent pid, start time in clock ticks)`` of a live process (Linux ``/proc``), or
+    ``None`` when it is gone or a zombie. The start time tells a process from a later one
+    that reuses its pid."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[1]), fields[19]) if fields[0] != "Z" else None
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Every live descendant of ``pid`` (also one that left its process group), with its
+    start time, so that a pid reused later by an unrelated process is never signalled."""
+    children: dict[int, list[tuple[int, str]]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (info := live_process(int(entry.name))) is not None:
+            children.setdefault(info[0], []).append((int(entry.name), info[1]))
+    found: dict[int, str] = {}
+    todo = list(children.get(pid, []))
+    while todo:
+        child, started = todo.pop()
+        found[child] = started
+        todo.extend(children.get(child, []))
+    return found
