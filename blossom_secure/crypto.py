@@ -52,6 +52,7 @@ __all__ = [
     "x25519_public_key",
     "x25519_shared_secret",
     "x25519_shared_secrets",
+    "LowOrderPointError",
     "IdentityKey",
     "generate_identity_key",
     "identity_key_from_pem",
@@ -268,6 +269,15 @@ _HKDF_MAX_BYTES = 255 * 32
 _ALL_ZERO_SECRET = bytes(X25519_KEY_BYTES)
 
 
+class LowOrderPointError(ValueError):
+    """An X25519 agreement is all zero: the peer's public key is a low-order point
+    (RFC 7748 section 6.1), so the "secret" is known to everyone. A key of the wrong
+    length is a plain :class:`ValueError` (the caller's mistake, not the peer's)."""
+
+    def __init__(self) -> None:
+        super().__init__("X25519 agreement is all zero (low-order public key)")
+
+
 def generate_x25519_key_pair() -> tuple[bytes, bytes]:
     """Make a fresh X25519 key pair from the operating system's CSPRNG.
 
@@ -298,8 +308,9 @@ def x25519_shared_secret(private_key: bytes, peer_public_key: bytes) -> bytes:
     """The X25519 agreement (RFC 7748) between ``private_key`` and ``peer_public_key``.
 
     Raises:
-        ValueError: a key is not 32 bytes, or the agreement is the all-zero value (the
-            peer key is a low-order point). An all-zero result is never returned.
+        ValueError: a key is not 32 bytes, or (:class:`LowOrderPointError`) the
+            agreement is the all-zero value (the peer key is a low-order point). An
+            all-zero result is never returned.
 
     Notes:
         RFC 7748 section 6.1: an all-zero shared secret means the peer chose a point of
@@ -314,8 +325,9 @@ def x25519_shared_secrets(private_key: bytes, peer_public_keys: Sequence[bytes])
     order: :func:`x25519_shared_secret` for many peers, loading the private key once.
 
     Raises:
-        ValueError: a key is not 32 bytes, or an agreement is the all-zero value (that
-            peer's key is a low-order point); nothing is returned then.
+        LowOrderPointError: an agreement is the all-zero value (that peer's key is a
+            low-order point); nothing is returned then.
+        ValueError: a key is not 32 bytes.
 
     Notes:
         Loading a raw X25519 private key costs about as much as an agreement (the
@@ -332,9 +344,9 @@ def x25519_shared_secrets(private_key: bytes, peer_public_keys: Sequence[bytes])
         try:
             secret = loaded.exchange(X25519PublicKey.from_public_bytes(bytes(peer_public_key)))
         except ValueError:
-            raise ValueError("X25519 agreement is all zero (low-order public key)") from None
+            raise LowOrderPointError() from None
         if secret == _ALL_ZERO_SECRET:
-            raise ValueError("X25519 agreement is all zero (low-order public key)")
+            raise LowOrderPointError()
         secrets.append(secret)
     return secrets
 

@@ -268,7 +268,7 @@ def _agree(private_key: bytes, peer_public_keys: list[bytes]) -> list[bytes]:
     """The X25519 agreements with each peer key, the private key loaded once."""
     try:
         return crypto.x25519_shared_secrets(private_key, peer_public_keys)
-    except ValueError:
+    except crypto.LowOrderPointError:
         raise AllZeroSharedSecretError("X25519 agreement with a peer's key is all zero") from None
 
 

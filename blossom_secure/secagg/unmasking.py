@@ -95,12 +95,9 @@ def removal_masks(
     masks = [(key, -1) for key in self_mask_keys]
     label_fields = {"federation_id": context.federation_id, "round_id": context.round_id, "block": context.block}
     for site in dropped:
-        keys = (site.mask_private_key, *(key for _, key in site.contributors))
-        if any(len(key) != crypto.X25519_KEY_BYTES for key in keys):
-            raise ValueError("X25519 keys are 32 bytes")
         try:
             secrets = crypto.x25519_shared_secrets(site.mask_private_key, [key for _, key in site.contributors])
-        except ValueError:
+        except crypto.LowOrderPointError:
             raise AllZeroSharedSecretError("an X25519 agreement with a contributor's mask key is all zero") from None
         for (peer, _), secret in zip(site.contributors, secrets, strict=True):
             key = kdf.pairwise_mask_key(secret, sites=(site.site, peer), **label_fields)
