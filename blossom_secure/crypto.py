@@ -20,8 +20,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING
 
-from cryptography import x509
 from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -32,6 +32,9 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from blossom_secure.errors import AuthenticationError
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 __all__ = [
     "AEAD_KEY_BYTES",
@@ -562,6 +565,7 @@ def describe_tls_certificate(cert_pem: bytes) -> TlsCertificateInfo:
     Raises:
         ValueError: ``cert_pem`` is not one PEM X.509 certificate (or is over 64 KiB).
     """
+    from cryptography import x509  # lazily: only the TLS helpers need it
     cert = _load_tls_certificate(cert_pem)
     try:
         ext_usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
@@ -609,6 +613,7 @@ def _check_tls_days(days: int) -> None:
 
 
 def _tls_subject(common_name: str) -> x509.Name:
+    from cryptography import x509  # lazily: only the TLS helpers need it
     if not isinstance(common_name, str) or not _COMMON_NAME_RE.fullmatch(common_name):
         raise ValueError("a common name is 1-64 printable ASCII characters")
     return x509.Name([
@@ -623,6 +628,7 @@ def _tls_key_to_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _load_tls_certificate(cert_pem: bytes) -> x509.Certificate:
+    from cryptography import x509  # lazily: only the TLS helpers need it
     if not isinstance(cert_pem, bytes | bytearray) or len(cert_pem) > _MAX_TLS_PEM_BYTES:
         raise ValueError("not a PEM certificate of at most 64 KiB")
     try:
@@ -633,6 +639,7 @@ def _load_tls_certificate(cert_pem: bytes) -> x509.Certificate:
 
 def _subject_alternative_name(dns_names: Sequence[str], ip_addresses: Sequence[str],
                               uris: Sequence[str]) -> x509.SubjectAlternativeName:
+    from cryptography import x509  # lazily: only the TLS helpers need it
     for label, values in (("dns_names", dns_names), ("ip_addresses", ip_addresses), ("uris", uris)):
         if isinstance(values, str | bytes) or not all(isinstance(v, str) for v in values):
             raise TypeError(f"{label} must be a sequence of str")
@@ -659,6 +666,7 @@ def _subject_alternative_name(dns_names: Sequence[str], ip_addresses: Sequence[s
 
 def _generate_tls_ca_at(common_name: str, *, days: int, now: datetime) -> tuple[bytes, bytes]:
     """:func:`generate_tls_ca` at the time ``now`` (a seam for tests)."""
+    from cryptography import x509  # lazily: only the TLS helpers need it
     _check_tls_days(days)
     subject = _tls_subject(common_name)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -695,6 +703,7 @@ def _issue_tls_certificate_at(
     now: datetime,
 ) -> tuple[bytes, bytes]:
     """:func:`issue_tls_certificate` at the time ``now`` (a seam for tests)."""
+    from cryptography import x509  # lazily: only the TLS helpers need it
     _check_tls_days(days)
     subject = _tls_subject(common_name)
     alt_names = _subject_alternative_name(dns_names, ip_addresses, uris)

@@ -1485,3 +1485,142 @@ def test_edited_record_under_the_checkpoint_is_named_as_by_the_full_check(log_pa
     with pytest.raises(AuditIntegrityError) as full:
         verify_log(log_path, public_key=PUBLIC_KEY, every_signature=True)
     assert str(full.value) == str(error)
+
+
+# ----------------------------------------------------------------------------------------
+# Verification in parts, in parallel processes (large logs, `audit verify`)
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def long_log(tmp_path: Path, monkeypatch) -> Path:
+    """A log of 60 records that is verified in parts (the size threshold lowered for it)."""
+    monkeypatch.setattr(audit, "PARALLEL_MIN_BYTES", 1)
+    events = sample_events()
+    body = [e for e in events if e[0] not in ("site_initialised", "policy_loaded")]
+    return make_log(tmp_path, events[:2] + body * 7)
+
+
+def _verdict(path: Path, workers: int) -> object:
+    try:
+        return verify_log(path, public_key=PUBLIC_KEY, workers=workers)
+    except AuditIntegrityError as error:
+        return (error.line, error.seq, error.reason)
+
+
+def test_verification_in_parts_is_used_and_agrees_with_one_process(long_log, monkeypatch):
+    used = []
+    real = audit._feed_in_parallel
+    monkeypatch.setattr(audit, "_feed_in_parallel", lambda *a: used.append(real(*a)) or used[-1])
+    for workers in (2, 3, 7):
+        assert verify_log(long_log, public_key=PUBLIC_KEY, workers=workers) == verify_log(long_log,
+                                                                                          public_key=PUBLIC_KEY)
+    assert len(used) == 3 and all(chain is not None for chain in used)
+
+
+def test_record_removed_at_a_part_boundary_is_caught(long_log):
+    """Attack: delete the line a part boundary falls after (the one the next part
+    continues from), hoping each part's chain is intact on its own."""
+    (offset, line), = audit._split_points(long_log, 2)
+    lines = lines_of(long_log)
+    index = lines.index(line + b"\n")
+    write_lines(long_log, lines[:index] + lines[index + 1:])
+    assert isinstance(_verdict(long_log, 2), tuple)
+    assert _verdict(long_log, 2) == _verdict(long_log, 1)
+
+
+def test_parts_of_two_logs_spliced_at_a_boundary_are_caught(long_log, tmp_path):
+    """Attack: the first half of this site's log followed by the second half of another
+    log of the same site signed with the same key (each part intact, the checkpoint the
+    second log's)."""
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    events = sample_events()
+    other = make_log(other_dir, events[:2] + [("round_declined", 9, {"reason": "maintenance"}, POLICY)] * 60)
+    mine, theirs = lines_of(long_log), lines_of(other)
+    write_lines(long_log, mine[:30] + theirs[30:])
+    shutil.copyfile(checkpoint_path(other), checkpoint_path(long_log))
+    assert isinstance(_verdict(long_log, 2), tuple)
+    assert _verdict(long_log, 2) == _verdict(long_log, 1)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(change=st.sampled_from(["drop", "duplicate", "swap", "flip", "truncate"]), where=st.integers(0, 59),
+       workers=st.integers(2, 5))
+def test_verification_in_parts_gives_the_one_process_verdict_on_any_tampering(long_log, change, where, workers):
+    original = long_log.read_bytes()
+    try:
+        lines = lines_of(long_log)
+        where %= len(lines)
+        if change == "drop":
+            del lines[where]
+        elif change == "duplicate":
+            lines.insert(where, lines[where])
+        elif change == "swap":
+            other = (where + 1) % len(lines)
+            lines[where], lines[other] = lines[other], lines[where]
+        elif change == "flip":
+            lines[where] = lines[where].replace(b'"seq":', b'"seq": ', 1)
+        else:
+            lines = lines[:where + 1]
+        write_lines(long_log, lines)
+        assert _verdict(long_log, workers) == _verdict(long_log, 1)
+    finally:
+        long_log.write_bytes(original)
+
+
+def test_a_small_log_is_verified_in_one_process(log_path, monkeypatch):
+    monkeypatch.setattr(audit.os, "fork", lambda: pytest.fail("forked for a small log"))
+    assert verify_log(log_path, public_key=PUBLIC_KEY, workers=4).records == len(sample_events())
+
+
+# ----------------------------------------------------------------------------------------
+# The shortcuts of the one-process check never pass what the full checks refuse
+# ----------------------------------------------------------------------------------------
+
+
+def test_fast_reader_accepts_the_canonical_spelling_of_a_float_python_spells_otherwise():
+    assert audit._fast_canonical_record(b'{"a":0.00001,"b":[1e+21,0.5]}') == {"a": 1e-05, "b": [1e21, 0.5]}
+    # the same text in a string beside the float: the respelling is not trusted, the strict path decides
+    assert audit._fast_canonical_record(b'{"a":0.00001,"b":":1e-05,"}') is None
+    assert audit._fast_canonical_record(b'{"a":1e-05}') is None
+
+
+_ENVELOPE_VALUES = {
+    "format": st.sampled_from([1, 2, 0, True, "1", 1.5]),
+    "seq": st.sampled_from([0, 7, -1, 2**53 - 1, 2**53, True, "3", None]),
+    "time_utc": st.sampled_from(["2026-03-01T12:00:00Z", "2026-03-01T12:00:00.123456Z", "2026-02-30T12:00:00Z",
+                                 "2026-03-01T24:00:00Z", "2026-03-01T12:00:60Z", "2026-03-01 12:00:00Z",
+                                 "2026-03-01T12:00:00.1234567Z", "x"]),
+    "site_id": st.sampled_from([SITE, "a", "A-site", "-x", "x" * 63, "x" * 64, "", 3]),
+    "round_id": st.sampled_from([None, 0, 5, -1, 2**53, True, "1"]),
+    "event": st.sampled_from(["error", "egress", 'a"b', "", 5]),
+    "policy_sha256": st.sampled_from([None, POLICY, POLICY.upper(), "ab", 1]),
+    "prev_sha256": st.sampled_from([GENESIS_SHA256, POLICY, "zz" * 32, None]),
+    "signature": st.sampled_from(["ef" * 64, "EF" * 64, "ef" * 63, None]),
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(fields=st.fixed_dictionaries(_ENVELOPE_VALUES), drop=st.sampled_from([None, *_ENVELOPE_VALUES]),
+       extra=st.sampled_from([None, "dz", "extra", "zz"]))
+def test_envelope_shortcut_never_passes_what_the_full_check_refuses(fields, drop, extra):
+    """Attack: any malformed envelope (wrong type, out-of-range seq, impossible date, a
+    missing or extra field) in an otherwise canonical line: the one-match shortcut may
+    only pass what the field-by-field check passes."""
+    record = {**fields, "details": {"message": "m"}}
+    if drop is not None:
+        del record[drop]
+    if extra is not None:
+        record[extra] = 1
+    try:
+        raw = canonical_bytes(record)
+    except (TypeError, ValueError):
+        return
+    if audit._canonical_envelope_ok(raw, record):
+        assert audit._envelope_problems(record, signed=True) == []
+
+
+def test_envelope_shortcut_passes_real_records(log_path):
+    for raw in lines_of(log_path):
+        assert audit._canonical_envelope_ok(raw[:-1], json.loads(raw))

@@ -186,6 +186,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -197,7 +198,7 @@ import threading
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, BinaryIO
@@ -233,6 +234,7 @@ __all__ = [
     "SITE_INITIALISED",
     "TRAINING_FINISHED",
     "AuditLog",
+    "Verification",
     "VerifyReport",
     "build_record",
     "canonical_bytes",
@@ -464,6 +466,8 @@ def _hex64(value: Any) -> str | None:
 
 
 def _nonneg_int(value: Any) -> str | None:
+    if type(value) is int and value >= 0:
+        return None
     if not _is_int(value) or value < 0:
         return "must be an integer >= 0"
     return None
@@ -515,10 +519,17 @@ def _randomness(value: Any) -> str | None:
     return None if value in RANDOMNESS_KINDS else f"must be one of {', '.join(RANDOMNESS_KINDS)}"
 
 
+_KNOWN_BLOCK_NAMES: set[str] = set()  # names already found valid (a log names a handful)
+
+
 def _block_name(value: Any) -> str | None:
+    if type(value) is str and value in _KNOWN_BLOCK_NAMES:
+        return None
     # isprintable(): the block-name pattern ends in "$", which also accepts a final newline.
     if not isinstance(value, str) or not value.isprintable() or not is_valid_block_name(value):
         return "must be a block name (encoder.<x>, fusion or head.<x>)"
+    if len(_KNOWN_BLOCK_NAMES) < 1024:
+        _KNOWN_BLOCK_NAMES.add(value)
     return None
 
 
@@ -560,7 +571,7 @@ def _block_map(item: _Check) -> _Check:
 def _shape(value: Any) -> str | None:
     if not isinstance(value, list) or len(value) > _MAX_DIMS:
         return f"must be a list of at most {_MAX_DIMS} dimensions"
-    if any(_nonneg_int(d) for d in value):
+    if not all(type(d) is int and d >= 0 for d in value) and any(_nonneg_int(d) for d in value):
         return "must list integer dimensions >= 0"
     return None
 
@@ -571,6 +582,11 @@ class _EventSpec:
     optional: Mapping[str, _Check]
     needs_round: bool
     policy_optional: bool
+
+    def __post_init__(self) -> None:
+        # For the common case (the keys are right): every check by key, and the key sets.
+        object.__setattr__(self, "checks", {**self.required, **self.optional})
+        object.__setattr__(self, "required_keys", frozenset(self.required))
 
 
 _EVENT_SPECS: dict[str, _EventSpec] = {
@@ -658,24 +674,31 @@ def _details_problems(
     spec = _EVENT_SPECS.get(event)
     if spec is None:
         return [f"unknown event {event!r} (known: {', '.join(EVENTS)})"]
+    checks = spec.checks  # type: ignore[attr-defined]
     problems: list[str] = []
-    if spec.needs_round and round_id is None:
-        problems.append(f"event {event!r} needs a round_id")
-    if policy_sha256 is None and not spec.policy_optional:
-        problems.append(f"event {event!r} needs the policy_sha256 of the policy in force")
-    missing = sorted(set(spec.required) - set(details))
-    unknown = sorted(set(details) - set(spec.required) - set(spec.optional))
-    if missing:
-        problems.append(f"details of {event!r} miss key(s): {', '.join(missing)}")
-    if unknown:
-        problems.append(f"details of {event!r} have unknown key(s): {', '.join(map(repr, unknown))}")
-    for key, check in (*spec.required.items(), *spec.optional.items()):
-        if key in details:
-            problem = check(details[key])
-            if problem:
-                problems.append(f"details[{key!r}] {problem}")
-    if problems:
-        return problems
+    if not (  # the common case, shown without building a message
+        (round_id is not None or not spec.needs_round)
+        and (policy_sha256 is not None or spec.policy_optional)
+        and spec.required_keys <= details.keys()  # type: ignore[attr-defined]
+        and all(key in checks and checks[key](value) is None for key, value in details.items())
+    ):
+        if spec.needs_round and round_id is None:
+            problems.append(f"event {event!r} needs a round_id")
+        if policy_sha256 is None and not spec.policy_optional:
+            problems.append(f"event {event!r} needs the policy_sha256 of the policy in force")
+        missing = sorted(set(spec.required) - set(details))
+        unknown = sorted(set(details) - set(spec.required) - set(spec.optional))
+        if missing:
+            problems.append(f"details of {event!r} miss key(s): {', '.join(missing)}")
+        if unknown:
+            problems.append(f"details of {event!r} have unknown key(s): {', '.join(map(repr, unknown))}")
+        for key, check in (*spec.required.items(), *spec.optional.items()):
+            if key in details:
+                problem = check(details[key])
+                if problem:
+                    problems.append(f"details[{key!r}] {problem}")
+        if problems:
+            return problems
     # Cross-field rules, once every field has the right type.
     if event == SITE_INITIALISED and key_fingerprint is not None:
         if details["key_fingerprint"] != key_fingerprint:
@@ -962,15 +985,19 @@ def _loads(raw: bytes) -> Any:
     )
 
 
-def _iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+def _iter_lines(path: Path, start: int = 0, end: int | None = None) -> Iterator[tuple[int, bytes]]:
     """Yield ``(line number, line without its newline)``, enforcing the size limit and a
-    newline at the end of every line."""
+    newline at the end of every line; from byte ``start`` (a line's start; numbers count
+    from there) up to byte ``end`` (a line's start; ``None``: the end of the file)."""
     with open(path, "rb") as handle:
+        handle.seek(start)
+        position = start
         line_no = 0
-        while True:
+        while end is None or position < end:
             raw = handle.readline(MAX_RECORD_BYTES)
             if not raw:
                 return
+            position += len(raw)
             line_no += 1
             if not raw.endswith(b"\n"):
                 if len(raw) >= MAX_RECORD_BYTES:
@@ -1049,6 +1076,34 @@ class VerifyReport:
     checkpoint_seq: int | None
 
 
+@dataclass(frozen=True)
+class Verification:
+    """What was verified before the review was built (shown at the top of the HTML page).
+
+    Attributes:
+        key_fingerprint: Fingerprint of the public key the log was verified with.
+        key_source: Where that key came from (the site's key file, a public-key file,
+            a roster entry), in words.
+        verified_at: When the verification ran (UTC, ISO 8601).
+        records: Records verified.
+        last_seq: The last record's sequence number, or ``None`` for an empty log.
+        last_hash: SHA-256 of the last line (the chain head).
+        pinned: Whether the key was compared with a fingerprint given out of band
+            (``--fingerprint``).
+        every_signature: Whether each record's own signature was checked too (otherwise
+            the checkpoint's signature binds the records it covers through the chain).
+    """
+
+    key_fingerprint: str
+    key_source: str
+    verified_at: str
+    records: int
+    last_seq: int | None
+    last_hash: str
+    pinned: bool = False
+    every_signature: bool = False
+
+
 def checkpoint_path(log_path: Path) -> Path:
     """The signed checkpoint beside ``log_path``: ``audit.jsonl`` -> ``audit.head.json``
     (the log's name without its last suffix, then ``.head.json``).
@@ -1071,24 +1126,26 @@ def _check_public_key(public_key: Any) -> bytes:
     return bytes(public_key)
 
 
-def _plain_json(value: Any) -> bool:
-    """Whether ``json.dumps(value, sort_keys=True, separators=(",", ":"),
-    ensure_ascii=False)`` is exactly :func:`canonical_bytes` of ``value``: integers within
-    +/-(2**53 - 1), every float already in its ECMAScript form (``repr`` equal to
-    :func:`_format_float`), no object key outside the Basic Multilingual Plane (where code
-    point order and UTF-16 order differ), nesting within :data:`_MAX_DEPTH`. Strings need no
-    check: both escape exactly ``"``, ``\\`` and the characters below U+0020, in the same
-    spelling, and a lone surrogate fails the UTF-8 encoding that follows."""
+def _plain_json_floats(value: Any) -> dict[float, int] | None:
+    """What keeps ``json.dumps(value, sort_keys=True, separators=(",", ":"),
+    ensure_ascii=False)`` from being exactly :func:`canonical_bytes` of ``value``: ``None``
+    where that is not cheap to show (an integer beyond +/-(2**53 - 1), a non-finite float,
+    an object key outside the Basic Multilingual Plane, where code point order and UTF-16
+    order differ, nesting beyond :data:`_MAX_DEPTH`), otherwise each float whose ``repr`` is
+    not its ECMAScript form (``1e-05`` for ``0.00001``) with the number of times it occurs.
+    Strings need no check: both escape exactly ``"``, ``\\`` and the characters below
+    U+0020, in the same spelling, and a lone surrogate fails the UTF-8 encoding that follows."""
+    respelled: dict[float, int] = {}
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         item, depth = stack.pop()
         if depth > _MAX_DEPTH:
-            return False
+            return None
         if type(item) is dict:
             children: Any = item.values()
             for key in item:
                 if not key.isascii() and max(key) > "\uffff":
-                    return False
+                    return None
         else:  # only objects and arrays are stacked
             children = item
         for child in children:
@@ -1098,16 +1155,44 @@ def _plain_json(value: Any) -> bool:
             if kind is int:
                 if -_MAX_SAFE_INT <= child <= _MAX_SAFE_INT:
                     continue
-                return False
+                return None
             if kind is float:
-                if math.isfinite(child) and repr(child) == _format_float(child):
-                    continue
-                return False
+                if not math.isfinite(child):
+                    return None
+                if repr(child) != _format_float(child):
+                    respelled[child] = respelled.get(child, 0) + 1
+                continue
             if kind is dict or kind is list:
                 stack.append((child, depth + 1))
                 continue
-            return False
-    return True
+            return None
+    return respelled
+
+
+#: Digits and the characters a number token follows, all as ``0``; anything else as a space.
+_NUMBER_RUNS = bytes(0x30 if chr(c) in "0123456789:,[-" else 0x20 for c in range(256))
+#: 17 of those in a row: where an integer beyond +/-(2**53 - 1) may start (or a long run of
+#: digits in a string, which the slower walk clears).
+_LONG_RUN = b"0" * 17
+
+
+class _FloatTokenReader(threading.local):
+    """A JSON reader that notes the spelling of every number with a fraction or exponent
+    it reads (one per thread)."""
+
+    def __init__(self) -> None:
+        self.floats: list[str] = []
+
+        def number(token: str) -> float:
+            self.floats.append(token)
+            return float(token)
+
+        self.decoder = json.JSONDecoder(parse_float=number)
+
+
+_READER = _FloatTokenReader()
+#: Python's re-encoding that is canonical but for some floats (see _fast_canonical_record).
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def _fast_canonical_record(raw: bytes) -> dict[str, Any] | None:
@@ -1117,22 +1202,95 @@ def _fast_canonical_record(raw: bytes) -> dict[str, Any] | None:
 
     Notes:
         A line is accepted here only if re-encoding the parsed value gives the line's exact
-        bytes, and :func:`_plain_json` shows that this re-encoding is the canonical one. So
-        duplicate keys (the re-encoding loses one), other spellings, NaN, huge numbers and
-        non-canonical floats all fall through to the strict path.
+        bytes and that re-encoding is shown to be the canonical one: by
+        :func:`_plain_json_floats`, or, for an ASCII line with no long digit run and at most :data:`_MAX_DEPTH` brackets in all
+        (see :data:`_LONG_RUN`; so none of what that walk looks for), by checking each number with a fraction or
+        exponent as the reader meets it. So duplicate keys (the re-encoding loses one), other
+        spellings, NaN, huge numbers and non-canonical floats all fall through to the strict
+        path.
+
+        A float whose Python spelling differs from its ECMAScript one (``1e-05``,
+        ``0.00001``) is respelled in the re-encoding: every number token of the re-encoding
+        sits between one of ``:[,`` and one of ``,]}``, so the spellings found in that
+        position are the number tokens, unless a string holds the same text between the same
+        characters. The respelling is used only where the count found equals the number of
+        times the float occurs in the value, so it never touches a string.
     """
     try:
-        value = json.loads(raw.decode("utf-8"))
-    except (ValueError, RecursionError):
+        text = raw.decode("utf-8")
+    except ValueError:
         return None
-    if not isinstance(value, dict) or not _plain_json(value):
+    if (not raw.isascii() or _LONG_RUN in raw.translate(_NUMBER_RUNS)
+            or raw.count(b"{") + raw.count(b"[") > _MAX_DEPTH):
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError):
+            return None
+        respelled = _plain_json_floats(value) if type(value) is dict else None
+    else:
+        reader = _READER
+        reader.floats.clear()
+        try:
+            value = reader.decoder.decode(text)
+        except (ValueError, RecursionError):
+            return None
+        respelled = {}
+        for token in reader.floats:
+            x = float(token)
+            if not math.isfinite(x) or _format_float(x) != token:
+                return None  # a float not spelt canonically in the line
+            if repr(x) != token:
+                respelled[x] = respelled.get(x, 0) + 1
+    if respelled is None or type(value) is not dict:
         return None
     try:
-        again = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                           allow_nan=False).encode("utf-8")
+        again = _ENCODER.encode(value).encode("utf-8")
     except (ValueError, UnicodeEncodeError):
         return None
+    for x, count in respelled.items():
+        token_re = re.compile(rb"(?<=[:\[,])" + re.escape(repr(x).encode("ascii")) + rb"(?=[,\]}])")
+        again, found = token_re.subn(_format_float(x).encode("ascii"), again)
+        if found != count:
+            return None
     return value if again == raw else None
+
+
+#: The members after ``details`` of a canonical record, in their canonical (sorted) order,
+#: with every rule :func:`_envelope_problems` checks but the calendar (group ``date``).
+_CANONICAL_ENVELOPE = re.compile(
+    rb',"event":"[^"\\]*","format":' + str(AUDIT_FORMAT).encode("ascii")
+    + rb',"policy_sha256":(?:null|"[0-9a-f]{64}"),"prev_sha256":"[0-9a-f]{64}"'
+    rb',"round_id":(?:null|0|[1-9][0-9]{0,15}),"seq":(?P<seq>0|[1-9][0-9]{0,15}),"signature":"[0-9a-f]{128}"'
+    rb',"site_id":"[a-z0-9][a-z0-9_-]{0,62}"'
+    rb',"time_utc":"(?P<date>[0-9]{4}-[0-9]{2}-[0-9]{2})T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?Z"\}'
+)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_date(text: bytes) -> bool:
+    try:
+        date.fromisoformat(text.decode("ascii"))
+    except ValueError:
+        return False
+    return True
+
+
+def _canonical_envelope_ok(raw: bytes, record: Mapping[str, Any]) -> bool:
+    """Whether the envelope of ``record``, parsed from the canonical line ``raw``, passes
+    every check of :func:`_envelope_problems` (then there is nothing to report), shown by
+    one match on the line; ``False`` means only "not shown here".
+
+    Notes:
+        In a canonical line a ``"`` inside a string is always escaped, so the last
+        ``,"event":"`` of the line starts the member that follows ``details`` (no later
+        member can hold it), and eleven members starting with ``details`` are exactly the
+        record fields.
+    """
+    if len(record) != len(RECORD_FIELDS) or not raw.startswith(b'{"details":{') or "details" not in record:
+        return False
+    match = _CANONICAL_ENVELOPE.fullmatch(raw, raw.rfind(b',"event":"'))
+    return (match is not None and record["seq"] <= _MAX_SAFE_INT
+            and (record["round_id"] is None or record["round_id"] <= _MAX_SAFE_INT) and _is_date(match["date"]))
 
 
 #: A record's own signature sits between ``seq`` and ``site_id`` in its canonical bytes.
@@ -1161,7 +1319,7 @@ class _Chain:
         self.keep_events = keep_events
         self.every_signature = every_signature
         # the last two records whose own signature was not checked: (line, seq, raw, record)
-        self.unchecked_tail: list[tuple[int, int, bytes, dict[str, Any]]] = []
+        self.unchecked_tail: tuple[Any, ...] = (None, None)
         self.count = 0
         self.last_seq: int | None = None
         self.last_hash = GENESIS_SHA256
@@ -1176,38 +1334,38 @@ class _Chain:
         if record is None:
             record = _parse_line(line_no, raw)
         seq = record.get("seq") if _is_int(record.get("seq")) else None
-
-        def fail(reason: str) -> AuditIntegrityError:
-            return AuditIntegrityError(line=line_no, seq=seq, reason=reason)
-
-        problems = _envelope_problems(record, signed=True)
-        if problems:
-            raise fail("; ".join(problems))
+        if not (canonical_shown and _canonical_envelope_ok(raw, record)):
+            problems = _envelope_problems(record, signed=True)
+            if problems:
+                raise AuditIntegrityError(line=line_no, seq=seq, reason="; ".join(problems))
         if not canonical_shown:
             try:
                 canonical = canonical_bytes(record)
             except ValueError as exc:
-                raise fail(f"cannot be canonicalised: {exc}") from None
+                raise AuditIntegrityError(line=line_no, seq=seq, reason=f"cannot be canonicalised: {exc}") from None
             if canonical != raw:
-                raise fail("record is not in canonical form (its bytes were changed)")
+                raise AuditIntegrityError(line=line_no, seq=seq,
+                                          reason="record is not in canonical form (its bytes were changed)")
         if self.every_signature:
             self.check_signature(line_no, seq, raw, record)
         else:
-            self.unchecked_tail = [*self.unchecked_tail[-1:], (line_no, seq, raw, record)]
+            self.unchecked_tail = (self.unchecked_tail[-1], (line_no, seq, raw, record))
+        reason = None
         if self.last_seq is None:
             if seq != 0:
-                raise fail(f"first record has sequence number {seq}, expected 0 (records missing from the start)")
-            if record["prev_sha256"] != GENESIS_SHA256:
-                raise fail("previous-hash of the first record is not the genesis value")
-        else:
-            if seq > self.last_seq + 1:
-                raise fail(f"sequence number {seq} follows {self.last_seq} (record missing or out of order)")
-            if seq <= self.last_seq:
-                raise fail(f"sequence number {seq} follows {self.last_seq} (record out of order or repeated)")
-            if record["prev_sha256"] != self.last_hash:
-                raise fail(f"previous-hash does not match line {line_no - 1}")
-        if self.site_id is not None and record["site_id"] != self.site_id:
-            raise fail(f"site id {record['site_id']!r} differs from {self.site_id!r} on line 1")
+                reason = f"first record has sequence number {seq}, expected 0 (records missing from the start)"
+            elif record["prev_sha256"] != GENESIS_SHA256:
+                reason = "previous-hash of the first record is not the genesis value"
+        elif seq > self.last_seq + 1:
+            reason = f"sequence number {seq} follows {self.last_seq} (record missing or out of order)"
+        elif seq <= self.last_seq:
+            reason = f"sequence number {seq} follows {self.last_seq} (record out of order or repeated)"
+        elif record["prev_sha256"] != self.last_hash:
+            reason = f"previous-hash does not match line {line_no - 1}"
+        if reason is None and self.site_id is not None and record["site_id"] != self.site_id:
+            reason = f"site id {record['site_id']!r} differs from {self.site_id!r} on line 1"
+        if reason is not None:
+            raise AuditIntegrityError(line=line_no, seq=seq, reason=reason)
         problems = _details_problems(
             record["event"],
             record["details"],
@@ -1216,14 +1374,15 @@ class _Chain:
             key_fingerprint=self.fingerprint,
         )
         if problems:
-            raise fail("; ".join(problems))
+            raise AuditIntegrityError(line=line_no, seq=seq, reason="; ".join(problems))
         self.count += 1
         self.last_seq = seq
         self.last_prev_hash = record["prev_sha256"]
-        self.last_hash = _sha256_hex(raw)
+        self.last_hash = hashlib.sha256(raw).hexdigest()
         self.site_id = record["site_id"]
-        self.first_time = self.first_time or record["time_utc"]
         self.last_time = record["time_utc"]
+        if self.first_time is None:
+            self.first_time = self.last_time
         if self.records is not None and (self.keep_events is None or record["event"] in self.keep_events):
             self.records.append(record)
 
@@ -1329,7 +1488,7 @@ class _Chain:
 
 def _verify(
     path: Path, public_key: bytes, *, collect: bool, keep_events: frozenset[str] | None = None,
-    every_signature: bool = False,
+    every_signature: bool = False, workers: int = 1,
 ) -> tuple[VerifyReport, list[dict[str, Any]]]:
     path = Path(path)
     head_path = checkpoint_path(path)
@@ -1340,10 +1499,14 @@ def _verify(
                 line=1, seq=0, reason=f"log file is missing but its signed checkpoint {head_path.name} exists (deleted)"
             )
         raise FileNotFoundError(f"no audit log at {path}")
-    chain = _Chain(public_key, collect=collect, keep_events=keep_events, every_signature=every_signature)
     try:
-        for line_no, raw in _iter_lines(path):
-            chain.feed(line_no, raw)
+        chain = None
+        if workers > 1 and not collect and not every_signature:
+            chain = _feed_in_parallel(path, public_key, workers)
+        if chain is None:
+            chain = _Chain(public_key, collect=collect, keep_events=keep_events, every_signature=every_signature)
+            for line_no, raw in _iter_lines(path):
+                chain.feed(line_no, raw)
         report = chain.finish(head_path)
     except AuditIntegrityError:
         if every_signature:
@@ -1354,7 +1517,132 @@ def _verify(
     return report, chain.records or []
 
 
-def verify_log(path: Path, *, public_key: bytes, every_signature: bool = False) -> VerifyReport:
+#: A log shorter than this is verified in one process (forking would cost more than it saves).
+PARALLEL_MIN_BYTES = 1 << 20
+
+
+class _ChainBroken(Exception):
+    """A part verified in parallel did not check out (the caller then verifies in one
+    process, which names the first problem exactly)."""
+
+
+def _split_points(path: Path, parts: int) -> list[tuple[int, bytes]]:
+    """Up to ``parts - 1`` places to split the log at: ``(offset, line)`` where ``line`` is
+    the whole line that ends at ``offset`` (the last line of the part before), so the part
+    that starts there knows the hash and seq it continues from."""
+    size = path.stat().st_size
+    points: list[tuple[int, bytes]] = []
+    with open(path, "rb") as handle:
+        for k in range(1, parts):
+            handle.seek(max(size * k // parts, points[-1][0] if points else 0))
+            handle.readline(MAX_RECORD_BYTES)  # the rest of the line the probe fell in
+            line = handle.readline(MAX_RECORD_BYTES)
+            if not line.endswith(b"\n"):
+                break
+            points.append((handle.tell(), line[:-1]))
+    return points
+
+
+def _continue_chain(chain: _Chain, previous_line: bytes) -> None:
+    """Set ``chain`` to carry on after ``previous_line`` (its hash and seq; its own checks
+    are the part before's, and :func:`_feed_in_parallel` compares the two)."""
+    match = _CANONICAL_ENVELOPE.fullmatch(previous_line, max(previous_line.rfind(b',"event":"'), 0))
+    if match is None:
+        raise _ChainBroken
+    chain.last_seq = int(match["seq"])
+    chain.last_hash = hashlib.sha256(previous_line).hexdigest()
+
+
+def _feed_part(chain: _Chain, path: Path, start: int, end: int | None, previous_line: bytes | None) -> None:
+    if previous_line is not None:
+        _continue_chain(chain, previous_line)
+    for line_no, raw in _iter_lines(path, start, end):
+        chain.feed(line_no, raw)
+
+
+def _part_summary(chain: _Chain) -> dict[str, Any]:
+    return {"count": chain.count, "last_seq": chain.last_seq, "last_hash": chain.last_hash,
+            "site_id": chain.site_id, "first_time": chain.first_time}
+
+
+def _feed_in_parallel(path: Path, public_key: bytes, workers: int) -> _Chain | None:
+    """The chain of the whole log, its parts checked in ``workers`` processes at once; or
+    ``None`` where that is not possible or not worth it (small log, no ``os.fork``, threads
+    running) or a part did not check out: then the caller checks the log in one process.
+
+    Notes:
+        Each part is checked exactly as in one process, starting from the hash and seq of
+        the line before it; afterwards the seq each part started from must be the seq its
+        predecessor ended at and every part must name the same site, so the parts verify
+        together exactly when the whole log does. A forked child sends back only its
+        summary (JSON, through a pipe) and exits without running any of the parent's
+        clean-up.
+    """
+    if (not hasattr(os, "fork") or threading.active_count() > 1
+            or path.stat().st_size < PARALLEL_MIN_BYTES):
+        return None
+    points = _split_points(path, workers)
+    if not points:
+        return None
+    starts = [(0, None), *points]
+    children: list[tuple[int, int]] = []
+    try:
+        for index, (start, previous) in enumerate(starts[:-1]):
+            end = starts[index + 1][0]
+            read_end, write_end = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: check one part, report, leave
+                status = 1
+                try:
+                    os.close(read_end)
+                    chain = _Chain(public_key, collect=False)
+                    _feed_part(chain, path, start, end, previous)
+                    with os.fdopen(write_end, "wb") as out:
+                        out.write(json.dumps(_part_summary(chain)).encode("utf-8"))
+                    status = 0
+                except BaseException:  # noqa: BLE001 - any failure: the parent checks in one process
+                    pass
+                finally:
+                    os._exit(status)
+            os.close(write_end)
+            children.append((pid, read_end))
+        last = _Chain(public_key, collect=False)
+        _feed_part(last, path, starts[-1][0], None, starts[-1][1])
+        summaries = []
+        for pid, read_end in children:
+            with os.fdopen(read_end, "rb") as pipe:
+                raw = pipe.read()
+            _, status = os.waitpid(pid, 0)
+            if status != 0:
+                raise _ChainBroken
+            summaries.append(json.loads(raw))
+        children = []
+    except (_ChainBroken, AuditIntegrityError, ValueError, OSError):
+        return None
+    finally:
+        for pid, read_end in children:
+            with suppress(OSError):
+                os.close(read_end)
+            with suppress(OSError):
+                os.waitpid(pid, 0)
+    parts = [*summaries, _part_summary(last)]
+    for index, (_, previous) in enumerate(starts[1:]):
+        continued = _Chain(public_key, collect=False)
+        try:
+            _continue_chain(continued, previous)
+        except _ChainBroken:
+            return None
+        before = parts[index]
+        if (before["last_seq"], before["last_hash"]) != (continued.last_seq, continued.last_hash):
+            return None
+    if any(part["site_id"] != parts[0]["site_id"] or part["count"] == 0 for part in parts):
+        return None
+    last.count = sum(part["count"] for part in parts)
+    last.first_time = parts[0]["first_time"]
+    return last
+
+
+def verify_log(path: Path, *, public_key: bytes, every_signature: bool = False, workers: int = 1) -> VerifyReport:
     """Check every record, the hash chain and the signed checkpoint.
 
     Args:
@@ -1363,6 +1651,10 @@ def verify_log(path: Path, *, public_key: bytes, every_signature: bool = False) 
             file or the federation roster (never from the log itself).
         every_signature: Also check every record's own signature, not only those the
             signed checkpoint does not cover (slower; the same verdict; see Notes).
+        workers: Check parts of a log of :data:`PARALLEL_MIN_BYTES` or more in this many
+            processes at once (forked; where ``os.fork`` exists and no other thread runs).
+            The same verdict; on any problem the log is checked again in one process, so the
+            error names the first bad record as always.
 
     Returns:
         What was verified.
@@ -1387,8 +1679,9 @@ def verify_log(path: Path, *, public_key: bytes, every_signature: bool = False) 
         inserting, removing or reordering any of them changes a hash the chain or the
         checkpoint holds (this rests on SHA-256's second-preimage resistance, as the chain
         itself does). A record after the checkpoint (an append interrupted before its
-        checkpoint) is checked by its own signature. That makes a 10,000-record log verify
-        in well under a second, where one Ed25519 verification per record would not
+        checkpoint) is checked by its own signature. That, and checking parts of a large
+        log in parallel (``workers``), makes a 10,000-record log verify in well under a
+        second, where one Ed25519 verification per record would not
         (``benchmarks/operator_commands.py``). With ``every_signature`` (or on any failure,
         to name the first bad record exactly) each record's own signature is checked too.
 
@@ -1399,7 +1692,7 @@ def verify_log(path: Path, *, public_key: bytes, every_signature: bool = False) 
         documentation for what the checkpoint does and does not prove: a consistent
         rollback of both files by someone without the key is not detectable here.
     """
-    report, _ = _verify(path, public_key, collect=False, every_signature=every_signature)
+    report, _ = _verify(path, public_key, collect=False, every_signature=every_signature, workers=workers)
     return report
 
 

@@ -69,6 +69,7 @@ from blossom_secure.audit.log import (
     SECAGG_STAGE_COMPLETED,
     SITE_INITIALISED,
     TRAINING_FINISHED,
+    Verification,
     _record_problems,
 )
 from blossom_secure.blocks import is_head
@@ -380,34 +381,6 @@ class LedgerView:
     path: str
     rounds: tuple[LedgerRound, ...]
     epsilon_spent: float
-
-
-@dataclass(frozen=True)
-class Verification:
-    """What was verified before the review was built (shown at the top of the HTML page).
-
-    Attributes:
-        key_fingerprint: Fingerprint of the public key the log was verified with.
-        key_source: Where that key came from (the site's key file, a public-key file,
-            a roster entry), in words.
-        verified_at: When the verification ran (UTC, ISO 8601).
-        records: Records verified.
-        last_seq: The last record's sequence number, or ``None`` for an empty log.
-        last_hash: SHA-256 of the last line (the chain head).
-        pinned: Whether the key was compared with a fingerprint given out of band
-            (``--fingerprint``).
-        every_signature: Whether each record's own signature was checked too (otherwise
-            the checkpoint's signature binds the records it covers through the chain).
-    """
-
-    key_fingerprint: str
-    key_source: str
-    verified_at: str
-    records: int
-    last_seq: int | None
-    last_hash: str
-    pinned: bool = False
-    every_signature: bool = False
 
 
 def ledger_only_rounds(review: Review, ledger: LedgerView) -> tuple[LedgerRound, ...]:
