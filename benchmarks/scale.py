@@ -1,14 +1,30 @@
-"""Scale benchmark: round time and coordinator memory against the number of sites.
+"""Scale benchmark: round time, its share in secure aggregation, start-up and coordinator
+memory against the number of sites.
 
 Run ``python benchmarks/scale.py --json`` to print one JSON document measured in one run on
-this machine. For each site count (``--sites 10,50,100,200``) it generates a federation of
-synthetic example sites in a temporary folder (tiny models, a few patients each: every site
-holds both modalities and shares its encoders and fusion block under the standard policy),
-with their data (:mod:`blossom_secure.site.synth`), identity keys and roster, and runs
-``--rounds`` rounds with secure aggregation on Flower's simulation engine
+this machine. For each site count it generates a federation of synthetic example sites in a
+temporary folder (tiny models, a few patients each: every site holds both modalities and
+shares its encoders and fusion block under the standard policy), with their data
+(:mod:`blossom_secure.site.synth`), identity keys and roster, and runs ``--rounds`` rounds
+with secure aggregation in a fresh process per site count, on one of two runtimes:
+
+``--runtime embedded`` (default; ``--sites 4,10,25,50,100``): the embedded runtime
+(:func:`blossom_secure.runtimes.embedded.federation.simulate`), every site in the one
+process. Reported per site count:
+
+* ``startup_s``: from the start of the run to the first round (every site's files checked,
+  its data, key, ledger and audit log loaded);
+* ``round_time_s`` (mean) and ``round_parts_s``: each round's wall time and, of it,
+  ``secure_aggregation_s``, the secure aggregator's whole run (key agreement, sharing,
+  masking, consistency check, unmasking, and the audit records of those messages);
+  ``secure_aggregation_share``: that over the rounds' time;
+* ``coordinator_peak_rss_mib`` and ``coordinator_rss_before_run_mib``: resident memory of
+  the process (every site included);
+
+``--runtime flower`` (``--sites 10,50,100,200``): Flower's simulation engine
 (:mod:`blossom_secure.runtimes.flower.simulation`: the deployment's ServerApp in one
-process, one virtual SuperNode per site, the ClientApps on Ray actors), in a fresh process
-per site count. Reported per site count:
+process, one virtual SuperNode per site, the ClientApps on Ray actors). Reported per site
+count:
 
 * ``round_time_s``: wall time of each round as the ServerApp ran it (announcement,
   training at every site, the secure-aggregation stages, the sites' reports): the mean,
@@ -22,15 +38,16 @@ per site count. Reported per site count:
   memory after the imports, before the run (torch is imported by the coordinator's side);
   ``coordinator_cpu_s``: CPU seconds that process used during the run (the ServerApp, and
   Flower's simulation loop, which polls every virtual SuperNode's queue ten times a second);
-* ``prepare_s``: generating the sites (data, not timed in the rounds); ``total_s``: the
-  simulation process from start to end (Ray's start-up and the identity checks included).
+
+and on both ``prepare_s``: generating the sites (data, not timed in the rounds);
+``total_s``: the simulation process from start to end.
 
 A site count that does not finish within ``--max-seconds`` (generation included) is
 stopped and reported as skipped with the reason; once one is, the larger counts are
-skipped too (with that reason), never silently dropped. The site steps queue on the Ray
-actors (``--num-cpus`` / ``--client-cpus`` of them), so the round time grows with the
-number of sites on a small machine. The machine should be otherwise idle while this
-runs; ``loadavg_1m`` records how idle it was.
+skipped too (with that reason), never silently dropped. On Flower the site steps queue on
+the Ray actors (``--num-cpus`` / ``--client-cpus`` of them), so the round time grows with
+the number of sites on a small machine. The machine should be otherwise idle while this
+runs; ``loadavg_1m_at_start`` records how idle it was.
 """
 
 from __future__ import annotations
@@ -206,8 +223,62 @@ class _Stages(logging.Handler):
         self._last[round_id] = record.created
 
 
+def run_embedded_child(args: argparse.Namespace) -> int:
+    """One site count on the embedded runtime, in this (fresh) process: the measurements go
+    to ``--result``. Start-up is everything before the first round (checking every site's
+    files, loading its data, keys, ledger and audit log); each round is split into the
+    secure aggregation (the aggregator's whole run: key agreement, masking, unmasking) and
+    the rest (training, evaluation, reports)."""
+    from blossom_secure.runtimes.embedded import aggregators
+    from blossom_secure.runtimes.embedded import federation as embedded
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    rounds: list[dict[str, float]] = []
+    secagg: list[float] = []
+    marks: dict[str, float] = {}
+    aggregate = aggregators.SecureAggregator.aggregate
+    run_round = embedded.Coordinator.run_round
+
+    def timed_aggregate(self, **kwargs):
+        started = time.perf_counter()
+        try:
+            return aggregate(self, **kwargs)
+        finally:
+            secagg.append(time.perf_counter() - started)
+
+    def timed_round(self, round_id):
+        marks.setdefault("first_round", time.perf_counter())
+        started, before = time.perf_counter(), len(secagg)
+        try:
+            return run_round(self, round_id)
+        finally:
+            seconds = time.perf_counter() - started
+            rounds.append({"round_s": round(seconds, 3), "secure_aggregation_s": round(sum(secagg[before:]), 3)})
+
+    aggregators.SecureAggregator.aggregate = timed_aggregate
+    embedded.Coordinator.run_round = timed_round
+    before = _rss_mib()
+    start = time.perf_counter()
+    embedded.simulate(sites_root=args.child_sites, rounds=args.rounds, out_dir=args.child_sites.parent / "out",
+                      seed=args.seed, secure=True)
+    total = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    doc = json.loads((args.child_sites.parent / "out" / "metrics.json").read_text())
+    failed = sorted(b for r in doc["blocks"].values() for b, v in r.items() if v["failure"] is not None)
+    round_s = sum(r["round_s"] for r in rounds)
+    result = {"startup_s": round(marks["first_round"] - start, 2), "round_times_s": [r["round_s"] for r in rounds],
+              "round_parts_s": rounds,
+              "secure_aggregation_share": round(sum(r["secure_aggregation_s"] for r in rounds) / round_s, 4),
+              "total_s": round(total, 2), "coordinator_peak_rss_mib": round(peak, 1),
+              "coordinator_rss_before_run_mib": round(before, 1), "blocks_not_aggregated": failed}
+    args.result.write_text(json.dumps(result))
+    return 0
+
+
 def run_child(args: argparse.Namespace) -> int:
     """One site count, in this (fresh) process: write the measurements to ``--result``."""
+    if args.runtime == "embedded":
+        return run_embedded_child(args)
     from blossom_secure.runtimes.flower import apps  # noqa: F401 - the ServerApp's imports, before measuring
     from blossom_secure.runtimes.flower.simulation import run_simulation
 
@@ -286,6 +357,7 @@ def measure(n: int, args: argparse.Namespace, work: Path) -> dict:
     log = work / f"n{n}" / "simulation.log"
     command = [sys.executable, str(Path(__file__).resolve()), "--child-sites", str(sites), "--result", str(result),
                "--rounds", str(args.rounds), "--seed", str(args.seed), "--client-cpus", str(args.client_cpus),
+               "--runtime", args.runtime,
                "--max-seconds", str(args.max_seconds)]
     if args.num_cpus is not None:
         command += ["--num-cpus", str(args.num_cpus)]
@@ -322,7 +394,10 @@ def _counts(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON document")
-    parser.add_argument("--sites", type=_counts, default=[10, 50, 100, 200], help="site counts (default 10,50,100,200)")
+    parser.add_argument("--runtime", choices=("embedded", "flower"), default="embedded",
+                        help="the embedded runtime (one process, the default) or Flower's simulation engine")
+    parser.add_argument("--sites", type=_counts, default=None,
+                        help="site counts (default 4,10,25,50,100 embedded; 10,50,100,200 on Flower)")
     parser.add_argument("--rounds", type=int, default=1, help="rounds per site count (default 1)")
     parser.add_argument("--patients", type=int, default=24, help="patients per site (default 24)")
     parser.add_argument("--max-seconds", type=float, default=1800.0,
@@ -338,9 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds >= 1, --patients >= 8 and --max-seconds > 0")
     if args.child_sites is not None:
         return run_child(args)
-
-    import flwr
-    import ray
+    if args.sites is None:
+        args.sites = [4, 10, 25, 50, 100] if args.runtime == "embedded" else [10, 50, 100, 200]
 
     temporary = args.work is None
     work = Path(tempfile.mkdtemp(prefix="blossom-scale-")) if temporary else args.work
@@ -363,13 +437,22 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if temporary:
             shutil.rmtree(work, ignore_errors=True)
+    if args.runtime == "flower":
+        import flwr
+        import ray
+
+        engine = f"flower-simulation (flwr {flwr.__version__}, ray {ray.__version__})"
+    else:
+        import torch
+
+        engine = f"embedded (one process, torch {torch.__version__})"
     report = {
         "benchmark": "scale",
-        "engine": f"flower-simulation (flwr {flwr.__version__}, ray {ray.__version__})",
+        "engine": engine,
         "secure_aggregation": True,
         "cores": os.cpu_count(),
-        "ray_num_cpus": args.num_cpus or os.cpu_count(),
-        "client_cpus": args.client_cpus,
+        **({"ray_num_cpus": args.num_cpus or os.cpu_count(), "client_cpus": args.client_cpus}
+           if args.runtime == "flower" else {}),
         "patients_per_site": args.patients,
         "python": platform.python_version(),
         "max_seconds": args.max_seconds,
