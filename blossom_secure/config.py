@@ -140,6 +140,12 @@ class TrainingConfig:
     #: :func:`blossom_secure.site.training.plan_round`.
     sample_rate: float | None = None
     steps_per_round: int | None = None
+    #: At most this many patients of a Poisson batch go through the model at once
+    #: (:func:`blossom_secure.site.training.train_dp`): memory only. The logical batch, its
+    #: clipping, its one noise draw and its one accounted step are the same, so the
+    #: sampling, the noise and the epsilon do not change. Any positive int (one at least
+    #: as large as every batch never splits it); ``None``: each batch at once.
+    max_physical_batch_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -248,9 +254,13 @@ def load_federation(path: Path) -> FederationConfig:
         if ("sample_rate" in tr.data) != ("steps_per_round" in tr.data):
             tr.problem("sample_rate", "declare both sample_rate and steps_per_round (public DP-SGD sampling), "
                                       "or neither")
+        # Memory only (physical parts of each Poisson batch): no bound but 1, since a value
+        # above every batch's size simply never splits one.
+        max_physical_batch_size = tr.int("max_physical_batch_size", required=False, minimum=1)
         tr.finish()
         if None not in values.values():
-            training = TrainingConfig(**values, sample_rate=sample_rate, steps_per_round=steps_per_round)
+            training = TrainingConfig(**values, sample_rate=sample_rate, steps_per_round=steps_per_round,
+                                      max_physical_batch_size=max_physical_batch_size)
 
     ag = root.table("aggregation", required=False)
     aggregation = AggregationConfig(mode="blockwise", secure=True, min_contributors=2, clip=1.0, ring_bits=32,

@@ -339,3 +339,42 @@ def test_min_contributors_beyond_the_protocol_limit_is_refused(sites):
     policy.write_text(policy.read_text().replace("min_contributors = 2", "min_contributors = 70000"))
     with pytest.raises(PolicyError, match="secure_aggregation.min_contributors: must be at most 65535, not 70000"):
         load_site(sites / "st-mary")
+
+
+# -- [training] max_physical_batch_size (memory only) --------------------------------------------
+
+
+def _with_physical(path: Path, value: str) -> None:
+    """Uncomment the example federation's ``max_physical_batch_size`` line with ``value``."""
+    text = path.read_text()
+    assert "# max_physical_batch_size = 8\n" in text
+    path.write_text(text.replace("# max_physical_batch_size = 8\n", f"max_physical_batch_size = {value}\n"))
+
+
+def test_example_federation_leaves_max_physical_batch_size_unset(sites):
+    assert load_federation(sites / "federation.toml").training.max_physical_batch_size is None
+
+
+@pytest.mark.parametrize("value", ["8", "1", "4096"])
+def test_max_physical_batch_size_is_read_from_the_training_table(sites, value):
+    """Any positive integer, larger than batch_size too (such a value never splits a batch)."""
+    path = sites / "federation.toml"
+    _with_physical(path, value)
+    assert load_federation(path).training.max_physical_batch_size == int(value)
+
+
+@pytest.mark.parametrize(("value", "reason"), [
+    ("0", "must be at least 1, not 0"),
+    ("-1", "must be at least 1, not -1"),
+    ("true", "must be an integer"),
+    ("2.5", "must be an integer"),
+    ('"8"', "must be an integer"),
+])
+def test_max_physical_batch_size_that_is_not_a_positive_integer_is_one_problem(sites, value, reason):
+    path = sites / "federation.toml"
+    _with_physical(path, value)
+    with pytest.raises(PolicyError) as info:
+        load_federation(path)
+    (problem,) = info.value.problems
+    assert problem.key == "training.max_physical_batch_size" and problem.file == str(path)
+    assert reason in problem.reason, problem

@@ -219,3 +219,49 @@ def test_physical_batch_size_must_be_a_positive_int(bad):
         train_dp(m, SiteTensors.from_arrays(arrays, lay), plan_round(3, batch_size=1, epochs=1, terms=terms),
                  max_grad_norm=1.0, learning_rate=0.1, max_physical_batch_size=bad,
                  randomness=DPRandomness.seeded_simulation(3, site_id="s", round_id=0))
+
+
+@pytest.mark.slow
+def test_federation_max_physical_batch_size_reaches_dp_training_and_leaves_epsilon_unchanged(
+        tiny_sites_with_data, tmp_path, monkeypatch):
+    """The federation file's ``training.max_physical_batch_size`` is what the site agent's
+    DP training runs with, and it changes memory only: one round of a seeded site with
+    physical parts of 2 patients spends the same epsilon, with the same ledger entry, and
+    trains the same blocks (up to float rounding) as the round without it."""
+    import shutil
+
+    import blossom_secure.site.agent as site_agent
+    from blossom_secure.config import load_federation
+
+    real_train_dp = site_agent.train_dp
+    received = []
+
+    def recording_train_dp(*args, **kwargs):
+        received.append(kwargs.get("max_physical_batch_size"))
+        return real_train_dp(*args, **kwargs)
+
+    monkeypatch.setattr(site_agent, "train_dp", recording_train_dp)
+    runs = {}
+    for name, line in (("whole", None), ("parts", "max_physical_batch_size = 2\n")):
+        root = tmp_path / name
+        shutil.copytree(tiny_sites_with_data.parent / "policies", root / "policies")
+        shutil.copytree(tiny_sites_with_data, root / "sites")
+        fed_path = root / "sites" / "federation.toml"
+        if line is not None:
+            text = fed_path.read_text()
+            assert "# max_physical_batch_size = 8\n" in text
+            fed_path.write_text(text.replace("# max_physical_batch_size = 8\n", line))
+        fed = load_federation(fed_path)
+        agent = site_agent.SiteAgent(root / "sites" / "st-mary", fed, seed=0)  # image and tabular
+        assert agent.seeded_noise  # the same sampling and noise in both runs
+        offer = agent.offer(round_id=0, global_blocks={}, secure=True)
+        assert offer.declined is None
+        runs[name] = (offer, agent.ledger.entries, agent.model.get_blocks())
+    assert received == [None, 2]
+    (whole, whole_entries, whole_blocks), (parts, parts_entries, parts_blocks) = runs["whole"], runs["parts"]
+    assert parts.epsilon_total == whole.epsilon_total > 0
+    assert [(e.round_id, e.noise_multiplier, e.sample_rate, e.steps, e.epsilon_total) for e in parts_entries] == \
+        [(e.round_id, e.noise_multiplier, e.sample_rate, e.steps, e.epsilon_total) for e in whole_entries]
+    assert parts_blocks.keys() == whole_blocks.keys()
+    for name, block in whole_blocks.items():
+        assert np.allclose(parts_blocks[name], block, atol=1e-5), name

@@ -275,7 +275,8 @@ class SiteAgent:
             else:
                 result = train_dp(self.model, data, plan, max_grad_norm=self.policy.privacy.max_grad_norm,
                                   learning_rate=training.learning_rate, momentum=training.momentum,
-                                  randomness=randomness)
+                                  randomness=randomness,
+                                  max_physical_batch_size=training.max_physical_batch_size)
                 epsilon_total = entry.epsilon_total
                 self._record(audit.TRAINING_FINISHED, round_id, {
                     "randomness": randomness.kind, "epsilon_is_nominal": not randomness.is_private,

@@ -218,7 +218,8 @@ def train_dp(model: BlockModel, data: SiteTensors, plan: RoundPlan, *, max_grad_
         max_physical_batch_size: Run a Poisson batch through the model in parts of at most
             this many patients (less memory for large networks). The step, its noise and its
             accounting are those of the whole batch: sampling, clipping, noise and the
-            ledger's plan do not change. ``None``: the whole batch at once.
+            ledger's plan do not change. ``None``: the whole batch at once. The site agent
+            passes the federation file's ``training.max_physical_batch_size``.
 
     Returns:
         Steps taken, mean loss, and the (noise, rate, steps) history Opacus accounted.
