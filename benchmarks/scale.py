@@ -19,7 +19,8 @@ process. Reported per site count:
   masking, consistency check, unmasking, and the audit records of those messages);
   ``secure_aggregation_share``: that over the rounds' time;
 * ``coordinator_peak_rss_mib`` and ``coordinator_rss_before_run_mib``: resident memory of
-  the process (every site included);
+  the process (every site included; with ``--workers`` the training workers are not
+  counted);
 
 ``--runtime flower`` (``--sites 10,50,100,200``): Flower's simulation engine
 (:mod:`blossom_secure.runtimes.flower.simulation`: the deployment's ServerApp in one
@@ -260,7 +261,7 @@ def run_embedded_child(args: argparse.Namespace) -> int:
     before = _rss_mib()
     start = time.perf_counter()
     embedded.simulate(sites_root=args.child_sites, rounds=args.rounds, out_dir=args.child_sites.parent / "out",
-                      seed=args.seed, secure=True)
+                      seed=args.seed, secure=True, workers=args.workers)
     total = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     doc = json.loads((args.child_sites.parent / "out" / "metrics.json").read_text())
@@ -357,7 +358,7 @@ def measure(n: int, args: argparse.Namespace, work: Path) -> dict:
     log = work / f"n{n}" / "simulation.log"
     command = [sys.executable, str(Path(__file__).resolve()), "--child-sites", str(sites), "--result", str(result),
                "--rounds", str(args.rounds), "--seed", str(args.seed), "--client-cpus", str(args.client_cpus),
-               "--runtime", args.runtime,
+               "--runtime", args.runtime, "--workers", str(args.workers),
                "--max-seconds", str(args.max_seconds)]
     if args.num_cpus is not None:
         command += ["--num-cpus", str(args.num_cpus)]
@@ -396,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument("--runtime", choices=("embedded", "flower"), default="embedded",
                         help="the embedded runtime (one process, the default) or Flower's simulation engine")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="embedded: processes that train the sites of a round at once (default 1)")
     parser.add_argument("--sites", type=_counts, default=None,
                         help="site counts (default 4,10,25,50,100 embedded; 10,50,100,200 on Flower)")
     parser.add_argument("--rounds", type=int, default=1, help="rounds per site count (default 1)")
@@ -445,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         import torch
 
-        engine = f"embedded (one process, torch {torch.__version__})"
+        engine = f"embedded (torch {torch.__version__}; {args.workers} training worker(s))"
     report = {
         "benchmark": "scale",
         "engine": engine,

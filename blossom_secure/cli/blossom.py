@@ -1,7 +1,7 @@
 """``blossom``: commands for the people who run federations and experiments.
 
     blossom simulate --sites sites --rounds N --out DIR [--quick] [--mode blockwise|full-model|local]
-                     [--plaintext] [--seed S] [--fresh] [--allow-full-model]
+                     [--plaintext] [--seed S] [--fresh] [--allow-full-model] [--workers N|auto]
     blossom data synth --sites sites [--force]
     blossom experiment CONFIG.toml [--work DIR] [--out DIR] [--quick] [--workers N] [--fresh] [--report-only]
     blossom dev certificates DIR [--server-name NAME ...] [--site ID ...] [--days N] [--force]
@@ -43,6 +43,10 @@ def _parser() -> ArgumentParser:
                           "noise (their epsilon is then nominal, and marked so); default: noise from the OS CSPRNG")
     sim.add_argument("--fresh", action="store_true",
                      help="first delete the example sites' previous state (ledger, audit log, blocks)")
+    sim.add_argument("--workers", default="1", metavar="N|auto",
+                     help="train the sites of a round in N worker processes at once, one torch thread each "
+                          "(auto: one per core; default 1, the sites one after the other). Pays off for large "
+                          "models or many cores; starting the workers costs a few seconds")
     sim.add_argument("--allow-full-model", action="store_true",
                      help="allow --mode full-model (shares heads, ignores policies; synthetic sites only)")
 
@@ -346,7 +350,23 @@ def _experiment(args, argv: list[str]) -> int:
     return EXIT_OK
 
 
+def _worker_count(text: str) -> int:
+    """``--workers``: a count of at least 1, or ``auto`` (the cores this process may use)."""
+    if text.strip().lower() == "auto":
+        from blossom_secure.runtimes.embedded.training_pool import available_cores
+
+        return available_cores()
+    try:
+        workers = int(text)
+    except ValueError:
+        raise UsageError(f"--workers {text}: give a number of processes (at least 1) or auto") from None
+    if workers < 1:
+        raise UsageError("--workers must be at least 1 (or auto)")
+    return workers
+
+
 def _simulate(args) -> int:
+    workers = _worker_count(args.workers)  # before the machine-learning imports: a typo answers at once
     from blossom_secure.cli import EXIT_BUDGET, EXIT_INVALID_INPUT, err_console
     from blossom_secure.runtimes.embedded.federation import simulate
     from blossom_secure.site.agent import DECLINED_BUDGET, DECLINED_POLICY
@@ -378,7 +398,8 @@ def _simulate(args) -> int:
 
         result = simulate(sites_root=args.sites, rounds=rounds, out_dir=args.out, mode=args.mode,
                           secure=False if args.plaintext else None, seed=args.seed, fresh=args.fresh,
-                          allow_full_model=args.allow_full_model, on_round=on_round, on_setup=on_setup)
+                          allow_full_model=args.allow_full_model, on_round=on_round, on_setup=on_setup,
+                          workers=workers)
     ids = result.round_ids
     console.print(f"rounds {ids[0]} to {ids[-1]} (a round's number is never reused: the next run continues from "
                   f"{result.out_dir / COORDINATOR_STATE_FILE})", markup=False)

@@ -21,6 +21,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,16 +34,24 @@ from blossom_secure.config import FederationConfig
 from blossom_secure.site.config import AUDIT_FILE, BLOCKS_FILE, LEDGER_FILE, SiteConfig, load_site, policy_refusal
 from blossom_secure.crypto import IdentityKey, identity_public_key, key_fingerprint
 from blossom_secure.site.data import SiteArrays, load_site_data, split_holdout
-from blossom_secure.site.dp_random import DPRandomness
+from blossom_secure.site.dp_random import SEEDED_SIMULATION, DPRandomness
 from blossom_secure.site.egress import EGRESS_RECIPIENT, egress_block_bytes, select_egress, select_report
 from blossom_secure.errors import PrivacyBudgetExceededError
 from blossom_secure.site.keys import load_or_create_identity_key
 from blossom_secure.model import BlockModel
 from blossom_secure.site.ledger import PrivacyLedger, load_reconciled_ledger
 from blossom_secure.site.round_identity import ANSWER_EVENTS, StaleRoundError, check_round_is_new, last_round_answered
-from blossom_secure.site.training import SiteTensors, evaluate, plan_round, train_dp, train_without_dp_simulation_only
+from blossom_secure.site.training import (
+    RoundPlan,
+    SiteTensors,
+    TrainResult,
+    evaluate,
+    plan_round,
+    train_dp,
+    train_without_dp_simulation_only,
+)
 
-__all__ = ["RoundOffer", "SiteAgent", "ensure_site_data"]
+__all__ = ["PendingTraining", "RoundOffer", "SiteAgent", "TrainingTerms", "ensure_site_data", "train_pending"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +110,71 @@ class RoundOffer:
     shapes: dict[str, list[int]] = field(default_factory=dict)
     epsilon_nominal: bool = False
     declined_kind: str | None = None  # DECLINED_POLICY or DECLINED_BUDGET: what a report may say
+
+
+@dataclass
+class PendingTraining:
+    """A round a site joined whose training has not run yet (:meth:`SiteAgent.begin_offer`).
+
+    Attributes:
+        round_id: The round.
+        start: The global values of the shared blocks the training starts from.
+        plan: The round's DP-SGD plan, already reserved in the ledger (``None``: a
+            simulation without DP).
+        entry: The ledger's reservation (``None`` without DP).
+        spent_before: Epsilon spent before the round.
+        randomness: The round's DP randomness (its ``kind`` is what the ledger recorded).
+    """
+
+    round_id: int
+    start: dict[str, np.ndarray]
+    plan: RoundPlan | None
+    entry: Any
+    spent_before: float
+    randomness: DPRandomness
+
+
+@dataclass(frozen=True)
+class TrainingTerms:
+    """How to run one site's training of one round, as plain values (for
+    :func:`train_pending` in another process). ``seeded_noise_seed`` is the simulation
+    seed when the round's DP randomness is a seeded simulation; otherwise the noise comes
+    from the OS CSPRNG of the process that trains. ``plain_seed`` is set for a simulation
+    without DP only."""
+
+    site_id: str
+    round_id: int
+    plan: RoundPlan | None
+    max_grad_norm: float
+    learning_rate: float
+    momentum: float
+    epochs: int
+    batch_size: int
+    max_physical_batch_size: int | None
+    seeded_noise_seed: int | None
+    plain_seed: int | None
+
+
+def _train(model: BlockModel, data: SiteTensors, terms: TrainingTerms) -> TrainResult:
+    if terms.plan is None:
+        return train_without_dp_simulation_only(model, data, epochs=terms.epochs, batch_size=terms.batch_size,
+                                                learning_rate=terms.learning_rate, momentum=terms.momentum,
+                                                seed=terms.plain_seed)
+    if terms.seeded_noise_seed is not None:
+        randomness = DPRandomness.seeded_simulation(terms.seeded_noise_seed, site_id=terms.site_id,
+                                                    round_id=terms.round_id)
+    else:
+        randomness = DPRandomness.from_os_csprng()
+    return train_dp(model, data, terms.plan, max_grad_norm=terms.max_grad_norm, learning_rate=terms.learning_rate,
+                    momentum=terms.momentum, randomness=randomness,
+                    max_physical_batch_size=terms.max_physical_batch_size)
+
+
+def train_pending(model: BlockModel, data: SiteTensors, terms: TrainingTerms) -> TrainResult:
+    """Run a site's training of a round from its :class:`TrainingTerms` on ``model`` (in
+    place) and its training split ``data``: exactly what :meth:`SiteAgent.train` runs, for
+    a process that holds a copy of the site's model and data."""
+    return _train(model, data, terms)
 
 
 class SiteAgent:
@@ -217,6 +291,26 @@ class SiteAgent:
               coordinator: str | None = None) -> RoundOffer:
         """Answer round ``round_id``: train and offer the shareable updates, or decline.
 
+        The three steps :meth:`begin_offer`, :meth:`train` and :meth:`complete_offer` in a
+        row (a runtime that trains several sites at once calls them itself).
+        """
+        answer = self.begin_offer(round_id=round_id, global_blocks=global_blocks, secure=secure,
+                                  coordinator=coordinator)
+        if isinstance(answer, RoundOffer):
+            return answer
+        try:
+            outcome: TrainResult | BaseException = self.train(answer)
+        except BaseException as exc:  # noqa: BLE001 - recorded and raised again by complete_offer
+            outcome = exc
+        return self.complete_offer(answer, outcome)
+
+    def begin_offer(self, *, round_id: int, global_blocks: Mapping[str, np.ndarray], secure: bool,
+                    coordinator: str | None = None) -> RoundOffer | PendingTraining:
+        """Answer round ``round_id`` up to its training: decline (a :class:`RoundOffer`), or
+        join: reserve the round's privacy spend, record ``round_joined`` and load the global
+        values of the shared blocks, and return what :meth:`train` and
+        :meth:`complete_offer` need (a :class:`PendingTraining`).
+
         ``coordinator`` is the address this site is connected to (a deployed site: its own
         ``join`` command's ``--coordinator``); ``None`` means the federation file's
         ``coordinator`` (the embedded runtime). The policy must list it either way.
@@ -240,13 +334,13 @@ class SiteAgent:
         reason = self.refusal(secure=secure, coordinator=coordinator)
         kind = DECLINED_POLICY
         entry = plan = None
+        spent_before = self.ledger.epsilon_spent
         randomness = self._randomness(round_id)
         if reason is None and not self.simulation_without_dp:
             training = self.federation.training
             plan = plan_round(self.n_train, batch_size=training.batch_size, epochs=training.local_epochs,
                               terms=self.policy.privacy, sample_rate=training.sample_rate,
                               steps_per_round=training.steps_per_round)
-            spent_before = self.ledger.epsilon_spent
             try:
                 entry = self.ledger.reserve(round_id=round_id, noise_multiplier=plan.noise_multiplier,
                                             sample_rate=plan.sample_rate, steps=plan.steps,
@@ -264,30 +358,52 @@ class SiteAgent:
             start = {b: np.asarray(global_blocks[b], dtype=np.float32) for b in self.shared_blocks
                      if b in global_blocks}
             self.model.set_blocks(start)
-            training = self.federation.training
-            data = self.tensors.subset(self.train_idx)
+        except BaseException as exc:  # an interrupt too: the log says why the round has no training record
+            self._record_error(round_id, exc)
+            raise
+        return PendingTraining(round_id=round_id, start=start, plan=plan, entry=entry, spent_before=spent_before,
+                               randomness=randomness)
+
+    def train(self, pending: PendingTraining) -> TrainResult:
+        """Run the training of a round :meth:`begin_offer` joined, on this site's model, in
+        this process (:func:`train_pending` does the same in another process)."""
+        return _train(self.model, self.tensors.subset(self.train_idx), self.training_terms(pending))
+
+    def training_terms(self, pending: PendingTraining) -> TrainingTerms:
+        """Everything the training of ``pending`` needs but the model and the data, as
+        plain values another process can rebuild it from (:func:`train_pending`)."""
+        training = self.federation.training
+        return TrainingTerms(
+            site_id=self.id, round_id=pending.round_id, plan=pending.plan,
+            max_grad_norm=self.policy.privacy.max_grad_norm, learning_rate=training.learning_rate,
+            momentum=training.momentum, epochs=training.local_epochs, batch_size=training.batch_size,
+            max_physical_batch_size=training.max_physical_batch_size,
+            seeded_noise_seed=self.seed if pending.randomness.kind == SEEDED_SIMULATION else None,
+            plain_seed=_derive_seed(self.seed, self.id, pending.round_id) if pending.plan is None else None)
+
+    def complete_offer(self, pending: PendingTraining, outcome: TrainResult | BaseException) -> RoundOffer:
+        """Finish a round joined with :meth:`begin_offer` once its training has run:
+        ``outcome`` is the training's result (the model already holds the trained blocks)
+        or the exception it raised (recorded as an ``error`` and raised again)."""
+        round_id, plan, entry = pending.round_id, pending.plan, pending.entry
+        try:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            result = outcome
             if plan is None:
-                result = train_without_dp_simulation_only(
-                    self.model, data, epochs=training.local_epochs, batch_size=training.batch_size,
-                    learning_rate=training.learning_rate, momentum=training.momentum,
-                    seed=_derive_seed(self.seed, self.id, round_id))
                 epsilon_total = math.inf
             else:
-                result = train_dp(self.model, data, plan, max_grad_norm=self.policy.privacy.max_grad_norm,
-                                  learning_rate=training.learning_rate, momentum=training.momentum,
-                                  randomness=randomness,
-                                  max_physical_batch_size=training.max_physical_batch_size)
                 epsilon_total = entry.epsilon_total
                 self._record(audit.TRAINING_FINISHED, round_id, {
-                    "randomness": randomness.kind, "epsilon_is_nominal": not randomness.is_private,
+                    "randomness": pending.randomness.kind, "epsilon_is_nominal": not pending.randomness.is_private,
                     "sampling": plan.sampling,
-                    "steps": result.steps, "epsilon_round": max(0.0, entry.epsilon_total - spent_before),
+                    "steps": result.steps, "epsilon_round": max(0.0, entry.epsilon_total - pending.spent_before),
                     "epsilon_total": entry.epsilon_total, "delta": self.policy.privacy.delta,
                     "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
                     "accountant": self.policy.privacy.accountant,
                     "max_grad_norm": self.policy.privacy.max_grad_norm,
                 })
-            updates = {b: self.model.get_block(b) - start[b] for b in start}
+            updates = {b: self.model.get_block(b) - pending.start[b] for b in pending.start}
             egress = select_egress(self.policy, updates)
         except BaseException as exc:  # an interrupt too: the log says why the round has no training record
             self._record_error(round_id, exc)

@@ -18,6 +18,7 @@ Modes (BLOSSOM, arXiv 2603.27552):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -31,6 +32,7 @@ import torch
 from blossom_secure._fs import atomic_write, save_arrays_npz, unwritable_reason
 from blossom_secure.exchange import Aggregator, BlockOutcome
 from blossom_secure.runtimes.embedded.aggregators import PlaintextAggregator
+from blossom_secure.runtimes.embedded.training_pool import TrainingPool, train_all
 from blossom_secure.blocks import is_head
 from blossom_secure.config import FederationConfig, load_federation
 from blossom_secure.coordinator.rounds import RoundReport, initial_global_blocks, site_report_view
@@ -45,6 +47,7 @@ from blossom_secure.site.config import SiteConfig, policy_refusal, site_dirs
 from blossom_secure.errors import BlossomError, DataError, PolicyError, PrivacyBudgetExceededError, Problem
 from blossom_secure.model import BlockModel
 from blossom_secure.site.agent import (
+    PendingTraining,
     DECLINED_POLICY,
     RoundOffer,
     SiteAgent,
@@ -137,11 +140,14 @@ class Coordinator:
     """Holds the global shared blocks and runs rounds over in-process sites."""
 
     def __init__(self, federation: FederationConfig, agents: list[SiteAgent], *, mode: str,
-                 aggregator: Aggregator | None, seed: int) -> None:
+                 aggregator: Aggregator | None, seed: int, pool: TrainingPool | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         self.federation = federation
         self.agents = agents
+        #: Worker processes that train the joined sites at the same time (``None``: the
+        #: sites train one after the other in this process).
+        self.pool = pool
         self.mode = mode
         self.aggregator = aggregator
         #: Round -> site -> TRAINED or the category of its decline (in-process knowledge).
@@ -159,12 +165,10 @@ class Coordinator:
         if self.mode == "full-model":
             return self._full_model_round(round_id)
         secure = bool(self.aggregator is not None and self.aggregator.secure)
-        offers: dict[str, RoundOffer] = {}
-        for agent in self.agents:
-            if self.mode == "local":
-                offers[agent.id] = agent.offer(round_id=round_id, global_blocks={}, secure=True)
-            else:
-                offers[agent.id] = agent.offer(round_id=round_id, global_blocks=self.global_blocks, secure=secure)
+        if self.mode == "local":
+            offers = self._offers(round_id, {}, secure=True)
+        else:
+            offers = self._offers(round_id, self.global_blocks, secure=secure)
         outcomes: dict[str, BlockOutcome] = {}
         if self.mode == "blockwise":
             contributions = {s: o.contribution for s, o in offers.items() if o.contribution is not None}
@@ -185,12 +189,67 @@ class Coordinator:
             received = {}
         return self._finish(round_id, offers, outcomes, received)
 
-    def _full_model_round(self, round_id: int) -> RoundReport:
-        offers: dict[str, RoundOffer] = {}
-        trained: dict[str, dict[str, np.ndarray]] = {}
+    def _offers(self, round_id: int, global_blocks: Mapping[str, np.ndarray], *, secure: bool,
+                before: Callable[[SiteAgent], None] | None = None) -> dict[str, RoundOffer]:
+        """Every site's answer to the round, in the sites' order: one site after the other
+        (:meth:`SiteAgent.offer`), or, with a pool, each site's
+        :meth:`~SiteAgent.begin_offer` in turn, the joined sites' training at the same
+        time in the pool, then each :meth:`~SiteAgent.complete_offer` in turn. Every site's
+        answer is the same either way. ``before`` is called with each site first."""
+        if self.pool is None:
+            offers = {}
+            for agent in self.agents:
+                if before is not None:
+                    before(agent)
+                offers[agent.id] = agent.offer(round_id=round_id, global_blocks=global_blocks, secure=secure)
+            return offers
+        answers: dict[str, RoundOffer | PendingTraining] = {}
+        try:
+            for agent in self.agents:
+                if before is not None:
+                    before(agent)
+                answers[agent.id] = agent.begin_offer(round_id=round_id, global_blocks=global_blocks, secure=secure)
+        except BaseException as exc:
+            self._abandon(answers, exc)
+            raise
+        pending = {site: a for site, a in answers.items() if isinstance(a, PendingTraining)}
+        by_id = {agent.id: agent for agent in self.agents}
+        try:
+            trained = train_all(by_id, pending, self.pool)
+        except BaseException as exc:  # interrupted while the sites trained
+            self._abandon(answers, exc)
+            raise
+        offers, error = {}, None
         for agent in self.agents:
+            answer = answers[agent.id]
+            if isinstance(answer, RoundOffer):
+                offers[agent.id] = answer
+                continue
+            try:
+                offers[agent.id] = agent.complete_offer(answer, trained[agent.id])
+            except BaseException as exc:  # recorded by the site; the first is raised once every site is done
+                error = error or exc
+        if error is not None:
+            raise error
+        return offers
+
+    def _abandon(self, answers: Mapping[str, RoundOffer | PendingTraining], exc: BaseException) -> None:
+        """Record, at every site that joined and has not trained, why its round stopped."""
+        by_id = {agent.id: agent for agent in self.agents}
+        for site, answer in answers.items():
+            if isinstance(answer, PendingTraining):
+                with contextlib.suppress(BaseException):
+                    by_id[site].complete_offer(answer, RuntimeError(f"the round stopped before this site's "
+                                                                    f"training finished: {exc or type(exc).__name__}"))
+
+    def _full_model_round(self, round_id: int) -> RoundReport:
+        trained: dict[str, dict[str, np.ndarray]] = {}
+
+        def load_globals(agent: SiteAgent) -> None:
             agent.model.set_blocks({b: self.global_blocks[b] for b in agent.model.blocks() if b in self.global_blocks})
-            offers[agent.id] = agent.offer(round_id=round_id, global_blocks=self.global_blocks, secure=True)
+
+        offers = self._offers(round_id, self.global_blocks, secure=True, before=load_globals)
+        for agent in self.agents:
             if offers[agent.id].declined is None:
                 trained[agent.id] = agent.model.get_blocks()
         outcomes: dict[str, BlockOutcome] = {}
@@ -233,7 +292,7 @@ class Coordinator:
 def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str | None = None, secure: bool | None = None,
              seed: int | None = None, fresh: bool = False, allow_full_model: bool = False,
              on_round: Callable[[RoundReport, list[SiteAgent]], None] | None = None,
-             on_setup: Callable[[str], None] | None = None) -> SimulationResult:
+             on_setup: Callable[[str], None] | None = None, workers: int = 1) -> SimulationResult:
     """Run the embedded federation over the sites under ``sites_root``.
 
     Args:
@@ -251,6 +310,10 @@ def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str |
         allow_full_model: Required for ``mode="full-model"``.
         on_round: Called after every round (progress display).
         on_setup: Called with a line of text as each site is loaded.
+        workers: Train the sites of a round in this many worker processes at once, one
+            torch thread each (:mod:`~blossom_secure.runtimes.embedded.training_pool`); at
+            most one per site is started. 1 (default): one site after the other in this
+            process. Every site's result is the same either way; only the time differs.
 
     Returns:
         What the run did; its rounds are numbered on from the federation's earlier runs.
@@ -270,7 +333,7 @@ def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str |
 
         Each of these except the last is raised before any site records, reserves or
         trains anything.
-        ValueError: bad arguments (mode, rounds, full-model without the flag).
+        ValueError: bad arguments (mode, rounds, workers, full-model without the flag).
 
     Notes:
         **Round identity.** A round is named by the federation id and a round number that
@@ -298,6 +361,8 @@ def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str |
     rounds = federation.training.rounds if rounds is None else rounds
     if rounds < 1:
         raise ValueError("rounds must be at least 1")
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError("workers must be an int of at least 1")
     # Everything below, up to the first round, only reads and checks: a mistake in any
     # site's files, the output folder or the round counter stops the run before any site
     # records, reserves or trains anything.
@@ -330,6 +395,7 @@ def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str |
     else:
         _check_budgets(configs, arrays, federation, secure=secure if mode == "blockwise" else True)
     agents = []
+    pool = None
     try:
         for site in configs:
             agent = SiteAgent(site.root, federation, seed=seed, arrays=arrays[site.id])
@@ -339,8 +405,10 @@ def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str |
                 on_setup(f"{agent.id}: modalities {'+'.join(agent.config.modalities)}, "
                          f"tasks {', '.join(agent.config.tasks)}; {noise}")
         aggregator = make_aggregator(federation, agents, secure=secure) if mode == "blockwise" else None
+        if min(workers, len(agents)) > 1:
+            pool = TrainingPool(min(workers, len(agents)))
         coordinator = Coordinator(federation, agents, mode=mode, aggregator=aggregator,
-                                  seed=0 if seed is None else seed)
+                                  seed=0 if seed is None else seed, pool=pool)
         reports = []
         out_dir.mkdir(parents=True, exist_ok=True)
         for r in range(first_round, first_round + rounds):
@@ -357,6 +425,8 @@ def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str |
                                               indent=1).encode() + b"\n")
         save_arrays_npz(out_dir / "global_blocks.npz", coordinator.global_blocks)
     finally:
+        if pool is not None:
+            pool.close()
         for agent in agents:
             agent.audit.close()
     return SimulationResult(rounds=reports, out_dir=out_dir, metrics_path=metrics_path,
