@@ -267,3 +267,43 @@ def test_audit_file_name_is_the_site_agents():
     from blossom_secure.site.agent import AUDIT_FILE
 
     assert site_steps.AUDIT_FILE == AUDIT_FILE
+
+
+def test_deployed_coordinator_unmasks_in_a_process_pool_with_the_same_round(tiny_sites_with_data, tmp_path,
+                                                                            monkeypatch):
+    """The ServerApp's coordinator removes masks in a pool of worker processes
+    (``unmask_pool``): with a site dropped after sharing keys (so its pairwise masks are
+    regenerated and removed) the round gives the same global blocks, bit for bit, and the
+    same report as a coordinator working alone, and the pool did part of the work."""
+    from blossom_secure.coordinator.steps import unmask_pool
+    from blossom_secure.secagg import unmasking
+
+    monkeypatch.setattr(unmasking, "MIN_KEYSTREAMS_PER_PART", 1)  # split even the tiny blocks
+    runs = {}
+    for name in ("alone", "pool"):
+        sites = flower_copy(tiny_sites_with_data, tmp_path / name)
+        federation = load_federation(sites / "federation.toml")
+        roster = load_roster(sites / "roster.toml", federation=federation)
+        pool, parts = unmask_pool(2) if name == "pool" else (None, 1)
+        submitted = []
+        if pool is not None:
+            real_submit = pool.submit
+            monkeypatch.setattr(pool, "submit", lambda *a, **k: submitted.append(a[0]) or real_submit(*a, **k))
+        try:
+            coordinator = RoundCoordinator(federation, roster, seed=SEED, unmask_executor=pool, unmask_parts=parts)
+            report = coordinator.run_round(0, InProcess(sites, drop_after={"riverside": "share_keys"}))
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
+        runs[name] = (report, coordinator.global_blocks, submitted)
+    (alone, alone_blocks, _), (pooled, pooled_blocks, submitted) = runs["alone"], runs["pool"]
+    assert submitted, "the pool regenerated no part of the masks"
+    assert pooled.blocks == alone.blocks and pooled.sites == alone.sites
+    assert any(b["failure"] is None and "riverside" not in b["contributors"] for b in pooled.blocks.values())
+    assert all(np.array_equal(pooled_blocks[b], alone_blocks[b]) for b in alone_blocks)
+
+
+def test_unmask_pool_on_one_core_is_none():
+    from blossom_secure.coordinator.steps import unmask_pool
+
+    assert unmask_pool(1) == (None, 1)

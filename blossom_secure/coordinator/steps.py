@@ -25,6 +25,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping
+from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,7 @@ from blossom_secure.secagg.errors import InconsistentMessageError, MalformedMess
 from blossom_secure.secagg.messages import AdvertiseKeys, decode_site_message
 from blossom_secure.secagg.terms import block_outcome, federation_sha256, secagg_params
 
-__all__ = ["MAX_REPORT_BYTES", "RoundCoordinator", "SendFn", "metrics_document"]
+__all__ = ["MAX_REPORT_BYTES", "RoundCoordinator", "SendFn", "metrics_document", "unmask_pool"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,29 @@ _TASK_FIELDS = frozenset({"accuracy", "macro_f1", "majority_class_rate"})
 _DECLINED = (None, "policy", "privacy budget")
 
 
+def unmask_pool(cores: int | None = None) -> tuple[ProcessPoolExecutor | None, int]:
+    """A process pool for the coordinator's unmasking on ``cores`` cores (default: every
+    core this process may use), and the parts to split each block's masks into (one per
+    core): ``(None, 1)`` on one core.
+
+    The workers start from a fork server (spawned where there is none) that imports only
+    the unmasking code, on first use: a round whose blocks have too few masks to split
+    (:mod:`blossom_secure.secagg.unmasking`) never starts one. Shut it down with
+    ``shutdown()``.
+    """
+    import multiprocessing
+
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if cores < 2:
+        return None, 1
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if context.get_start_method() == "forkserver":
+        context.set_forkserver_preload(["blossom_secure.secagg.unmasking"])
+    return ProcessPoolExecutor(max_workers=cores - 1, mp_context=context), cores
+
+
 class RoundCoordinator:
     """The coordinator of a deployed federation: the global shared blocks and the rounds.
 
@@ -63,6 +87,11 @@ class RoundCoordinator:
         roster: Site id to raw Ed25519 public key (the roster file).
         seed: Seed of the initial global blocks (public: they hold no data).
         global_blocks: Start from these global blocks instead (a continued federation).
+        unmask_executor: A process pool that removes masks in parallel with this process
+            (:class:`~blossom_secure.secagg.coordinator.CoordinatorStageMachine`'s
+            ``unmask_executor``; :func:`unmask_pool` makes one); ``None``: this process
+            alone.
+        unmask_parts: The parts each block's masks are split into with an executor.
 
     Raises:
         PolicyError: the federation's aggregation parameters are unusable with this roster
@@ -76,7 +105,12 @@ class RoundCoordinator:
     """
 
     def __init__(self, federation: FederationConfig, roster: Mapping[str, bytes], *, seed: int,
-                 global_blocks: Mapping[str, np.ndarray] | None = None) -> None:
+                 global_blocks: Mapping[str, np.ndarray] | None = None, unmask_executor: Executor | None = None,
+                 unmask_parts: int = 2) -> None:
+        if not isinstance(unmask_parts, int) or isinstance(unmask_parts, bool) or unmask_parts < 1:
+            raise ValueError("unmask_parts must be an int >= 1")
+        self._unmask_executor = unmask_executor
+        self._unmask_parts = unmask_parts
         try:
             self.params = secagg_params(federation, roster_size=len(roster))
             self.federation_sha256 = federation_sha256(federation)
@@ -165,7 +199,8 @@ class RoundCoordinator:
         """Secure aggregation of the blocks the joined sites advertised."""
         machine = CoordinatorStageMachine(federation_id=self.federation.id, federation_sha256=self.federation_sha256,
                                           round_id=round_id, roster=self.roster, block_sizes=self.block_sizes,
-                                          params=self.params)
+                                          params=self.params, unmask_executor=self._unmask_executor,
+                                          unmask_parts=self._unmask_parts)
         offered: set[str] = set()
         for site, reply in sorted(answered.items()):
             if reply.joined and reply.body and self._deliver(machine, "advertise_keys", site, reply.body):

@@ -93,20 +93,33 @@ class DPRandomness:
 
     def random_bytes(self, n: int) -> bytes:
         """The next ``n`` bytes of the keystream."""
+        return bytes(self._keystream(n))
+
+    def _keystream(self, n: int) -> bytearray:
+        """The next ``n`` bytes of the keystream, written straight into a new buffer (the
+        cipher needs one block of room past its output, so the last chunk goes through a
+        scratch buffer)."""
         out = bytearray(n)
         view = memoryview(out)
         done = 0
         while done < n:
             take = min(_CHUNK_BYTES, n - done)
-            self._write(memoryview(self._zeros)[:take], memoryview(self._out))
-            view[done:done + take] = memoryview(self._out)[:take]
+            if n - done >= take + crypto.AES_BLOCK_BYTES:
+                self._write(memoryview(self._zeros)[:take], view[done:])
+            else:
+                self._write(memoryview(self._zeros)[:take], memoryview(self._out))
+                view[done:done + take] = memoryview(self._out)[:take]
             done += take
-        return bytes(out)
+        return out
 
     def uniform(self, n: int) -> np.ndarray:
         """``n`` float64 values uniform on the open interval (0, 1), 53 bits each."""
-        words = np.frombuffer(self.random_bytes(8 * n), dtype="<u8") >> np.uint64(11)
-        return (words.astype(np.float64) + 0.5) * (2.0 ** -53)
+        words = np.frombuffer(self._keystream(8 * n), dtype="<u8")
+        words >>= np.uint64(11)
+        values = words.astype(np.float64)
+        values += 0.5
+        values *= 2.0 ** -53
+        return values
 
     def standard_normal(self, n: int) -> np.ndarray:
         """``n`` float64 draws of N(0, 1) (sum of four Box-Muller normals, halved)."""
@@ -124,7 +137,7 @@ class DPRandomness:
     def gaussian_like(self, reference: torch.Tensor, std: float) -> torch.Tensor:
         """Noise of standard deviation ``std`` with the shape, dtype and device of ``reference``."""
         noise = self.standard_normal(reference.numel()) * float(std)
-        return torch.from_numpy(noise).to(dtype=reference.dtype, device=reference.device).view_as(reference)
+        return _as_tensor_like(noise, reference)
 
     def gaussian_like_each(self, references: Sequence[torch.Tensor], std: float) -> list[torch.Tensor]:
         """Noise for every tensor of ``references``, in order: the same values, drawn from
@@ -163,21 +176,46 @@ class DPRandomness:
                 first[r, column:column + p] = np.arange(start + 2 * r * p, start + (2 * r + 1) * p)
             start += 8 * p
             column += p
-        radius = np.sqrt(-2.0 * np.log(u[first]))
-        angle = 2.0 * math.pi * u[first + np.repeat(pairs, pairs)[None, :]]
+        # The same operations as standard_normal, in the same order, done in place.
+        radius = np.log(u[first])
+        radius *= -2.0
+        np.sqrt(radius, out=radius)
+        angle = u[first + np.repeat(pairs, pairs)[None, :]]
+        angle *= 2.0 * math.pi
         cos_total = np.zeros(total_pairs, dtype=np.float64)
         sin_total = np.zeros(total_pairs, dtype=np.float64)
+        term = np.empty(total_pairs, dtype=np.float64)
         for r in range(4):  # the same additions, in the same order, as standard_normal
-            cos_total += radius[r] * np.cos(angle[r])
-            sin_total += radius[r] * np.sin(angle[r])
+            np.cos(angle[r], out=term)
+            term *= radius[r]
+            cos_total += term
+            np.sin(angle[r], out=term)
+            term *= radius[r]
+            sin_total += term
         out = []
         column = 0
         for ref, n, p in zip(references, sizes, pairs, strict=True):
-            normal = np.concatenate([cos_total[column:column + p], sin_total[column:column + p]])[:n] / 2.0
-            noise = normal * float(std)
-            out.append(torch.from_numpy(noise).to(dtype=ref.dtype, device=ref.device).view_as(ref))
+            normal = np.concatenate([cos_total[column:column + p], sin_total[column:column + p]])[:n]
+            normal /= 2.0
+            normal *= float(std)
+            out.append(_as_tensor_like(normal, ref))
             column += p
         return out
+
+
+_NUMPY_FLOATS = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
+
+
+def _as_tensor_like(values: np.ndarray, reference: torch.Tensor) -> torch.Tensor:
+    """float64 ``values`` as a tensor shaped like ``reference``, in its dtype and on its
+    device: rounded by numpy where it has the dtype (the same round-to-nearest-even as
+    torch's conversion, without torch's per-call overhead), else by torch."""
+    dtype = _NUMPY_FLOATS.get(reference.dtype)
+    if dtype is not None:
+        tensor = torch.from_numpy(values.astype(dtype, copy=False))
+    else:
+        tensor = torch.from_numpy(values).to(dtype=reference.dtype)
+    return tensor.to(device=reference.device).view_as(reference)
 
 
 class PoissonBatchSampler:

@@ -49,7 +49,7 @@ from blossom_secure.config import load_federation
 from blossom_secure.errors import BlossomError
 from blossom_secure import wire
 from blossom_secure.coordinator.checkpoint import load_checkpoint, save_checkpoint
-from blossom_secure.coordinator.steps import RoundCoordinator, metrics_document
+from blossom_secure.coordinator.steps import RoundCoordinator, metrics_document, unmask_pool
 from blossom_secure.roster import load_roster, roster_path
 from blossom_secure.site.config import site_dirs
 from blossom_secure.site.steps import SiteFiles, handle_request
@@ -350,6 +350,9 @@ def run_federation(grid: Grid, settings: RunSettings) -> Path:
     the last round it finished there and keeps that round's reports; the round that was in
     progress when it stopped is abandoned (``first-round`` comes after it).
 
+    The coordinator removes masks on every core it may use (:func:`~blossom_secure.coordinator.steps.unmask_pool`:
+    worker processes started on first need, stopped when the run ends).
+
     Raises:
         PolicyError: the federation or roster file is unusable, or the output folder holds
             a checkpoint of another federation (or another version of its file).
@@ -357,14 +360,24 @@ def run_federation(grid: Grid, settings: RunSettings) -> Path:
     """
     federation = load_federation(settings.federation_file)
     roster = load_roster(roster_path(federation, settings.roster_file), federation=federation)
-    coordinator = RoundCoordinator(federation, roster, seed=settings.seed)
+    pool, parts = unmask_pool()
+    try:
+        return _run_rounds(grid, settings, federation, roster, pool, parts)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_rounds(grid: Grid, settings: RunSettings, federation, roster, pool, parts: int) -> Path:
+    coordinator = RoundCoordinator(federation, roster, seed=settings.seed, unmask_executor=pool, unmask_parts=parts)
     checkpoint = load_checkpoint(settings.out_dir, federation, block_sizes=coordinator.block_sizes)
     reports = []
     if checkpoint is not None:
         if checkpoint.last_round >= settings.first_round:
             raise ValueError(f"first-round {settings.first_round} does not come after round {checkpoint.last_round}, "
                              "the last one finished in this output folder")
-        coordinator = RoundCoordinator(federation, roster, seed=settings.seed, global_blocks=checkpoint.global_blocks)
+        coordinator = RoundCoordinator(federation, roster, seed=settings.seed, global_blocks=checkpoint.global_blocks,
+                                       unmask_executor=pool, unmask_parts=parts)
         reports = list(checkpoint.reports)
         logger.info("continuing from the global blocks after round %d", checkpoint.last_round)
     transport = FlowerTransport(grid, coordinator, stage_timeout_s=settings.stage_timeout_s,
