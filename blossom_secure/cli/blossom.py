@@ -353,7 +353,7 @@ def _experiment(args, argv: list[str]) -> int:
 def _worker_count(text: str) -> int:
     """``--workers``: a count of at least 1, or ``auto`` (the cores this process may use)."""
     if text.strip().lower() == "auto":
-        from blossom_secure.runtimes.embedded.training_pool import available_cores
+        from blossom_secure._system import available_cores
 
         return available_cores()
     try:

@@ -21,7 +21,6 @@ Exit codes: see :mod:`blossom_secure.cli`.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -446,6 +445,7 @@ def _verified_records(args, site=None, log_path=None, *, records_needed=True):
     in parts on every core this process may use."""
     from datetime import UTC, datetime
 
+    from blossom_secure._system import available_cores
     from blossom_secure.audit import log as audit
     from blossom_secure.audit.log import Verification
     from blossom_secure.errors import AuditIntegrityError, DataError, Problem
@@ -463,8 +463,7 @@ def _verified_records(args, site=None, log_path=None, *, records_needed=True):
         report, records = audit.read_verified_records(log_path, public_key=public, every_signature=every_signature)
     else:
         report = audit.verify_log(log_path, public_key=public, every_signature=every_signature,
-                                  workers=min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                              else os.cpu_count() or 1, 8))
+                                  workers=min(available_cores(), 8))
         records = []
     if site_id is not None and report.site_id is not None and report.site_id != site_id:
         raise AuditIntegrityError(line=1, seq=0, reason=f"the log's records name site {report.site_id!r}, not "

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from blossom_secure._fs import atomic_write, save_arrays_npz
+from blossom_secure._system import available_cores
 from blossom_secure.exchange import BlockOutcome
 from blossom_secure.config import FederationConfig
 from blossom_secure.errors import BlossomError, PolicyError, Problem, ProtocolError
@@ -69,7 +70,7 @@ def unmask_pool(cores: int | None = None) -> tuple[ProcessPoolExecutor | None, i
     import multiprocessing
 
     if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = available_cores()
     if cores < 2:
         return None, 1
     methods = multiprocessing.get_all_start_methods()

@@ -24,7 +24,6 @@ and its own workers only (pickled by :mod:`multiprocessing`, never from the netw
 from __future__ import annotations
 
 import multiprocessing
-import os
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -33,14 +32,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["TrainingJob", "TrainingPool", "available_cores"]
-
-
-def available_cores() -> int:
-    """The CPU cores this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
+__all__ = ["TrainingJob", "TrainingPool", "run_job", "train_all"]
 
 
 @dataclass(frozen=True)
