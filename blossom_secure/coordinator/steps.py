@@ -26,11 +26,9 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ProcessPoolExecutor
-from pathlib import Path
 
 import numpy as np
 
-from blossom_secure._fs import atomic_write, save_arrays_npz
 from blossom_secure._system import available_cores
 from blossom_secure.exchange import BlockOutcome
 from blossom_secure.config import FederationConfig

@@ -27,13 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from blossom_secure._fs import atomic_write, save_arrays_npz, unwritable_reason
 from blossom_secure.exchange import Aggregator, BlockOutcome
 from blossom_secure.runtimes.embedded.aggregators import PlaintextAggregator
 from blossom_secure.runtimes.embedded.training_pool import TrainingPool, train_all
-from blossom_secure.blocks import is_head
 from blossom_secure.config import FederationConfig, load_federation
 from blossom_secure.coordinator.rounds import RoundReport, initial_global_blocks, site_report_view
 from blossom_secure.coordinator.counter import (
@@ -45,7 +43,6 @@ from blossom_secure.coordinator.counter import (
 from blossom_secure.crypto import identity_public_key
 from blossom_secure.site.config import SiteConfig, policy_refusal, site_dirs
 from blossom_secure.errors import BlossomError, DataError, PolicyError, PrivacyBudgetExceededError, Problem
-from blossom_secure.model import BlockModel
 from blossom_secure.site.agent import (
     PendingTraining,
     DECLINED_POLICY,
