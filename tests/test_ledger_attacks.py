@@ -207,6 +207,8 @@ def test_deleting_the_ledger_after_an_interrupted_round_does_not_drop_its_spend(
     assert f"spent {last.epsilon_total:.3f}" in budget.stdout
     rows = [line for line in budget.stdout.splitlines() if line.startswith("│")]
     assert [int(line.split("│")[1]) for line in rows] == [0, 1, 2]
+    assert [line.split("│")[-2].strip() for line in rows] == ["finished", "interrupted (counted)", "finished"]
+    assert "round(s) 1: reserved before training and never finished" in budget.stdout
     # the ledger without round 1 again: refused, never the smaller number
     data = json.loads((state(site) / "ledger.json").read_text())
     data["entries"] = [e for e in data["entries"] if e["round_id"] != 1]

@@ -265,16 +265,19 @@ def _budget(args) -> int:
     _, site = _load(args)
     terms = site.policy.privacy
     log_path = site.state_dir / AUDIT_FILE
+    trained: set[int] | None = None
     if log_path.exists() or audit.checkpoint_path(log_path).exists():
         # The spend shown is never below what the signed audit log proves.
         _, records = audit.read_verified_records(log_path, public_key=identity_public_key(_open_key(site)))
         ledger = load_reconciled_ledger(site.state_dir / LEDGER_FILE, site_id=site.id, terms=terms,
                                         records=records, audit_file=str(log_path))
+        trained = {r["round_id"] for r in records if r["event"] == audit.TRAINING_FINISHED}
     else:
         ledger = PrivacyLedger(site.state_dir / LEDGER_FILE, site_id=site.id, terms=terms)
     table = Table(title=f"privacy budget of {site.id} (delta {terms.delta:g}, {terms.accountant})", title_justify="left")
-    for col in ("round", "noise multiplier", "sample rate", "steps", "epsilon added", "epsilon total", "noise"):
-        table.add_column(col, justify="right" if col != "noise" else "left")
+    for col in ("round", "noise multiplier", "sample rate", "steps", "epsilon added", "epsilon total", "noise",
+                "training"):
+        table.add_column(col, justify="right" if col not in ("noise", "training") else "left")
     previous = 0.0
     # recomputed from the history for the policy's current delta (the file's totals were
     # for the delta in force when each round was recorded); `audit review` shows the same
@@ -282,9 +285,15 @@ def _budget(args) -> int:
     for e, total in zip(ledger.entries, totals, strict=True):
         table.add_row(str(e.round_id), f"{e.noise_multiplier:.3f}", f"{e.sample_rate:.4f}", str(e.steps),
                       f"{total - previous:.3f}", f"{total:.3f}",
-                      "seeded simulation: epsilon NOMINAL" if e.is_nominal else "OS CSPRNG")
+                      "seeded simulation: epsilon NOMINAL" if e.is_nominal else "OS CSPRNG",
+                      "-" if trained is None else "finished" if e.round_id in trained else "interrupted (counted)")
         previous = total
     console.print(table)
+    interrupted = [] if trained is None else [e.round_id for e in ledger.entries if e.round_id not in trained]
+    if interrupted:
+        console.print(f"round(s) {', '.join(map(str, interrupted))}: reserved before training and never finished "
+                      "(interrupted or failed); their spend stays counted, as a crash may only over-count",
+                      markup=False)
     spent = totals[-1] if totals else 0.0
     console.print(f"spent {spent:.3f} of {terms.epsilon_budget:g}; remaining {max(0.0, terms.epsilon_budget - spent):.3f}")
     nominal = sum(e.is_nominal for e in ledger.entries)
