@@ -393,6 +393,27 @@ def test_html_states_what_was_verified_with_which_key_and_when(review, tmp_path)
     assert "NOT VERIFIED" in unverified
 
 
+@pytest.mark.parametrize("key_from, says, never", [
+    ("roster", "the roster's entry for the site", "recorded out of band (the federation roster"),
+    ("key-file", "site folder's own key file", "the roster's entry"),
+    ("public-key", "recorded out of band (the federation roster", "own key file"),
+])
+def test_html_says_what_the_key_is_checked_against_by_where_it_came_from(review, tmp_path, key_from, says, never):
+    """A key taken from the roster is not checked against the roster again (a circular
+    check); a key taken from the site's own folder is said to be no independent check."""
+    from blossom_secure.audit.report import Verification
+
+    verification = Verification(key_fingerprint=crypto.key_fingerprint(PUBLIC_KEY), key_source="somewhere",
+                                verified_at="2026-03-02T09:00:00Z", records=len(EVENTS), last_seq=len(EVENTS) - 1,
+                                last_hash="ab" * 32, key_from=key_from)
+    path = tmp_path / "r.html"
+    write_html(review, path, site_id=SITE, epsilon_budget=2.0, verification=verification)
+    import html
+
+    page = " ".join(html.unescape(path.read_text()).split())
+    assert says in page and never not in page
+
+
 def test_terminal_review_of_a_long_log_shows_the_last_messages_and_says_so(review):
     tables = review_table(review, max_messages=2)
     assert "the last 2 of 5" in str(tables[1].title)

@@ -1092,6 +1092,9 @@ class Verification:
             (``--fingerprint``).
         every_signature: Whether each record's own signature was checked too (otherwise
             the checkpoint's signature binds the records it covers through the chain).
+        key_from: Where the key came from: ``public-key`` (given by the verifier),
+            ``roster`` (the federation roster's entry for the site) or ``key-file`` (the
+            site folder's own key file).
     """
 
     key_fingerprint: str
@@ -1102,6 +1105,7 @@ class Verification:
     last_hash: str
     pinned: bool = False
     every_signature: bool = False
+    key_from: str = "public-key"
 
 
 def checkpoint_path(log_path: Path) -> Path:

@@ -1150,8 +1150,18 @@ def _verification_text(verification: Verification | None) -> str:
                 "signatures, hash chain or checkpoint. Run blossom-site audit verify and rely on this page only if "
                 "it passes.")
     span = "an empty log" if verification.last_seq is None else f"seq 0..{verification.last_seq}"
-    pinned = (" The key matched the fingerprint given out of band (--fingerprint)." if verification.pinned else
-              " Compare this fingerprint with the one recorded out of band (the federation roster).")
+    if verification.pinned:
+        pinned = " The key matched the fingerprint given out of band (--fingerprint)."
+    elif verification.key_from == "roster":
+        pinned = (" The key is the roster's entry for the site: compare this fingerprint with the one the site's "
+                  "operator gave out of band when it joined (blossom-site init prints it).")
+    elif verification.key_from == "key-file":
+        pinned = (" The key is the site folder's own key file, which whoever could change the log could also "
+                  "replace: for an independent check, verify with the roster's key or a key recorded out of band "
+                  "(--roster or --public-key, with --fingerprint).")
+    else:
+        pinned = (" Compare this fingerprint with the one recorded out of band (the federation roster, or the one "
+                  "the site's operator gave when it joined).")
     what = ("every record's Ed25519 signature, the hash chain and the signed checkpoint" if verification.every_signature
             else "the hash chain and the Ed25519-signed checkpoint that binds every record through it (and the own "
                  "signature of any record after the checkpoint)")

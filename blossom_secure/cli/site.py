@@ -411,7 +411,8 @@ def _read_public_key(value: str) -> tuple[bytes, str]:
 
 
 def _verification_key(args, site):
-    """The public key to verify with, where it came from, and the site id it must belong
+    """The public key to verify with, where it came from (in words, and as
+    :attr:`Verification.key_from` says it), its fingerprint and the site id it must belong
     to (or ``None``); or ``None`` after saying why if ``--fingerprint`` differs."""
     from blossom_secure.crypto import identity_public_key, key_fingerprint
     from blossom_secure.errors import PolicyError, Problem
@@ -421,6 +422,7 @@ def _verification_key(args, site):
     site_id = args.site or (site.id if site is not None else None)
     if args.public_key is not None:
         public, source = _read_public_key(args.public_key)
+        key_from = "public-key"
     elif args.roster is not None:
         from blossom_secure.roster import load_roster
 
@@ -433,9 +435,11 @@ def _verification_key(args, site):
         if site_id not in roster:
             raise PolicyError([Problem(str(args.roster), f"roster.sites.{site_id}", "no such site in the roster")])
         public, source = roster[site_id], f"roster {args.roster} (site {site_id})"
+        key_from = "roster"
     elif site is not None:
         public = identity_public_key(_open_key(site))
         source = f"the site's key file {site.keys_dir / 'identity.pem'}"
+        key_from = "key-file"
     else:
         raise UsageError("an audit log file needs a key: pass --public-key KEY or --roster ROSTER.toml --site ID")
     fingerprint = key_fingerprint(public)
@@ -445,7 +449,7 @@ def _verification_key(args, site):
                           "it is not the key recorded out of band (the key was replaced, or is another site's), so "
                           "its signatures prove nothing", markup=False, soft_wrap=True)
         return None
-    return public, source, fingerprint, site_id
+    return public, source, fingerprint, site_id, key_from
 
 
 def _verified_records(args, site=None, log_path=None, *, records_needed=True):
@@ -464,7 +468,7 @@ def _verified_records(args, site=None, log_path=None, *, records_needed=True):
     chosen = _verification_key(args, site)
     if chosen is None:
         return None
-    public, source, fingerprint, site_id = chosen
+    public, source, fingerprint, site_id, key_from = chosen
     if not log_path.exists() and not audit.checkpoint_path(log_path).exists():
         raise DataError([Problem(str(log_path), "", "no audit log (run `blossom-site init`)")])
     every_signature = getattr(args, "every_signature", False)
@@ -478,7 +482,7 @@ def _verified_records(args, site=None, log_path=None, *, records_needed=True):
         raise AuditIntegrityError(line=1, seq=0, reason=f"the log's records name site {report.site_id!r}, not "
                                                         f"{site_id!r}")
     verification = Verification(
-        key_fingerprint=fingerprint, key_source=source, verified_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        key_fingerprint=fingerprint, key_source=source, key_from=key_from, verified_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         records=report.records, last_seq=report.last_seq, last_hash=report.last_hash,
         pinned=args.fingerprint is not None, every_signature=getattr(args, "every_signature", False))
     return verification, report, records
