@@ -138,3 +138,30 @@ def test_simulate_budget_message_never_says_the_others_went_on_when_none_did(cop
     assert message.startswith("error: the privacy budget stopped") and "Traceback" not in message
     assert "no site trained in round 1," in message and "the others went on" not in message
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["round_ids"] == [0, 1]
+
+
+@pytest.mark.slow
+def test_simulate_stops_announcing_rounds_once_no_site_can_train(copy_sites, tmp_path):
+    """Every budget allows one round and four are asked for: round 1 is declined by every
+    site, and rounds 2 and 3 are never announced (no round number used up, no declined
+    record written), as the output says; the next run would start at round 2."""
+    import re
+
+    from blossom_secure.site.ledger import compute_epsilon
+
+    sites = copy_sites()
+    fed = (sites / "federation.toml").read_text()
+    rate = float(re.search(r"sample_rate = ([0-9.]+)", fed).group(1))
+    steps = int(re.search(r"steps_per_round = (\d+)", fed).group(1))
+    for policy in (sites.parent / "policies").glob("*.toml"):
+        text = policy.read_text()
+        noise = float(re.search(r"noise_multiplier = ([0-9.]+)", text).group(1))
+        one_round = compute_epsilon([(noise, rate, steps)], accountant="rdp", delta=1e-5)
+        policy.write_text(re.sub(r"epsilon_budget = [0-9.]+", f"epsilon_budget = {one_round * 1.2:.4f}", text))
+    proc = cli("blossom", "simulate", "--sites", str(sites), "--out", str(tmp_path / "run"), "--rounds", "4")
+    assert proc.returncode == 3, (proc.stdout, proc.stderr)
+    assert "no site could train in round 1, so the 2 round(s) asked for after it were not announced" in proc.stdout
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["round_ids"] == [0, 1]
+    assert json.loads((tmp_path / "run" / "coordinator-state.json").read_text())["next_round"] == 2
+    log = (sites / "st-mary" / "state" / "audit.jsonl").read_text()
+    assert '"round_id":1' in log and '"round_id":2' not in log

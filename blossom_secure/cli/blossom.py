@@ -419,6 +419,9 @@ def _simulate(args) -> int:
                           f"{listing(budget or policy)} (see `blossom-site budget` and `blossom-site audit review`)",
                           markup=False, soft_wrap=True)
         return EXIT_BUDGET if budget else EXIT_INVALID_INPUT
+    if result.rounds_not_announced:
+        console.print(f"no site could train in round {ids[-1]}, so the {result.rounds_not_announced} round(s) asked "
+                      "for after it were not announced (their numbers stay free)", markup=False)
     if budget:
         idle = result.rounds_without_training
         # "the others went on" only if, in every round, some site did

@@ -101,12 +101,15 @@ class SimulationResult:
             (``"policy"``, ``"privacy budget"``). The embedded runtime runs every site in
             this process, so it knows this for its operator even for sites whose policy
             keeps their round report in; nothing here left any site.
+        rounds_not_announced: The rounds asked for that were not run because a round
+            before them had no site that could train (see :func:`simulate`).
     """
 
     rounds: list[RoundReport]
     out_dir: Path
     metrics_path: Path
     answers: dict[int, dict[str, str]] = field(default_factory=dict)
+    rounds_not_announced: int = 0
 
     @property
     def round_ids(self) -> list[int]:
@@ -333,6 +336,13 @@ def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str |
         ValueError: bad arguments (mode, rounds, workers, full-model without the flag).
 
     Notes:
+        **A round nobody trains ends the run.** When every site declines a round (its
+        privacy budget cannot pay for it, or its policy refuses the run), the rounds after
+        it are not announced: nothing about the run changes from round to round (the
+        public sampling plan spends the same epsilon every round), so none could train,
+        and each would only use up a round number and a declined record at every site
+        (:attr:`SimulationResult.rounds_not_announced` says how many).
+
         **Round identity.** A round is named by the federation id and a round number that
         only increases over the life of the federation: the coordinator keeps
         ``next_round`` in ``out_dir/coordinator-state.json``
@@ -408,6 +418,7 @@ def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str |
                                   seed=0 if seed is None else seed, pool=pool)
         reports = []
         out_dir.mkdir(parents=True, exist_ok=True)
+        not_announced = 0
         for r in range(first_round, first_round + rounds):
             # The round number is used from here on, whatever happens next: durable before
             # any site hears of it, so no later run can announce it again.
@@ -416,6 +427,14 @@ def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str |
             reports.append(report)
             if on_round is not None:
                 on_round(report, agents)
+            if TRAINED not in coordinator.answers[r].values():
+                # Every site declined (privacy budget or policy): the plans, budgets and
+                # policies do not change during a run, so no later round could train either.
+                not_announced = first_round + rounds - r - 1
+                if not_announced:
+                    logger.warning("no site could train in round %d: the %d round(s) after it are not announced",
+                                   r, not_announced)
+                break
         metrics_path = out_dir / "metrics.json"
         atomic_write(metrics_path, json.dumps(_metrics_document(federation, agents, reports, mode=mode,
                                                                 secure=secure and mode == "blockwise", seed=seed),
@@ -427,7 +446,8 @@ def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str |
         for agent in agents:
             agent.audit.close()
     return SimulationResult(rounds=reports, out_dir=out_dir, metrics_path=metrics_path,
-                            answers={r: dict(a) for r, a in coordinator.answers.items()})
+                            answers={r: dict(a) for r, a in coordinator.answers.items()},
+                            rounds_not_announced=not_announced)
 
 
 def _metrics_document(federation: FederationConfig, agents: list[SiteAgent], reports: list[RoundReport], *,
