@@ -151,6 +151,18 @@ def test_budget_that_stops_every_site_exits_3_before_anything(fed, capsys):
     assert snapshot(fed) == before
 
 
+def test_a_spent_budget_is_said_before_any_site_data_is_read(fed, capsys, monkeypatch):
+    """With public sampling the plan needs no data: a run no site can afford stops at once,
+    before the (slow) DICOM and CSV reading."""
+    from blossom_secure.runtimes.embedded import federation as embedded
+
+    for policy in (fed / "policies").glob("*.toml"):
+        policy.write_text(re.sub(r"epsilon_budget = [0-9.]+", "epsilon_budget = 0.5", policy.read_text()))
+    monkeypatch.setattr(embedded, "load_site_data", lambda *a, **k: pytest.fail("site data read before the budget"))
+    monkeypatch.setattr(embedded, "ensure_site_data", lambda *a, **k: pytest.fail("site data made before the budget"))
+    assert_refused(in_process(capsys, "blossom", *simulate_args(fed)), 3, "no site can afford another round")
+
+
 def test_policy_typo_in_a_block_name(fed, capsys):
     edit(fed / "policies" / "standard.toml", '["encoder.*", "fusion"]', '["encoder.imaging", "fusion"]')
     before = snapshot(fed)

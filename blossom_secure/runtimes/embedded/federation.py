@@ -386,6 +386,8 @@ def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str |
     _check_writable(configs)
     if not fresh:
         _check_site_state(configs, first_round=first_round, counter_path=counter_path)
+        if federation.training.sample_rate is not None:  # a spent budget is said before any data is read
+            _check_budgets(configs, None, federation, secure=secure if mode == "blockwise" else True)
     arrays = {}
     data_problems: list[Problem] = []
     for site in configs:
@@ -399,7 +401,7 @@ def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str |
     if fresh:
         for site in configs:
             reset_site_state(site.root)
-    else:
+    elif federation.training.sample_rate is None:
         _check_budgets(configs, arrays, federation, secure=secure if mode == "blockwise" else True)
     agents = []
     pool = None
@@ -591,11 +593,13 @@ class FederationBudgetExhaustedError(PrivacyBudgetExceededError):
                                     "trained (see `blossom-site budget`)")
 
 
-def _check_budgets(configs: list[SiteConfig], arrays: Mapping[str, Any], federation: FederationConfig, *,
+def _check_budgets(configs: list[SiteConfig], arrays: Mapping[str, Any] | None, federation: FederationConfig, *,
                    secure: bool) -> None:
     """Refuse, before anything is recorded, a run in which every site that may join is
     already at its budget: each would only decline. The plan is the one the site agent
-    makes (:func:`~blossom_secure.site.training.plan_round`, public sampling)."""
+    makes (:func:`~blossom_secure.site.training.plan_round`). ``arrays`` (the sites' data)
+    may be ``None`` when the federation declares public sampling: the plan then does not
+    depend on any site's data, so the check runs before any data is read."""
     from blossom_secure.site.config import LEDGER_FILE
     from blossom_secure.site.data import split_holdout
     from blossom_secure.site.ledger import PrivacyLedger
@@ -606,9 +610,13 @@ def _check_budgets(configs: list[SiteConfig], arrays: Mapping[str, Any], federat
     for site in configs:
         if policy_refusal(site, federation, secure=secure) is not None:
             continue
-        train_idx, _ = split_holdout(arrays[site.id].patient_ids, fraction=training.holdout_fraction,
-                                     seed=training.split_seed)
-        plan = plan_round(int(train_idx.size), batch_size=training.batch_size, epochs=training.local_epochs,
+        if arrays is None:  # public sampling: any positive count gives the same plan
+            n_train = 1
+        else:
+            train_idx, _ = split_holdout(arrays[site.id].patient_ids, fraction=training.holdout_fraction,
+                                         seed=training.split_seed)
+            n_train = int(train_idx.size)
+        plan = plan_round(n_train, batch_size=training.batch_size, epochs=training.local_epochs,
                           terms=site.policy.privacy, sample_rate=training.sample_rate,
                           steps_per_round=training.steps_per_round)
         ledger = PrivacyLedger(site.state_dir / LEDGER_FILE, site_id=site.id, terms=site.policy.privacy)
