@@ -19,7 +19,7 @@ import blossom_secure
 
 PACKAGE = Path(blossom_secure.__file__).parent
 #: Modules of the ground floor and the shared cores: they import neither side nor a runtime.
-SHARED = ("errors", "blocks", "crypto", "config", "model", "_fs", "_toml", "exchange", "wire", "roster",
+SHARED = ("errors", "blocks", "crypto", "config", "model", "_fs", "_system", "_toml", "exchange", "wire", "roster",
           "secagg", "audit")
 SIDES = ("site", "coordinator")
 UPPER = ("runtimes", "cli", "experiments")
