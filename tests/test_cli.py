@@ -115,15 +115,12 @@ def test_simulate_quick_writes_metrics(copy_sites, tmp_path):
     assert {r["site"] for r in doc["metrics"]} == {"st-mary", "northgate", "riverside", "lakeside"}
 
 
-@pytest.mark.slow
-def test_simulate_budget_message_never_says_the_others_went_on_when_none_did(copy_sites, tmp_path):
-    """Every budget allows one round: round 0 is trained, in round 1 every site declines.
-    Exit 3 says which rounds nobody trained, not that "the others went on"."""
+def _budget_for_one_round(sites: Path) -> None:
+    """Set every example policy's budget to 1.2 rounds of the federation's public plan."""
     import re
 
     from blossom_secure.site.ledger import compute_epsilon
 
-    sites = copy_sites()
     fed = (sites / "federation.toml").read_text()
     rate = float(re.search(r"sample_rate = ([0-9.]+)", fed).group(1))
     steps = int(re.search(r"steps_per_round = (\d+)", fed).group(1))
@@ -132,6 +129,14 @@ def test_simulate_budget_message_never_says_the_others_went_on_when_none_did(cop
         noise = float(re.search(r"noise_multiplier = ([0-9.]+)", text).group(1))
         one_round = compute_epsilon([(noise, rate, steps)], accountant="rdp", delta=1e-5)
         policy.write_text(re.sub(r"epsilon_budget = [0-9.]+", f"epsilon_budget = {one_round * 1.2:.4f}", text))
+
+
+@pytest.mark.slow
+def test_simulate_budget_message_never_says_the_others_went_on_when_none_did(copy_sites, tmp_path):
+    """Every budget allows one round: round 0 is trained, in round 1 every site declines.
+    Exit 3 says which rounds nobody trained, not that "the others went on"."""
+    sites = copy_sites()
+    _budget_for_one_round(sites)
     proc = cli("blossom", "simulate", "--sites", str(sites), "--out", str(tmp_path / "run"), "--rounds", "2")
     assert proc.returncode == 3, (proc.stdout, proc.stderr)
     message = " ".join(proc.stderr.split())
@@ -145,19 +150,8 @@ def test_simulate_stops_announcing_rounds_once_no_site_can_train(copy_sites, tmp
     """Every budget allows one round and four are asked for: round 1 is declined by every
     site, and rounds 2 and 3 are never announced (no round number used up, no declined
     record written), as the output says; the next run would start at round 2."""
-    import re
-
-    from blossom_secure.site.ledger import compute_epsilon
-
     sites = copy_sites()
-    fed = (sites / "federation.toml").read_text()
-    rate = float(re.search(r"sample_rate = ([0-9.]+)", fed).group(1))
-    steps = int(re.search(r"steps_per_round = (\d+)", fed).group(1))
-    for policy in (sites.parent / "policies").glob("*.toml"):
-        text = policy.read_text()
-        noise = float(re.search(r"noise_multiplier = ([0-9.]+)", text).group(1))
-        one_round = compute_epsilon([(noise, rate, steps)], accountant="rdp", delta=1e-5)
-        policy.write_text(re.sub(r"epsilon_budget = [0-9.]+", f"epsilon_budget = {one_round * 1.2:.4f}", text))
+    _budget_for_one_round(sites)
     proc = cli("blossom", "simulate", "--sites", str(sites), "--out", str(tmp_path / "run"), "--rounds", "4")
     assert proc.returncode == 3, (proc.stdout, proc.stderr)
     assert "no site could train in round 1, so the 2 round(s) asked for after it were not announced" in proc.stdout
