@@ -197,7 +197,7 @@ import re
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 from types import MappingProxyType
@@ -519,17 +519,15 @@ def _randomness(value: Any) -> str | None:
     return None if value in RANDOMNESS_KINDS else f"must be one of {', '.join(RANDOMNESS_KINDS)}"
 
 
-_KNOWN_BLOCK_NAMES: set[str] = set()  # names already found valid (a log names a handful)
+@functools.lru_cache(maxsize=1024)  # a log names a handful of blocks, thousands of times
+def _is_block_name_text(value: str) -> bool:
+    # isprintable(): the block-name pattern ends in "$", which also accepts a final newline.
+    return value.isprintable() and is_valid_block_name(value)
 
 
 def _block_name(value: Any) -> str | None:
-    if type(value) is str and value in _KNOWN_BLOCK_NAMES:
-        return None
-    # isprintable(): the block-name pattern ends in "$", which also accepts a final newline.
-    if not isinstance(value, str) or not value.isprintable() or not is_valid_block_name(value):
+    if not isinstance(value, str) or not _is_block_name_text(value):
         return "must be a block name (encoder.<x>, fusion or head.<x>)"
-    if len(_KNOWN_BLOCK_NAMES) < 1024:
-        _KNOWN_BLOCK_NAMES.add(value)
     return None
 
 
@@ -571,7 +569,7 @@ def _block_map(item: _Check) -> _Check:
 def _shape(value: Any) -> str | None:
     if not isinstance(value, list) or len(value) > _MAX_DIMS:
         return f"must be a list of at most {_MAX_DIMS} dimensions"
-    if not all(type(d) is int and d >= 0 for d in value) and any(_nonneg_int(d) for d in value):
+    if any(_nonneg_int(d) for d in value):
         return "must list integer dimensions >= 0"
     return None
 
@@ -582,9 +580,11 @@ class _EventSpec:
     optional: Mapping[str, _Check]
     needs_round: bool
     policy_optional: bool
+    #: Every check by key, and the required keys (derived: for the common case's one pass).
+    checks: Mapping[str, _Check] = field(init=False)
+    required_keys: frozenset[str] = field(init=False)
 
     def __post_init__(self) -> None:
-        # For the common case (the keys are right): every check by key, and the key sets.
         object.__setattr__(self, "checks", {**self.required, **self.optional})
         object.__setattr__(self, "required_keys", frozenset(self.required))
 
@@ -674,12 +674,12 @@ def _details_problems(
     spec = _EVENT_SPECS.get(event)
     if spec is None:
         return [f"unknown event {event!r} (known: {', '.join(EVENTS)})"]
-    checks = spec.checks  # type: ignore[attr-defined]
+    checks = spec.checks
     problems: list[str] = []
     if not (  # the common case, shown without building a message
         (round_id is not None or not spec.needs_round)
         and (policy_sha256 is not None or spec.policy_optional)
-        and spec.required_keys <= details.keys()  # type: ignore[attr-defined]
+        and spec.required_keys <= details.keys()
         and all(key in checks and checks[key](value) is None for key, value in details.items())
     ):
         if spec.needs_round and round_id is None:
@@ -1287,10 +1287,10 @@ def _canonical_envelope_ok(raw: bytes, record: Mapping[str, Any]) -> bool:
     Notes:
         In a canonical line a ``"`` inside a string is always escaped, so the last
         ``,"event":"`` of the line starts the member that follows ``details`` (no later
-        member can hold it), and eleven members starting with ``details`` are exactly the
-        record fields.
+        member can hold it), and as many members as :data:`RECORD_FIELDS`, starting with
+        ``details`` and ending with the nine the match names, are exactly the record fields.
     """
-    if len(record) != len(RECORD_FIELDS) or not raw.startswith(b'{"details":{') or "details" not in record:
+    if len(record) != len(RECORD_FIELDS) or not raw.startswith(b'{"details":{'):
         return False
     match = _CANONICAL_ENVELOPE.fullmatch(raw, raw.rfind(b',"event":"'))
     return (match is not None and record["seq"] <= _MAX_SAFE_INT
@@ -1547,19 +1547,24 @@ def _split_points(path: Path, parts: int) -> list[tuple[int, bytes]]:
     return points
 
 
-def _continue_chain(chain: _Chain, previous_line: bytes) -> None:
-    """Set ``chain`` to carry on after ``previous_line`` (its hash and seq; its own checks
-    are the part before's, and :func:`_feed_in_parallel` compares the two)."""
-    match = _CANONICAL_ENVELOPE.fullmatch(previous_line, max(previous_line.rfind(b',"event":"'), 0))
+def _line_position(line: bytes) -> tuple[int, str]:
+    """The seq and hash of a canonical log line (where a part of the log that follows it
+    continues from).
+
+    Raises:
+        _ChainBroken: not a canonical record line.
+    """
+    match = _CANONICAL_ENVELOPE.fullmatch(line, max(line.rfind(b',"event":"'), 0))
     if match is None:
         raise _ChainBroken
-    chain.last_seq = int(match["seq"])
-    chain.last_hash = hashlib.sha256(previous_line).hexdigest()
+    return int(match["seq"]), hashlib.sha256(line).hexdigest()
 
 
-def _feed_part(chain: _Chain, path: Path, start: int, end: int | None, previous_line: bytes | None) -> None:
-    if previous_line is not None:
-        _continue_chain(chain, previous_line)
+def _feed_part(chain: _Chain, path: Path, start: int, end: int | None, after: tuple[int, str] | None) -> None:
+    """Feed ``chain`` the lines from byte ``start`` to ``end``, continuing from the seq
+    and hash ``after`` (``None``: the log's first line)."""
+    if after is not None:
+        chain.last_seq, chain.last_hash = after
     for line_no, raw in _iter_lines(path, start, end):
         chain.feed(line_no, raw)
 
@@ -1585,10 +1590,13 @@ def _feed_in_parallel(path: Path, public_key: bytes, workers: int) -> _Chain | N
     if (not hasattr(os, "fork") or threading.active_count() > 1
             or path.stat().st_size < PARALLEL_MIN_BYTES):
         return None
-    points = _split_points(path, workers)
+    try:
+        points = [(offset, _line_position(line)) for offset, line in _split_points(path, workers)]
+    except _ChainBroken:
+        return None
     if not points:
         return None
-    starts = [(0, None), *points]
+    starts: list[tuple[int, tuple[int, str] | None]] = [(0, None), *points]
     children: list[tuple[int, int]] = []
     try:
         for index, (start, previous) in enumerate(starts[:-1]):
@@ -1630,14 +1638,8 @@ def _feed_in_parallel(path: Path, public_key: bytes, workers: int) -> _Chain | N
             with suppress(OSError):
                 os.waitpid(pid, 0)
     parts = [*summaries, _part_summary(last)]
-    for index, (_, previous) in enumerate(starts[1:]):
-        continued = _Chain(public_key, collect=False)
-        try:
-            _continue_chain(continued, previous)
-        except _ChainBroken:
-            return None
-        before = parts[index]
-        if (before["last_seq"], before["last_hash"]) != (continued.last_seq, continued.last_hash):
+    for before, (_, after) in zip(parts, starts[1:]):  # each part ends where the next one continues from
+        if (before["last_seq"], before["last_hash"]) != after:
             return None
     if any(part["site_id"] != parts[0]["site_id"] or part["count"] == 0 for part in parts):
         return None
