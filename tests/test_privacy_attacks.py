@@ -79,6 +79,32 @@ def test_public_seed_cannot_regenerate_the_noise_of_a_real_site(tiny_sites_with_
         assert not np.array_equal(a[block], b[block]), block
 
 
+def test_public_seed_cannot_regenerate_the_noise_of_a_real_site_trained_in_a_worker(tiny_sites_with_data, tmp_path):
+    """Attack: the same as above, on a run that trains in worker processes
+    (``--workers``): the worker gets the site's training terms, not its agent, so the
+    terms must carry no seed for a real site, the ledger and the worker's noise must both
+    be the OS CSPRNG's, and two trainings from the same blocks, data and simulation seed
+    must differ. A synthetic site's terms carry the seed, and then they do not differ."""
+    from blossom_secure.runtimes.embedded.training_pool import _job_of, run_job
+
+    sites = _copy(tiny_sites_with_data, tmp_path / "s")
+    _as_real_site(sites / "st-mary")
+    federation = load_federation(sites / "federation.toml")
+    for site, real in (("st-mary", True), ("lakeside", False)):
+        agent = SiteAgent(sites / site, federation, seed=0)
+        try:
+            pending = agent.begin_offer(round_id=0, global_blocks={}, secure=True)
+            job = _job_of(agent, pending)
+            assert (job.terms.seeded_noise_seed is None) is real
+            assert pending.randomness == ("os-csprng" if real else "seeded-simulation")
+            assert [e.randomness for e in agent.ledger.entries] == [pending.randomness]
+            (_, first), (_, second) = run_job(job), run_job(job)
+            same = all(np.array_equal(first[b], second[b]) for b in first)
+            assert same is not real, site
+        finally:
+            agent.audit.close()
+
+
 def test_seeded_simulation_is_labelled_nominal_everywhere(tiny_sites_with_data, tmp_path):
     """A seeded run on synthetic sites is reproducible, so its epsilon cannot be a guarantee:
     the ledger, the audit log and metrics.json must all say so."""

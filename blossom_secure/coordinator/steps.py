@@ -29,7 +29,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 
 import numpy as np
 
-from blossom_secure._system import available_cores
+from blossom_secure._system import available_cores, worker_context
 from blossom_secure.exchange import BlockOutcome
 from blossom_secure.config import FederationConfig
 from blossom_secure.errors import BlossomError, PolicyError, Problem, ProtocolError
@@ -65,17 +65,11 @@ def unmask_pool(cores: int | None = None) -> tuple[ProcessPoolExecutor | None, i
     (:mod:`blossom_secure.secagg.unmasking`) never starts one. Shut it down with
     ``shutdown()``.
     """
-    import multiprocessing
-
     if cores is None:
         cores = available_cores()
     if cores < 2:
         return None, 1
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    if context.get_start_method() == "forkserver":
-        context.set_forkserver_preload(["blossom_secure.secagg.unmasking"])
-    return ProcessPoolExecutor(max_workers=cores - 1, mp_context=context), cores
+    return ProcessPoolExecutor(max_workers=cores - 1, mp_context=worker_context(["blossom_secure.secagg.unmasking"])), cores
 
 
 class RoundCoordinator:

@@ -21,7 +21,6 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -34,12 +33,12 @@ from blossom_secure.config import FederationConfig
 from blossom_secure.site.config import AUDIT_FILE, BLOCKS_FILE, LEDGER_FILE, SiteConfig, load_site, policy_refusal
 from blossom_secure.crypto import IdentityKey, identity_public_key, key_fingerprint
 from blossom_secure.site.data import SiteArrays, load_site_data, split_holdout
-from blossom_secure.site.dp_random import SEEDED_SIMULATION, DPRandomness
+from blossom_secure.site.dp_random import OS_CSPRNG, SEEDED_SIMULATION, DPRandomness
 from blossom_secure.site.egress import EGRESS_RECIPIENT, egress_block_bytes, select_egress, select_report
 from blossom_secure.errors import PrivacyBudgetExceededError
 from blossom_secure.site.keys import load_or_create_identity_key
 from blossom_secure.model import BlockModel
-from blossom_secure.site.ledger import PrivacyLedger, load_reconciled_ledger
+from blossom_secure.site.ledger import LedgerEntry, PrivacyLedger, load_reconciled_ledger
 from blossom_secure.site.round_identity import ANSWER_EVENTS, StaleRoundError, check_round_is_new, last_round_answered
 from blossom_secure.site.training import (
     RoundPlan,
@@ -123,15 +122,17 @@ class PendingTraining:
             simulation without DP).
         entry: The ledger's reservation (``None`` without DP).
         spent_before: Epsilon spent before the round.
-        randomness: The round's DP randomness (its ``kind`` is what the ledger recorded).
+        randomness: Where the round's DP noise comes from (``os-csprng`` or
+            ``seeded-simulation``), as the ledger recorded it; the training draws its noise
+            from that source (:class:`TrainingTerms`).
     """
 
     round_id: int
     start: dict[str, np.ndarray]
     plan: RoundPlan | None
-    entry: Any
+    entry: LedgerEntry | None
     spent_before: float
-    randomness: DPRandomness
+    randomness: str
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,12 @@ class TrainingTerms:
     plain_seed: int | None
 
 
-def _train(model: BlockModel, data: SiteTensors, terms: TrainingTerms) -> TrainResult:
+def train_pending(model: BlockModel, data: SiteTensors, terms: TrainingTerms) -> TrainResult:
+    """Run a site's training of a round from its :class:`TrainingTerms` on ``model`` (in
+    place) and its training split ``data``: what :meth:`SiteAgent.train` runs, and what a
+    process holding a copy of the site's model and data runs. The noise is drawn from the
+    OS CSPRNG of the process that trains unless ``terms`` carries a simulation seed (a
+    seeded round on synthetic data only)."""
     if terms.plan is None:
         return train_without_dp_simulation_only(model, data, epochs=terms.epochs, batch_size=terms.batch_size,
                                                 learning_rate=terms.learning_rate, momentum=terms.momentum,
@@ -168,13 +174,6 @@ def _train(model: BlockModel, data: SiteTensors, terms: TrainingTerms) -> TrainR
     return train_dp(model, data, terms.plan, max_grad_norm=terms.max_grad_norm, learning_rate=terms.learning_rate,
                     momentum=terms.momentum, randomness=randomness,
                     max_physical_batch_size=terms.max_physical_batch_size)
-
-
-def train_pending(model: BlockModel, data: SiteTensors, terms: TrainingTerms) -> TrainResult:
-    """Run a site's training of a round from its :class:`TrainingTerms` on ``model`` (in
-    place) and its training split ``data``: exactly what :meth:`SiteAgent.train` runs, for
-    a process that holds a copy of the site's model and data."""
-    return _train(model, data, terms)
 
 
 class SiteAgent:
@@ -335,7 +334,7 @@ class SiteAgent:
         kind = DECLINED_POLICY
         entry = plan = None
         spent_before = self.ledger.epsilon_spent
-        randomness = self._randomness(round_id)
+        randomness = SEEDED_SIMULATION if self.seeded_noise else OS_CSPRNG
         if reason is None and not self.simulation_without_dp:
             training = self.federation.training
             plan = plan_round(self.n_train, batch_size=training.batch_size, epochs=training.local_epochs,
@@ -344,7 +343,7 @@ class SiteAgent:
             try:
                 entry = self.ledger.reserve(round_id=round_id, noise_multiplier=plan.noise_multiplier,
                                             sample_rate=plan.sample_rate, steps=plan.steps,
-                                            randomness=randomness.kind)
+                                            randomness=randomness)
             except PrivacyBudgetExceededError as exc:
                 reason = str(exc)
                 kind = DECLINED_BUDGET
@@ -367,7 +366,7 @@ class SiteAgent:
     def train(self, pending: PendingTraining) -> TrainResult:
         """Run the training of a round :meth:`begin_offer` joined, on this site's model, in
         this process (:func:`train_pending` does the same in another process)."""
-        return _train(self.model, self.tensors.subset(self.train_idx), self.training_terms(pending))
+        return train_pending(self.model, self.tensors.subset(self.train_idx), self.training_terms(pending))
 
     def training_terms(self, pending: PendingTraining) -> TrainingTerms:
         """Everything the training of ``pending`` needs but the model and the data, as
@@ -378,7 +377,7 @@ class SiteAgent:
             max_grad_norm=self.policy.privacy.max_grad_norm, learning_rate=training.learning_rate,
             momentum=training.momentum, epochs=training.local_epochs, batch_size=training.batch_size,
             max_physical_batch_size=training.max_physical_batch_size,
-            seeded_noise_seed=self.seed if pending.randomness.kind == SEEDED_SIMULATION else None,
+            seeded_noise_seed=self.seed if pending.randomness == SEEDED_SIMULATION else None,
             plain_seed=_derive_seed(self.seed, self.id, pending.round_id) if pending.plan is None else None)
 
     def complete_offer(self, pending: PendingTraining, outcome: TrainResult | BaseException) -> RoundOffer:
@@ -395,7 +394,7 @@ class SiteAgent:
             else:
                 epsilon_total = entry.epsilon_total
                 self._record(audit.TRAINING_FINISHED, round_id, {
-                    "randomness": pending.randomness.kind, "epsilon_is_nominal": not pending.randomness.is_private,
+                    "randomness": pending.randomness, "epsilon_is_nominal": pending.randomness != OS_CSPRNG,
                     "sampling": plan.sampling,
                     "steps": result.steps, "epsilon_round": max(0.0, entry.epsilon_total - pending.spent_before),
                     "epsilon_total": entry.epsilon_total, "delta": self.policy.privacy.delta,
@@ -424,12 +423,6 @@ class SiteAgent:
     def ledger_is_nominal(self) -> bool:
         """Whether any round in the ledger was a seeded simulation (its epsilon is then nominal)."""
         return any(e.is_nominal for e in self.ledger.entries)
-
-    def _randomness(self, round_id: int) -> DPRandomness:
-        """The round's DP randomness: the OS CSPRNG, or a seeded simulation on synthetic data."""
-        if self.seeded_noise:
-            return DPRandomness.seeded_simulation(self.seed, site_id=self.id, round_id=round_id)
-        return DPRandomness.from_os_csprng()
 
     def refusal(self, *, secure: bool, coordinator: str | None = None) -> str | None:
         """Why this site refuses to join a round, or ``None`` (:func:`~blossom_secure.site.config.policy_refusal`)."""

@@ -203,7 +203,9 @@ class DPRandomness:
         return out
 
 
-_NUMPY_FLOATS = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
+#: Where numpy's conversion from float64 is torch's (one correctly rounded step; a half
+#: float is left to torch, which rounds through float32).
+_NUMPY_FLOATS = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def _as_tensor_like(values: np.ndarray, reference: torch.Tensor) -> torch.Tensor:

@@ -88,7 +88,6 @@ __all__ = [
     "StaleRoundError",
     "handle_request",
     "layout_block_sizes",
-    "main",
     "site_identity",
 ]
 

@@ -148,6 +148,7 @@ class Coordinator:
         #: Worker processes that train the joined sites at the same time (``None``: the
         #: sites train one after the other in this process).
         self.pool = pool
+        self._by_id = {agent.id: agent for agent in agents}
         self.mode = mode
         self.aggregator = aggregator
         #: Round -> site -> TRAINED or the category of its decline (in-process knowledge).
@@ -172,16 +173,16 @@ class Coordinator:
         outcomes: dict[str, BlockOutcome] = {}
         if self.mode == "blockwise":
             contributions = {s: o.contribution for s, o in offers.items() if o.contribution is not None}
-            by_id = {a.id: a for a in self.agents}
             outcomes = self.aggregator.aggregate(
                 federation_id=self.federation.id, round_id=round_id, contributions=contributions,
                 block_sizes={b: v.size for b, v in self.global_blocks.items()},
-                on_egress=lambda site, kind, blocks, payload: by_id[site].record_egress(round_id, kind, blocks, payload))
+                on_egress=lambda site, kind, blocks, payload: self._by_id[site].record_egress(round_id, kind, blocks,
+                                                                                              payload))
             received = dict(self.aggregator.last_bytes_received)
             if self.aggregator.secure:
                 errors = self.aggregator.last_site_errors
                 for site in contributions:
-                    by_id[site].record_secagg_outcome(round_id, error=errors.get(site))
+                    self._by_id[site].record_secagg_outcome(round_id, error=errors.get(site))
             for block, outcome in outcomes.items():
                 if outcome.failure is None:
                     self.global_blocks[block] = (self.global_blocks[block] + outcome.mean_update).astype(np.float32)
@@ -213,9 +214,8 @@ class Coordinator:
             self._abandon(answers, exc)
             raise
         pending = {site: a for site, a in answers.items() if isinstance(a, PendingTraining)}
-        by_id = {agent.id: agent for agent in self.agents}
         try:
-            trained = train_all(by_id, pending, self.pool)
+            trained = train_all(self._by_id, pending, self.pool)
         except BaseException as exc:  # interrupted while the sites trained
             self._abandon(answers, exc)
             raise
@@ -235,12 +235,11 @@ class Coordinator:
 
     def _abandon(self, answers: Mapping[str, RoundOffer | PendingTraining], exc: BaseException) -> None:
         """Record, at every site that joined and has not trained, why its round stopped."""
-        by_id = {agent.id: agent for agent in self.agents}
+        why = RuntimeError(f"the round stopped before this site's training finished: {str(exc) or type(exc).__name__}")
         for site, answer in answers.items():
             if isinstance(answer, PendingTraining):
                 with contextlib.suppress(BaseException):
-                    by_id[site].complete_offer(answer, RuntimeError(f"the round stopped before this site's "
-                                                                    f"training finished: {exc or type(exc).__name__}"))
+                    self._by_id[site].complete_offer(answer, why)
 
     def _full_model_round(self, round_id: int) -> RoundReport:
         trained: dict[str, dict[str, np.ndarray]] = {}

@@ -23,14 +23,16 @@ and its own workers only (pickled by :mod:`multiprocessing`, never from the netw
 
 from __future__ import annotations
 
-import multiprocessing
-from collections.abc import Callable, Mapping
+import dataclasses
+from collections.abc import Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from blossom_secure._system import worker_context
 
 __all__ = ["TrainingJob", "TrainingPool", "run_job", "train_all"]
 
@@ -102,11 +104,7 @@ class TrainingPool:
     def __init__(self, workers: int) -> None:
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 2:
             raise ValueError("a training pool needs at least 2 workers")
-        self.workers = workers
-        methods = multiprocessing.get_all_start_methods()
-        context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-        if context.get_start_method() == "forkserver":
-            context.set_forkserver_preload(["blossom_secure.site.agent", "blossom_secure.runtimes.embedded.training_pool"])
+        context = worker_context(["blossom_secure.site.agent", "blossom_secure.runtimes.embedded.training_pool"])
         self._executor = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_start)
 
     def submit(self, job: TrainingJob) -> Future:
@@ -156,12 +154,11 @@ def train_all(agents: Mapping[str, Any], pending: Mapping[str, Any],
 
 def _job_of(agent: Any, pending: Any) -> TrainingJob:
     data = agent.tensors.subset(agent.train_idx)
-    fields: Callable[[Any], dict] = lambda mapping: dict(mapping.items())  # noqa: E731 - read-only views to dicts
     return TrainingJob(
         federation_path=Path(agent.federation.path), federation_sha256=agent.federation.sha256,
         modalities=tuple(agent.config.modalities), tasks=tuple(agent.config.tasks),
         blocks=agent.model.get_blocks(),
-        data={"image": data.image, "image_present": data.image_present, "tabular": data.tabular,
-              "tabular_present": data.tabular_present, "labels": fields(data.labels), "extra": fields(data.extra),
-              "extra_present": fields(data.extra_present)},
+        # every field of the split; read-only mapping views (not picklable) as plain dicts
+        data={f.name: dict(v) if isinstance(v, Mapping) else v
+              for f in dataclasses.fields(data) for v in [getattr(data, f.name)]},
         terms=agent.training_terms(pending))
