@@ -10,14 +10,19 @@ with secure aggregation in a fresh process per site count, on one of two runtime
 
 ``--runtime embedded`` (default; ``--sites 4,10,25,50,100``): the embedded runtime
 (:func:`blossom_secure.runtimes.embedded.federation.simulate`), every site in the one
-process. Reported per site count:
+process. Each site count is run on the complete masking graph and, from ``3 k`` sites on,
+again on the sparse graph of degree ``k = --neighbours`` (``graph`` in each row).
+Reported per site count:
 
 * ``startup_s``: from the start of the run to the first round (every site's files checked,
   its data, key, ledger and audit log loaded);
 * ``round_time_s`` (mean) and ``round_parts_s``: each round's wall time and, of it,
   ``secure_aggregation_s``, the secure aggregator's whole run (key agreement, sharing,
   masking, consistency check, unmasking, and the audit records of those messages);
-  ``secure_aggregation_share``: that over the rounds' time;
+  ``secure_aggregation_share``: that over the rounds' time; ``audit_records_s`` and
+  ``audit_records_share``: of the secure aggregation, the sites' durable, signed audit
+  records of the messages they send (five per site and round, each written and synced
+  before its message leaves);
 * ``coordinator_peak_rss_mib`` and ``coordinator_rss_before_run_mib``: resident memory of
   the process (every site included; with ``--workers`` the training workers are not
   counted);
@@ -126,7 +131,7 @@ ring_bits = 32
 max_weight = 100
 max_sites = {n}
 # no threshold: the default strict majority floor(2 * max_sites / 3) + 1; every site holds every block
-
+{sparse}
 [synth]
 seed = 2026
 
@@ -157,9 +162,11 @@ shift = {shift}
 """
 
 
-def make_federation(dest: Path, *, n: int, patients: int, rounds: int) -> Path:
+def make_federation(dest: Path, *, n: int, patients: int, rounds: int, neighbours: int = 0) -> Path:
     """Write ``dest/sites`` (federation file and ``n`` site folders) and ``dest/policies``,
-    and generate every site's synthetic data. Returns the sites folder."""
+    and generate every site's synthetic data. Returns the sites folder. ``neighbours``: the
+    sparse masking graph's degree (``[aggregation.sparse]``, its other terms the defaults),
+    or 0 for the complete graph."""
     from blossom_secure.config import load_federation
     from blossom_secure.site.agent import ensure_site_data
     from blossom_secure.site.config import load_site
@@ -170,8 +177,9 @@ def make_federation(dest: Path, *, n: int, patients: int, rounds: int) -> Path:
     policy = policy.replace('federation = "blossom-demo"', f'federation = "{FEDERATION_ID}"')
     (dest / "policies" / "standard.toml").write_text(policy, encoding="utf-8")
     sites.mkdir()
-    (sites / "federation.toml").write_text(_FEDERATION.format(federation_id=FEDERATION_ID, n=n, rounds=rounds),
-                                           encoding="utf-8")
+    sparse = f"\n[aggregation.sparse]\nneighbours = {neighbours}\n" if neighbours else ""
+    (sites / "federation.toml").write_text(
+        _FEDERATION.format(federation_id=FEDERATION_ID, n=n, rounds=rounds, sparse=sparse), encoding="utf-8")
     federation = load_federation(sites / "federation.toml")
     width = len(str(n))
     for i in range(n):
@@ -232,6 +240,7 @@ def run_embedded_child(args: argparse.Namespace) -> int:
     the rest (training, evaluation, reports)."""
     from blossom_secure.runtimes.embedded import aggregators
     from blossom_secure.runtimes.embedded import federation as embedded
+    from blossom_secure.site import agent
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     rounds: list[dict[str, float]] = []
@@ -239,6 +248,15 @@ def run_embedded_child(args: argparse.Namespace) -> int:
     marks: dict[str, float] = {}
     aggregate = aggregators.SecureAggregator.aggregate
     run_round = embedded.Coordinator.run_round
+    record_egress = agent.SiteAgent.record_egress
+    audit: list[float] = []
+
+    def timed_egress(self, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return record_egress(self, *args, **kwargs)
+        finally:
+            audit.append(time.perf_counter() - started)
 
     def timed_aggregate(self, **kwargs):
         started = time.perf_counter()
@@ -249,15 +267,17 @@ def run_embedded_child(args: argparse.Namespace) -> int:
 
     def timed_round(self, round_id):
         marks.setdefault("first_round", time.perf_counter())
-        started, before = time.perf_counter(), len(secagg)
+        started, before, records = time.perf_counter(), len(secagg), len(audit)
         try:
             return run_round(self, round_id)
         finally:
             seconds = time.perf_counter() - started
-            rounds.append({"round_s": round(seconds, 3), "secure_aggregation_s": round(sum(secagg[before:]), 3)})
+            rounds.append({"round_s": round(seconds, 3), "secure_aggregation_s": round(sum(secagg[before:]), 3),
+                           "audit_records_s": round(sum(audit[records:]), 3)})
 
     aggregators.SecureAggregator.aggregate = timed_aggregate
     embedded.Coordinator.run_round = timed_round
+    agent.SiteAgent.record_egress = timed_egress
     before = _rss_mib()
     start = time.perf_counter()
     embedded.simulate(sites_root=args.child_sites, rounds=args.rounds, out_dir=args.child_sites.parent / "out",
@@ -270,6 +290,7 @@ def run_embedded_child(args: argparse.Namespace) -> int:
     result = {"startup_s": round(marks["first_round"] - start, 2), "round_times_s": [r["round_s"] for r in rounds],
               "round_parts_s": rounds,
               "secure_aggregation_share": round(sum(r["secure_aggregation_s"] for r in rounds) / round_s, 4),
+              "audit_records_share": round(sum(r["audit_records_s"] for r in rounds) / round_s, 4),
               "total_s": round(total, 2), "coordinator_peak_rss_mib": round(peak, 1),
               "coordinator_rss_before_run_mib": round(before, 1), "blocks_not_aggregated": failed}
     args.result.write_text(json.dumps(result))
@@ -344,18 +365,20 @@ def _stop(process: subprocess.Popen) -> None:
         _kill_if_same(pid, start_time)
 
 
-def measure(n: int, args: argparse.Namespace, work: Path) -> dict:
-    """Generate ``n`` sites and run them in a fresh process within the time limit."""
-    row: dict = {"sites": n, "rounds": args.rounds}
+def measure(n: int, args: argparse.Namespace, work: Path, *, neighbours: int = 0) -> dict:
+    """Generate ``n`` sites and run them in a fresh process within the time limit
+    (``neighbours``: the sparse graph's degree, 0 for the complete graph)."""
+    row: dict = {"sites": n, "rounds": args.rounds, "graph": f"sparse, k = {neighbours}" if neighbours else "complete"}
     start = time.perf_counter()
-    sites = make_federation(work / f"n{n}", n=n, patients=args.patients, rounds=args.rounds)
+    folder = work / (f"n{n}-k{neighbours}" if neighbours else f"n{n}")
+    sites = make_federation(folder, n=n, patients=args.patients, rounds=args.rounds, neighbours=neighbours)
     row["prepare_s"] = round(time.perf_counter() - start, 2)
     left = args.max_seconds - row["prepare_s"]
     if left <= 0:
         return {**row, "skipped": f"generating the sites took {row['prepare_s']:.0f} s, over --max-seconds "
                                   f"{args.max_seconds:g}"}
-    result = work / f"n{n}" / "result.json"
-    log = work / f"n{n}" / "simulation.log"
+    result = folder / "result.json"
+    log = folder / "simulation.log"
     command = [sys.executable, str(Path(__file__).resolve()), "--child-sites", str(sites), "--result", str(result),
                "--rounds", str(args.rounds), "--seed", str(args.seed), "--client-cpus", str(args.client_cpus),
                "--runtime", args.runtime, "--workers", str(args.workers),
@@ -402,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sites", type=_counts, default=None,
                         help="site counts (default 4,10,25,50,100 embedded; 10,50,100,200 on Flower)")
     parser.add_argument("--rounds", type=int, default=1, help="rounds per site count (default 1)")
+    parser.add_argument("--neighbours", type=int, default=16,
+                        help="also run each site count of at least 3k on the sparse masking graph of degree k "
+                             "([aggregation.sparse] neighbours = k; default 16; 0: the complete graph only)")
     parser.add_argument("--patients", type=int, default=24, help="patients per site (default 24)")
     parser.add_argument("--max-seconds", type=float, default=1800.0,
                         help="time limit per site count, generation included (default 1800)")
@@ -414,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.patients < 8 or args.max_seconds <= 0:
         parser.error("--rounds >= 1, --patients >= 8 and --max-seconds > 0")
+    if args.neighbours < 0 or args.neighbours % 2:
+        parser.error("--neighbours is an even number >= 2, or 0")
     if args.child_sites is not None:
         return run_child(args)
     if args.sites is None:
@@ -425,18 +453,22 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     try:
         for n in args.sites:
-            stopped = next((r for r in rows if "skipped" in r), None)
-            if stopped is not None:
-                rows.append({"sites": n, "rounds": args.rounds,
-                             "skipped": f"not run: {stopped['sites']} sites already did not fit "
-                                        f"({stopped['skipped']})"})
-                continue
-            load = os.getloadavg()[0]
-            row = measure(n, args, work)
-            row["loadavg_1m_at_start"] = round(load, 2)
-            rows.append(row)
-            if not args.json:
-                print(json.dumps(row), flush=True)
+            # The sparse graph applies from 3k sites (its default from_sites); below, the
+            # federation would run the complete graph, already measured.
+            for k in (0, *((args.neighbours,) if args.neighbours and n >= 3 * args.neighbours else ())):
+                graph = f"sparse, k = {k}" if k else "complete"
+                stopped = next((r for r in rows if "skipped" in r and r.get("graph") == graph), None)
+                if stopped is not None:
+                    rows.append({"sites": n, "rounds": args.rounds, "graph": graph,
+                                 "skipped": f"not run: {stopped['sites']} sites already did not fit "
+                                            f"({stopped['skipped']})"})
+                    continue
+                load = os.getloadavg()[0]
+                row = measure(n, args, work, neighbours=k)
+                row["loadavg_1m_at_start"] = round(load, 2)
+                rows.append(row)
+                if not args.json:
+                    print(json.dumps(row), flush=True)
     finally:
         if temporary:
             shutil.rmtree(work, ignore_errors=True)

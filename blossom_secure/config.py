@@ -167,6 +167,10 @@ class AggregationConfig:
             ids of the sites allowed to contribute it, ``P_b``. A grouped block's
             threshold must be a strict majority of ``|P_b|`` (default
             ``max(min_contributors, floor(2 * |P_b| / 3) + 1)``, at most ``|P_b|``).
+        sparse: The sparse masking graph for large block groups (``[aggregation.sparse]``:
+            ``neighbours`` and optionally ``from_sites``, ``share_threshold`` and
+            ``min_masked``; :class:`blossom_secure.secagg.params.SparseGraph`), or
+            ``None``: every block group masks over its complete graph.
     """
 
     mode: str
@@ -179,6 +183,7 @@ class AggregationConfig:
     threshold: int | None = None
     thresholds: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     groups: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    sparse: Mapping[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -320,6 +325,7 @@ def load_federation(path: Path) -> FederationConfig:
                     thresholds[block] = value
             th.finish()
         minimum = values["min_contributors"]
+        sparse = _parse_sparse(ag.table("sparse", required=False), minimum)
         if max_sites is not None and minimum is not None and minimum > max_sites:
             ag.problem("min_contributors", f"must not exceed max_sites ({max_sites})")
         declared = [(ag, "threshold", threshold)] if threshold is not None else []
@@ -340,7 +346,8 @@ def load_federation(path: Path) -> FederationConfig:
         ag.finish()
         if None not in values.values():
             aggregation = AggregationConfig(**values, max_sites=max_sites, threshold=threshold,
-                                            thresholds=MappingProxyType(thresholds), groups=MappingProxyType(groups))
+                                            thresholds=MappingProxyType(thresholds), groups=MappingProxyType(groups),
+                                            sparse=sparse)
 
     weighting = _parse_weighting(root.table("weighting", required=False),
                                  aggregation.max_weight if aggregation is not None else None)
@@ -360,6 +367,37 @@ def load_federation(path: Path) -> FederationConfig:
 
 
 WEIGHTING_SCHEMES = ("equal", "declared")
+
+
+def _parse_sparse(table: Table | None, min_contributors: int | None) -> Mapping[str, int] | None:
+    """``[aggregation.sparse]``: the sparse masking graph's public terms, checked as
+    :class:`blossom_secure.secagg.params.SparseGraph` checks them (defaults filled in)."""
+    if table is None:
+        return None
+    k = table.int("neighbours", minimum=2, maximum=1 << 16)
+    from_sites = table.int("from_sites", required=False, minimum=4, maximum=1 << 16)
+    share_threshold = table.int("share_threshold", required=False, minimum=2, maximum=1 << 16)
+    min_masked = table.int("min_masked", required=False, minimum=1, maximum=1 << 16)
+    table.finish()
+    if k is None:
+        return None
+    if k % 2:
+        table.problem("neighbours", "must be even (each site is joined to neighbours / 2 on either side of a ring)")
+        return None
+    terms = {"neighbours": k, "from_sites": 3 * k if from_sites is None else from_sites,
+             "share_threshold": k // 2 + 1 if share_threshold is None else share_threshold,
+             "min_masked": k // 2 if min_masked is None else min_masked}
+    if terms["from_sites"] < k + 2:
+        table.problem("from_sites", f"must be at least neighbours + 2 ({k + 2}): a smaller group is a complete "
+                                    "graph already")
+    if terms["share_threshold"] > k + 1:
+        table.problem("share_threshold", f"must not exceed neighbours + 1 ({k + 1}), the holders of a secret")
+    if terms["min_masked"] > k:
+        table.problem("min_masked", f"must not exceed neighbours ({k})")
+    elif min_contributors is not None and terms["min_masked"] + 1 < min_contributors:
+        table.problem("min_masked", f"plus one must be at least min_contributors ({min_contributors}): it is the "
+                                    "fewest inputs an unmasked value can involve")
+    return MappingProxyType(terms)
 
 
 def _parse_weighting(table: Table | None, max_weight: int | None) -> WeightingConfig:

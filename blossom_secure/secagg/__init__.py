@@ -31,7 +31,7 @@ from blossom_secure.secagg.errors import (
     WrongRecipientError,
     WrongRoundError,
 )
-from blossom_secure.secagg.params import SecAggParams
+from blossom_secure.secagg.params import SecAggParams, SparseGraph
 from blossom_secure.secagg.site import STAGE_NAMES, SiteContribution, SiteStageMachine
 from blossom_secure.secagg.site_state import SiteStateError, StageAlreadyAnsweredError
 
@@ -51,6 +51,7 @@ __all__ = [
     "OutsideBlockGroupError",
     "ReplayedMessageError",
     "SecAggParams",
+    "SparseGraph",
     "SecAggResult",
     "SiteContribution",
     "SiteStageMachine",

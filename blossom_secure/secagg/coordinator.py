@@ -18,7 +18,7 @@ that raises changes nothing; the runtime may log the error and carry on.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from enum import IntEnum
@@ -57,6 +57,7 @@ from blossom_secure.secagg.messages import (
     EncryptedShares,
     KeyBundle,
     MaskedInput,
+    MaskStatement,
     MessageType,
     ShareDelivery,
     ShareKind,
@@ -211,6 +212,7 @@ class CoordinatorStageMachine:
         self._failures: dict[str, str] = {}
         self._sums: dict[str, np.ndarray] = {}
         self._masked_senders: set[str] = set()
+        self._statements: dict[tuple[str, str], MaskStatement] = {}  # (block, site) -> its mask statement
         self._survivor_sets: dict[str, tuple[str, ...]] = {}  # block -> survivors sent for signing
         self._signatures: dict[str, dict[str, bytes]] = {}  # block -> signer -> signature
         self._signers: set[str] = set()
@@ -363,6 +365,25 @@ class CoordinatorStageMachine:
                 or entry.vector.shape[0] != self._block_sizes[entry.block] + 1
             ):
                 raise InconsistentMessageError(f"{sender} sent a vector of the wrong ring or size for {entry.block}")
+        plan = self._require_plan()
+        sparse = tuple(entry.block for entry in message.blocks if entry.block in plan.graphs)
+        if tuple(statement.block for statement in message.statements) != sparse:
+            raise InconsistentMessageError(f"{sender} must state its masked peers for each block on the sparse graph")
+        for statement in message.statements:
+            peers = tuple(s for s in plan.block_neighbours(statement.block, sender) if s in self._shares)
+            if statement.peers != peers:
+                raise InconsistentMessageError(f"{sender} states other peers for {statement.block} than its neighbours")
+            payload = kdf.mask_statement_payload(
+                federation_id=self._federation_id,
+                federation_sha256=self._federation_sha256,
+                round_id=self._round_id,
+                block=statement.block,
+                site=sender,
+                peers=statement.peers,
+            )
+            crypto.verify_signature(self._roster[sender], payload, statement.signature)
+        for statement in message.statements:
+            self._statements[(statement.block, sender)] = statement
         for entry in message.blocks:
             accumulator = self._sums[entry.block]
             np.add(accumulator, entry.vector, out=accumulator)
@@ -390,12 +411,20 @@ class CoordinatorStageMachine:
             self._signatures.setdefault(entry.block, {})[sender] = entry.signature
         self._signers.add(sender)
 
+    def _holds_shares_of(self, block: str, site: str) -> frozenset[str]:
+        """The members whose shares of ``block``'s secrets ``site`` holds: itself and its
+        neighbours on the block's masking graph."""
+        return frozenset((site, *self._require_plan().block_neighbours(block, site)))
+
     def _expected_reveals(self, site: str) -> list[tuple[str, str, ShareKind]]:
         expected = []
         for block, group in sorted(self._mask_groups.items()):
             if block in self._failures or site not in self._signatures.get(block, {}):
                 continue
+            held = self._holds_shares_of(block, site)
             for peer in group:
+                if peer not in held:
+                    continue
                 kind = ShareKind.SELF_MASK_SEED if peer in self._masked_senders else ShareKind.MASK_KEY
                 expected.append((peer, block, kind))
         return sorted(expected, key=lambda item: (item[0], item[1]))
@@ -448,10 +477,32 @@ class CoordinatorStageMachine:
             raise StageOrderError("the advertise stage is not closed")
         return self._plan
 
+    def _graph_keys(self, members: Iterable[str]) -> dict[str, bytes]:
+        return kdf.graph_position_keys(
+            tuple(members),
+            federation_id=self._federation_id,
+            federation_sha256=self._federation_sha256,
+            round_id=self._round_id,
+        )
+
+    def _statements_for(self, site: str) -> tuple[MaskStatement, ...]:
+        """The mask statements ``site`` checks before signing: for each sparse block it is
+        asked to sign, those of the survivors whose shares it holds."""
+        plan = self._require_plan()
+        found = []
+        for block in self._blocks_to_sign(site):
+            if block not in plan.graphs:
+                continue
+            held = self._holds_shares_of(block, site)
+            found.extend(
+                self._statements[(block, peer)] for peer in self._survivor_sets[block] if peer != site and peer in held
+            )
+        return tuple(found)
+
     def _close_advertise(self) -> dict[str, bytes]:
         offers = {site: [entry.block for entry in advert.blocks] for site, advert in self._adverts.items()}
         minimums = {site: advert.min_contributors for site, advert in self._adverts.items()}
-        self._plan = plan_blocks(offers, minimums, self._params)
+        self._plan = plan_blocks(offers, minimums, self._params, graph_keys=self._graph_keys)
         self._failures.update(self._plan.failures)
         bundle = tuple(sorted(self._advert_bytes.values()))
         logger.info(
@@ -530,6 +581,7 @@ class CoordinatorStageMachine:
                     blocks=tuple(
                         BlockSurvivors(block, self._survivor_sets[block]) for block in self._blocks_to_sign(site)
                     ),
+                    statements=self._statements_for(site),
                 )
             )
             for site in survivors
@@ -579,6 +631,7 @@ class CoordinatorStageMachine:
         self._responses = {}
         self._sums = {}
         self._signatures = {}
+        self._statements = {}
 
     # ----------------------------------------------------------------- unmask
 
@@ -604,10 +657,30 @@ class CoordinatorStageMachine:
         threshold = plan.thresholds[block]
         if len(responders) < threshold:
             raise _BlockFailure(f"fewer than t survivors: {len(responders)} answered unmask, t = {threshold}")
-        holders = tuple(responders[:threshold])
-        self_mask_keys = [self._self_mask_key(block, site, holders) for site in contributors]
-        peers = tuple((peer, self._mask_public_key(peer, block)) for peer in contributors)
-        dropped_sites = [DroppedSite(site, self._mask_private_key(block, site, holders), peers) for site in dropped]
+        shares_needed = plan.share_thresholds[block]
+
+        def holders_of(site: str) -> tuple[str, ...]:
+            if block not in plan.graphs:
+                return tuple(responders[:shares_needed])
+            held = self._holds_shares_of(block, site)
+            found = tuple(r for r in responders if r in held)
+            if len(found) < shares_needed:
+                raise _BlockFailure(
+                    f"fewer than the shares needed: {len(found)} holder(s) of {site}'s secrets answered unmask, "
+                    f"{shares_needed} needed"
+                )
+            return found[:shares_needed]
+
+        self_mask_keys = [self._self_mask_key(block, site, holders_of(site)) for site in contributors]
+        public = {peer: self._mask_public_key(peer, block) for peer in contributors}
+        dropped_sites = [
+            DroppedSite(
+                site,
+                self._mask_private_key(block, site, holders_of(site)),
+                tuple((peer, public[peer]) for peer in contributors if peer in self._holds_shares_of(block, site)),
+            )
+            for site in dropped
+        ]
         accumulator = self._sums[block]
         try:
             remove_masks(

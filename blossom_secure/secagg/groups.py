@@ -19,11 +19,18 @@ both reach the same decisions from the same signed advertisements.
   *contributors* ``C_b`` are ``M_b`` less the sites that sent no masked input. Each must
   still have at least ``t_b`` members and meet every remaining member's minimum, else the
   block stops: no masked input is sent for it, or no self-mask share is revealed.
+* The *masking graph* of a block: the complete graph of ``E_b``, or, for a block that
+  the federation's sparse terms cover (``params.is_sparse(b)``), a ring of ``E_b`` in
+  the order of public position keys where each member is joined to the ``k / 2`` nearest
+  on each side (a Harary graph, Bell et al. 2020). A member deals the shares of its
+  secrets to its graph neighbours and masks with them only; on the sparse graph every
+  member of ``M_b`` (or ``C_b``) must keep at least ``l = min_masked`` neighbours in it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import functools
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from blossom_secure import crypto
 from blossom_secure.blocks import is_valid_block_name
@@ -31,8 +38,13 @@ from blossom_secure.secagg.errors import OutsideBlockGroupError
 from blossom_secure.secagg.messages import is_valid_identifier
 from blossom_secure.secagg.params import SecAggParams
 
+#: The position keys of members on the sparse graphs of a round: ``members -> {member:
+#: key}`` (:func:`blossom_secure.secagg.kdf.graph_position_keys` bound to the round).
+GraphKeys = Callable[[Sequence[str]], Mapping[str, bytes]]
+
 __all__ = [
     "BlockPlan",
+    "GraphKeys",
     "block_shortfall",
     "neighbours",
     "plan_blocks",
@@ -43,18 +55,70 @@ __all__ = [
 ]
 
 
+def _ring_neighbours(order: tuple[str, ...], index: int, half: int) -> tuple[str, ...]:
+    """The neighbours (sorted) of the member at ``index`` of a ring where each member is
+    joined to the ``half`` nearest on either side (everyone, on a ring that small)."""
+    n = len(order)
+    if n - 1 <= 2 * half:
+        return tuple(sorted(site for i, site in enumerate(order) if i != index))
+    return tuple(sorted(order[(index + d) % n] for d in range(-half, half + 1) if d))
+
+
+@functools.lru_cache(maxsize=256)
+def _short_of_neighbours(
+    order: tuple[str, ...], half: int, min_masked: int, members: tuple[str, ...]
+) -> tuple[str, int] | None:
+    position = {site: index for index, site in enumerate(order)}
+    present = set(members)
+    for site in members:
+        kept = sum(peer in present for peer in _ring_neighbours(order, position[site], half))
+        if kept < min_masked:
+            return site, kept
+    return None
+
+
+class _Ring:
+    """A block's sparse masking graph: its members on a ring in the order of their
+    position keys, each joined to the ``half`` nearest on either side."""
+
+    __slots__ = ("order", "position", "half", "min_masked", "_cache")
+
+    def __init__(self, members: Sequence[str], keys: Mapping[str, bytes], half: int, min_masked: int) -> None:
+        self.order = tuple(sorted(members, key=lambda site: (keys[site], site)))
+        self.position = {site: index for index, site in enumerate(self.order)}
+        self.half = half
+        self.min_masked = min_masked
+        self._cache: dict[str, tuple[str, ...]] = {}
+
+    def neighbours(self, site: str) -> tuple[str, ...]:
+        found = self._cache.get(site)
+        if found is None:
+            found = self._cache[site] = _ring_neighbours(self.order, self.position[site], self.half)
+        return found
+
+    def short_of_neighbours(self, members: tuple[str, ...]) -> tuple[str, int] | None:
+        """The first of ``members`` with fewer than ``min_masked`` neighbours among them,
+        and how many it has; ``None`` if none. Remembered per set of members: every site
+        of a federation run in one process asks it of the same sets."""
+        return _short_of_neighbours(self.order, self.half, self.min_masked, members)
+
+
 class BlockPlan:
     """The effective groups of a round, fixed after the advertisements.
 
     Attributes:
         groups: Block name to its effective group (sorted site ids), for the blocks that
             go ahead.
-        thresholds: Block name to its Shamir threshold ``t_b``.
+        thresholds: Block name to its public threshold ``t_b`` (group size and
+            consistency-check signatures).
+        share_thresholds: Block name to the shares needed to rebuild a member's secret:
+            ``t_b``, or the sparse graph's ``share_threshold``.
         failures: Block name to the reason it is not aggregated, for the others.
         minimums: Site id to its advertised policy minimum.
+        graphs: Block name to its sparse masking graph, for the blocks masked over one.
     """
 
-    __slots__ = ("groups", "thresholds", "failures", "minimums")
+    __slots__ = ("groups", "thresholds", "share_thresholds", "failures", "minimums", "graphs")
 
     def __init__(
         self,
@@ -62,19 +126,37 @@ class BlockPlan:
         thresholds: dict[str, int],
         failures: dict[str, str],
         minimums: dict[str, int],
+        *,
+        share_thresholds: dict[str, int] | None = None,
+        graphs: dict[str, _Ring] | None = None,
     ) -> None:
         self.groups = groups
         self.thresholds = thresholds
+        self.share_thresholds = dict(thresholds) if share_thresholds is None else share_thresholds
         self.failures = failures
         self.minimums = minimums
+        self.graphs = {} if graphs is None else graphs
 
     def blocks_of(self, site: str) -> tuple[str, ...]:
         """The blocks that ``site`` aggregates this round (sorted)."""
         return tuple(block for block, members in sorted(self.groups.items()) if site in members)
 
+    def block_neighbours(self, block: str, site: str) -> tuple[str, ...]:
+        """``site``'s neighbours on ``block``'s masking graph (sorted): the other members
+        of its group, or its neighbours on the sparse graph. They hold the shares of its
+        secrets and it masks with them."""
+        graph = self.graphs.get(block)
+        if graph is not None:
+            return graph.neighbours(site)
+        return tuple(s for s in self.groups[block] if s != site)
+
     def common_blocks(self, site_a: str, site_b: str) -> tuple[str, ...]:
-        """The blocks whose effective group holds both sites (sorted)."""
-        return tuple(b for b, members in sorted(self.groups.items()) if site_a in members and site_b in members)
+        """The blocks on whose masking graph the two sites are neighbours (sorted)."""
+        return tuple(
+            b
+            for b, members in sorted(self.groups.items())
+            if site_a in members and site_b in members and site_b in self.block_neighbours(b, site_a)
+        )
 
 
 def _required(members: Iterable[str], minimums: Mapping[str, int], params: SecAggParams) -> int:
@@ -95,13 +177,24 @@ def verify_offer(site: str, blocks: Iterable[str], params: SecAggParams) -> None
             )
 
 
-def plan_blocks(offers: Mapping[str, Iterable[str]], minimums: Mapping[str, int], params: SecAggParams) -> BlockPlan:
-    """Form the effective group of every advertised block.
+def plan_blocks(
+    offers: Mapping[str, Iterable[str]],
+    minimums: Mapping[str, int],
+    params: SecAggParams,
+    *,
+    graph_keys: GraphKeys | None = None,
+) -> BlockPlan:
+    """Form the effective group of every advertised block, and its masking graph.
 
     Args:
         offers: Site id to the blocks it advertised.
         minimums: Site id to its policy minimum (the federation's minimum also applies).
+            On the sparse graph a site's input is guaranteed to be unmasked only with at
+            least ``min_masked + 1`` others, so a site whose minimum exceeds that
+            withholds a sparse block.
         params: The round's parameters.
+        graph_keys: The members' position keys on a sparse graph; needed when a block
+            the sites offer is sparse (``params.is_sparse``).
 
     Returns:
         The plan: groups and thresholds of the blocks that go ahead, reasons for the rest.
@@ -112,10 +205,11 @@ def plan_blocks(offers: Mapping[str, Iterable[str]], minimums: Mapping[str, int]
             refuses the round).
 
     Notes:
-        Masking only within a block's group restricts the graph of pairwise masks, as the
-        sparse neighbourhoods of Bell et al. 2020 do; here each group is a complete graph
-        with its own keys, seeds and threshold, so each block is an independent instance
-        of Bonawitz et al. 2017 and shares revealed for one block never help with another.
+        Each block has its own keys, seeds and threshold, so each block is an independent
+        instance of Bonawitz et al. 2017 and shares revealed for one block never help with
+        another. Its masking graph is the complete graph of its group, or, for a sparse
+        block, a ring of degree ``k`` (Bell et al. 2020); whichever graph it is, the
+        survivor set and the consistency check stay those of the whole group.
         The threshold comes from the public ``params`` alone: the group a site sees is
         whatever the coordinator put in its key bundle, and a group smaller than ``t_b``
         (a group of two, say, where the coordinator holds one accomplice's view) is
@@ -133,10 +227,14 @@ def plan_blocks(offers: Mapping[str, Iterable[str]], minimums: Mapping[str, int]
     groups: dict[str, tuple[str, ...]] = {}
     thresholds: dict[str, int] = {}
     failures: dict[str, str] = {}
+    share_thresholds: dict[str, int] = {}
+    graphs: dict[str, _Ring] = {}
     for block in sorted(advertised):
         members = sorted(advertised[block])
+        sparse = params.is_sparse(block)
         while True:
-            kept = [s for s in members if max(minimums[s], params.min_contributors) <= len(members)]
+            floor = min(len(members), int(params.sparse.min_masked) + 1) if sparse else len(members)
+            kept = [s for s in members if max(minimums[s], params.min_contributors) <= floor]
             if kept == members:
                 break
             members = kept
@@ -157,7 +255,14 @@ def plan_blocks(offers: Mapping[str, Iterable[str]], minimums: Mapping[str, int]
         else:
             groups[block] = tuple(members)
             thresholds[block] = threshold
-    return BlockPlan(groups, thresholds, failures, {s: int(minimums[s]) for s in offers})
+            share_thresholds[block] = params.share_threshold(block)
+            if sparse:
+                if graph_keys is None:
+                    raise ValueError(f"{block} is masked over the sparse graph: position keys are needed")
+                graphs[block] = _Ring(members, graph_keys(members), int(params.sparse.neighbours) // 2,
+                                      int(params.sparse.min_masked))
+    return BlockPlan(groups, thresholds, failures, {s: int(minimums[s]) for s in offers},
+                     share_thresholds=share_thresholds, graphs=graphs)
 
 
 def block_shortfall(
@@ -167,7 +272,9 @@ def block_shortfall(
     ``None`` if it can.
 
     The block needs at least ``t_b`` members (to rebuild every secret it needs) and as
-    many as the federation's and every remaining member's minimum.
+    many as the federation's and every remaining member's minimum. On the sparse graph,
+    every member must also keep at least ``min_masked`` of its graph neighbours among
+    ``members``.
     """
     members = tuple(members)
     threshold = plan.thresholds[block]
@@ -176,16 +283,21 @@ def block_shortfall(
     required = _required(members, plan.minimums, params)
     if len(members) < required:
         return f"fewer than min_contributors survivors: {len(members)} {stage}, {required} required"
+    graph = plan.graphs.get(block)
+    if graph is not None:
+        short = graph.short_of_neighbours(members)
+        if short is not None:
+            site, kept = short
+            return f"fewer than l neighbours on the sparse graph: {site} has {kept} that {stage}, l = {graph.min_masked}"
     return None
 
 
 def neighbours(site: str, plan: BlockPlan) -> tuple[str, ...]:
-    """The other sites that share at least one effective group with ``site`` (sorted)."""
+    """The other sites that are ``site``'s neighbours on the masking graph of at least one
+    of its blocks (sorted): the sites it deals shares to and receives shares from."""
     found: set[str] = set()
-    for members in plan.groups.values():
-        if site in members:
-            found.update(members)
-    found.discard(site)
+    for block in plan.blocks_of(site):
+        found.update(plan.block_neighbours(block, site))
     return tuple(sorted(found))
 
 

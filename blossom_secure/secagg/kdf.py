@@ -23,7 +23,9 @@ __all__ = [
     "PROTOCOL_LABEL",
     "Purpose",
     "consistency_payload",
+    "graph_position_keys",
     "kdf_label",
+    "mask_statement_payload",
     "pairwise_mask_key",
     "round_salt",
     "seed_commitment",
@@ -52,6 +54,8 @@ class Purpose(str, Enum):
     SEED_COMMITMENT = "seed-commitment"
     SITE_MESSAGE_SIGNATURE = "site-message-signature"
     CONSISTENCY_CHECK = "consistency-check"
+    NEIGHBOUR_GRAPH = "neighbour-graph"
+    MASK_STATEMENT = "mask-statement"
 
 
 def _length_prefixed(text: str) -> bytes:
@@ -208,6 +212,56 @@ def consistency_payload(
         raise ValueError("a survivor set is non-empty and names each site once")
     label = kdf_label(
         purpose=Purpose.CONSISTENCY_CHECK, federation_id=federation_id, round_id=round_id, block=block, parties=ordered
+    )
+    return label + _check_federation_sha256(federation_sha256)
+
+
+def graph_position_keys(
+    members: Sequence[str], *, federation_id: str, federation_sha256: bytes, round_id: int
+) -> dict[str, bytes]:
+    """Each member's place on the sparse masking graphs of a round: SHA-256 of the
+    ``neighbour-graph`` label of (federation, round, the member), followed by the
+    federation file's hash. The members of a block sit on a ring in the order of these
+    keys; every block uses the same order, so a site's neighbours on different blocks
+    are mostly the same sites (one share ciphertext each).
+
+    Notes:
+        A member's key depends on itself and public terms only, never on who else is in
+        the group, so every party that forms the same group forms the same graph. The
+        keys are public and the coordinator picks round numbers, so it can steer the
+        graph; nothing private rests on the graph (docs/protocol.md, "Sparse masking
+        graph"): it only spreads each member's neighbours over the ring so that random
+        dropouts rarely leave one with too few.
+    """
+    digest = _check_federation_sha256(federation_sha256)
+    return {site: _graph_position_key(federation_id, digest, round_id, site) for site in members}
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _graph_position_key(federation_id: str, federation_sha256: bytes, round_id: int, site: str) -> bytes:
+    label = kdf_label(
+        purpose=Purpose.NEIGHBOUR_GRAPH, federation_id=federation_id, round_id=round_id, block="", parties=(site,)
+    )
+    return hashlib.sha256(label + federation_sha256).digest()
+
+
+def mask_statement_payload(
+    *, federation_id: str, federation_sha256: bytes, round_id: int, block: str, site: str, peers: Sequence[str]
+) -> bytes:
+    """The bytes a site signs to state which peers it masked a block with on the sparse
+    graph: the ``mask-statement`` label of (federation, round, block, the site, then its
+    peers sorted) followed by the federation file's hash.
+
+    Raises:
+        ValueError: ``peers`` repeats a site or names ``site``, ``federation_sha256`` is
+            not 32 bytes, or a label field is invalid.
+    """
+    ordered = tuple(sorted(peers))
+    if len(set(ordered)) != len(ordered) or site in ordered:
+        raise ValueError("a mask statement names each peer once, never the site itself")
+    label = kdf_label(
+        purpose=Purpose.MASK_STATEMENT, federation_id=federation_id, round_id=round_id, block=block,
+        parties=(site, *ordered),
     )
     return label + _check_federation_sha256(federation_sha256)
 

@@ -32,6 +32,8 @@ from __future__ import annotations
 import functools
 import re
 import struct
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from enum import IntEnum
@@ -72,6 +74,7 @@ __all__ = [
     "KeyBundle",
     "MaskedBlock",
     "MaskedInput",
+    "MaskStatement",
     "MessageType",
     "RevealedShare",
     "ShareDelivery",
@@ -82,6 +85,7 @@ __all__ = [
     "UnmaskResponse",
     "decode_coordinator_message",
     "decode_share_plaintext",
+    "decode_advertisement_remembered",
     "decode_site_message",
     "encode_coordinator_message",
     "encode_share_plaintext",
@@ -91,8 +95,9 @@ __all__ = [
 ]
 
 MAGIC = b"BSSA"
-#: Version 2 added the federation file's hash to the envelope and the consistency check.
-WIRE_VERSION = 2
+#: Version 2 added the federation file's hash to the envelope and the consistency check;
+#: version 3 the mask statements of the sparse masking graph.
+WIRE_VERSION = 3
 _HEADER = struct.Struct(">4sHB")
 _SIGNATURE_TAG = 0xFF
 _SIGNATURE_TRAILER_BYTES = 1 + crypto.ED25519_SIGNATURE_BYTES
@@ -255,7 +260,30 @@ class _List(_Codec):
         count = int.from_bytes(reader.take(4), "big")
         if count * self.item.min_bytes > reader.remaining():
             raise MalformedMessageError("list count exceeds the message")
+        if type(self.item) is _Text:
+            return _read_texts(reader, count)
         return tuple(self.item.read(reader) for _ in range(count))
+
+
+def _read_texts(reader: _Reader, count: int) -> tuple[str, ...]:
+    """``count`` texts, as ``_Text.read`` reads them one by one (same checks, same
+    errors), in one loop: lists of site ids are most of what a coordinator message holds."""
+    data, pos, end = reader.data, reader.pos, reader.end
+    found = []
+    for _ in range(count):
+        if end - pos < 2:
+            raise MalformedMessageError("message is truncated")
+        size = (data[pos] << 8) | data[pos + 1]
+        pos += 2
+        if end - pos < size:
+            raise MalformedMessageError("message is truncated")
+        try:
+            found.append(bytes(data[pos : pos + size]).decode("utf-8", errors="strict"))
+        except UnicodeDecodeError:
+            raise MalformedMessageError("text is not UTF-8") from None
+        pos += size
+    reader.pos = pos
+    return tuple(found)
 
 
 class _Record(_Codec):
@@ -491,9 +519,28 @@ class MaskedBlock:
         )
 
 
+@dataclass(frozen=True)
+class MaskStatement:
+    """A site's signed statement of the peers it masked one block with, on the sparse
+    masking graph (:func:`blossom_secure.secagg.kdf.mask_statement_payload`)."""
+
+    site: str
+    block: str
+    peers: tuple[str, ...]
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        _require_identifier(self.site, "site")
+        _require_block(self.block)
+        _require_site_set(self.peers, "peers")
+        _require(self.site not in self.peers, "a site does not mask with itself")
+        _require_signature(self.signature)
+
+
 @dataclass(frozen=True, eq=False)
 class MaskedInput:
-    """Stage 3, site to coordinator: the masked vectors, sorted by block."""
+    """Stage 3, site to coordinator: the masked vectors, sorted by block, and for each
+    block on the sparse graph the sender's mask statement (sorted by block)."""
 
     TYPE: ClassVar[MessageType] = MessageType.MASKED_INPUT
     federation_id: str
@@ -501,10 +548,15 @@ class MaskedInput:
     round_id: int
     site_id: str
     blocks: tuple[MaskedBlock, ...]
+    statements: tuple[MaskStatement, ...] = ()
 
     def __post_init__(self) -> None:
         _require_envelope(self, "site_id")
         _require_sorted_unique([b.block for b in self.blocks], "blocks")
+        _require(all(s.site == self.site_id for s in self.statements), "a mask statement is the sender's own")
+        _require_sorted_unique([s.block for s in self.statements], "statements")
+        _require({s.block for s in self.statements} <= {b.block for b in self.blocks},
+                 "a mask statement is for a block the message carries")
 
 
 @dataclass(frozen=True)
@@ -523,7 +575,9 @@ class BlockSurvivors:
 @dataclass(frozen=True)
 class ConsistencyRequest:
     """Stage 4 request, coordinator to site: per block the site sent masked input for,
-    the set of group members whose masked input arrived, for the site to sign."""
+    the set of group members whose masked input arrived, for the site to sign; and, for
+    the blocks on the sparse graph, the mask statements of the survivors whose shares the
+    site holds (sorted by block, then site)."""
 
     TYPE: ClassVar[MessageType] = MessageType.CONSISTENCY_REQUEST
     federation_id: str
@@ -531,10 +585,12 @@ class ConsistencyRequest:
     round_id: int
     recipient: str
     blocks: tuple[BlockSurvivors, ...]
+    statements: tuple[MaskStatement, ...] = ()
 
     def __post_init__(self) -> None:
         _require_envelope(self, "recipient")
         _require_sorted_unique([b.block for b in self.blocks], "blocks")
+        _require_sorted_unique([(s.block, s.site) for s in self.statements], "statements")
 
 
 @dataclass(frozen=True)
@@ -684,6 +740,7 @@ _DIGEST = _Fixed(32)
 _SIGNATURE = _Fixed(crypto.ED25519_SIGNATURE_BYTES)
 _SHARE = _Fixed(SHARE_BYTES)
 _ENCRYPTED_SHARE = _Record(EncryptedShare, (_TEXT, _Fixed(_NONCE_BYTES), _Blob(_MAX_CIPHERTEXT_BYTES)))
+_MASK_STATEMENT = _Record(MaskStatement, (_TEXT, _TEXT, _List(_TEXT), _SIGNATURE))
 _BLOCK_SIGNATURES = _Record(BlockSignatures, (_TEXT, _List(_Record(SiteSignature, (_TEXT, _SIGNATURE)))))
 
 
@@ -719,8 +776,14 @@ _BODY: dict[type, tuple[tuple[int, str, _Codec], ...]] = {
     KeyBundle: ((5, "advertisements", _List(_Blob(1 << 16))),),
     EncryptedShares: ((5, "shares", _List(_ENCRYPTED_SHARE)),),
     ShareDelivery: ((5, "share_senders", _List(_TEXT)), (6, "shares", _List(_ENCRYPTED_SHARE))),
-    MaskedInput: ((5, "blocks", _List(_Record(MaskedBlock, (_TEXT, _RingVector())))),),
-    ConsistencyRequest: ((5, "blocks", _List(_Record(BlockSurvivors, (_TEXT, _List(_TEXT))))),),
+    MaskedInput: (
+        (5, "blocks", _List(_Record(MaskedBlock, (_TEXT, _RingVector())))),
+        (6, "statements", _List(_MASK_STATEMENT)),
+    ),
+    ConsistencyRequest: (
+        (5, "blocks", _List(_Record(BlockSurvivors, (_TEXT, _List(_TEXT))))),
+        (6, "statements", _List(_MASK_STATEMENT)),
+    ),
     ConsistencyResponse: ((5, "signatures", _List(_Record(BlockSignature, (_TEXT, _SIGNATURE)))),),
     UnmaskRequest: (
         (5, "survivors", _List(_TEXT)),
@@ -932,6 +995,60 @@ def decode_site_message(
     )
     reader.end = body_end
     return _read_body(reader, cls, envelope)
+
+
+#: Advertisements remembered by :func:`decode_advertisement_remembered`.
+_REMEMBERED_ADVERTISEMENTS = 4096
+_remembered_advertisements: OrderedDict[tuple, tuple[AdvertiseKeys, bytes]] = OrderedDict()
+_remembered_lock = threading.Lock()
+
+
+def decode_advertisement_remembered(
+    untrusted_message: bytes,
+    *,
+    federation_id: str,
+    federation_sha256: bytes,
+    round_id: int,
+    roster: Mapping[str, bytes],
+    max_bytes: int,
+) -> SiteMessage:
+    """:func:`decode_site_message`, remembering the advertisements it accepted in this
+    process (the oldest forgotten first), so that the same bytes in the same context under the same sender key are
+    decoded once.
+
+    For the key bundle, which every site of a federation run in one process (the embedded
+    runtime, tests, benchmarks) decodes in full: ``n * n`` decodes of ``n`` distinct
+    advertisements otherwise.
+
+    Raises:
+        As :func:`decode_site_message` (a message that is not an advertisement is decoded
+        and returned, never remembered).
+
+    Notes:
+        Decoding is a pure function of the bytes, the context and the sender's roster
+        key, and the decoded message is immutable, so a remembered one is the answer the
+        decoder would give again. Only successes are kept, in a bounded table of public
+        values.
+    """
+    key = (bytes(untrusted_message), federation_id, federation_sha256, round_id)
+    with _remembered_lock:
+        found = _remembered_advertisements.get(key)
+    if found is not None and len(key[0]) <= max_bytes and roster.get(found[0].site_id) == found[1]:
+        return found[0]
+    message = decode_site_message(
+        untrusted_message,
+        federation_id=federation_id,
+        federation_sha256=federation_sha256,
+        round_id=round_id,
+        roster=roster,
+        max_bytes=max_bytes,
+    )
+    if isinstance(message, AdvertiseKeys):
+        with _remembered_lock:
+            _remembered_advertisements[key] = (message, roster[message.site_id])
+            if len(_remembered_advertisements) > _REMEMBERED_ADVERTISEMENTS:
+                _remembered_advertisements.popitem(last=False)
+    return message
 
 
 def decode_coordinator_message(

@@ -24,6 +24,7 @@ from blossom_secure.secagg.messages import is_valid_identifier
 __all__ = [
     "MAX_SCALE_BITS",
     "SecAggParams",
+    "SparseGraph",
     "default_group_threshold",
     "default_threshold",
     "largest_safe_scale_bits",
@@ -72,6 +73,68 @@ def largest_safe_scale_bits(*, ring_bits: int, clip: float, max_weight: int, max
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SparseGraph:
+    """The public terms of the sparse masking graph (Bell et al. 2020, SecAgg+), for large
+    block groups; the federation file's ``[aggregation.sparse]``.
+
+    A block whose possible signers number ``N_b >= from_sites`` (``N_b``: the size of its
+    public group ``P_b``, else ``max_sites``) is masked over a ``neighbours``-regular
+    graph instead of the complete graph of its group: each member masks with, and deals
+    the Shamir shares of its secrets to, its ``neighbours`` graph neighbours only, with
+    threshold ``share_threshold``. The survivor set and its consistency check stay
+    global (``t_b`` signatures, ``2 t_b > N_b``).
+
+    Args:
+        neighbours: ``k``, the graph's degree: even, at least 2.
+        from_sites: ``N_b`` from which a block uses the graph. ``None``: ``3 * k`` (below
+            that, a member would still mask with a third of its group or more).
+        share_threshold: ``t_k``, shares needed to rebuild a member's secret, out of its
+            ``k + 1`` holders (its neighbours and itself). ``None``: ``floor(k / 2) + 1``.
+        min_masked: ``l``, the fewest neighbours in the survivor set that every survivor
+            must have masked with, else no honest member reveals a share of the block.
+            ``None``: ``floor(k / 2)``.
+
+    Notes:
+        What the graph guarantees, whatever graph it is (docs/protocol.md, "Sparse
+        masking graph"): with ``c`` members colluding with the coordinator, ``c <
+        share_threshold`` and ``c <= 2 t_b - N_b - 1``, any value the coordinator can
+        unmask that involves an honest member's input involves at least ``min_masked + 1
+        - c`` honest inputs. The complete graph guarantees ``t_b`` inputs and tolerates
+        ``2 t_b - N_b - 1`` colluders; the graph trades that for ``k + 1`` instead of
+        ``n`` masks and shares per member.
+    """
+
+    neighbours: int
+    from_sites: int | None = None
+    share_threshold: int | None = None
+    min_masked: int | None = None
+
+    def __post_init__(self) -> None:
+        k = self.neighbours
+        if not (_is_int(k) and k >= 2 and k % 2 == 0):
+            raise ValueError("sparse graph: neighbours must be an even int >= 2")
+        defaults = {"from_sites": 3 * k, "share_threshold": k // 2 + 1, "min_masked": k // 2}
+        for name, default in defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
+            elif not _is_int(getattr(self, name)):
+                raise ValueError(f"sparse graph: {name} must be an int")
+        if self.from_sites < k + 2:
+            raise ValueError(f"sparse graph: from_sites must be at least neighbours + 2 ({k + 2}): "
+                             "a smaller group is a complete graph already")
+        if not 2 <= self.share_threshold <= k + 1:
+            raise ValueError(f"sparse graph: share_threshold must be in 2..neighbours + 1 ({k + 1}): "
+                             "a secret has neighbours + 1 holders")
+        if not 1 <= self.min_masked <= k:
+            raise ValueError(f"sparse graph: min_masked must be in 1..neighbours ({k})")
+
+    def as_document(self) -> dict[str, int]:
+        """The terms as a plain mapping (for hashes and reports)."""
+        return {"neighbours": self.neighbours, "from_sites": int(self.from_sites),
+                "share_threshold": int(self.share_threshold), "min_masked": int(self.min_masked)}
 
 
 def min_threshold(max_sites: int) -> int:
@@ -167,6 +230,9 @@ class SecAggParams:
             least 2); a smaller group is not aggregated, since its sum would be (close to)
             one site's update. Each site may demand more.
         max_message_bytes: Longest protocol message accepted, checked before parsing.
+        sparse: The sparse masking graph for large block groups (:class:`SparseGraph`),
+            or ``None``: every group is a complete graph. Its ``min_masked + 1`` must be
+            at least ``min_contributors``.
 
     Raises:
         ValueError: listing every problem found, among them parameters whose sum could
@@ -213,6 +279,7 @@ class SecAggParams:
     block_groups: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     min_contributors: int = 2
     max_message_bytes: int = 256 * 1024 * 1024
+    sparse: SparseGraph | None = None
 
     def __post_init__(self) -> None:
         problems = self._basic_problems()
@@ -268,6 +335,14 @@ class SecAggParams:
         problems.extend(self._threshold_problems())
         if not (_is_int(self.max_message_bytes) and _MIN_MESSAGE_BYTES <= self.max_message_bytes <= _MAX_MESSAGE_BYTES):
             problems.append(f"max_message_bytes must be an int in {_MIN_MESSAGE_BYTES}..{_MAX_MESSAGE_BYTES}")
+        if self.sparse is not None:
+            if not isinstance(self.sparse, SparseGraph):
+                problems.append("sparse must be None or a SparseGraph")
+            elif _is_int(self.min_contributors) and self.sparse.min_masked + 1 < self.min_contributors:
+                problems.append(
+                    f"sparse.min_masked + 1 ({self.sparse.min_masked + 1}) must be at least min_contributors "
+                    f"({self.min_contributors}): it is the fewest inputs any unmasked value can involve"
+                )
         return problems
 
     def _threshold_problems(self) -> list[str]:
@@ -380,6 +455,24 @@ class SecAggParams:
         if group is not None:
             return default_group_threshold(len(group), self.min_contributors)
         return int(self.threshold)
+
+    def possible_signers(self, block: str) -> int:
+        """``N_b``: how many sites can ever sign for ``block``: its public group's size, or
+        ``max_group_size`` for a block without one."""
+        group = self.block_groups.get(block)
+        return len(group) if group is not None else int(self.max_group_size)
+
+    def is_sparse(self, block: str) -> bool:
+        """Whether ``block`` is masked over the sparse graph: the federation declares one
+        and ``N_b`` is at least its ``from_sites``. Public: it never depends on a round."""
+        return self.sparse is not None and self.possible_signers(block) >= int(self.sparse.from_sites)
+
+    def share_threshold(self, block: str) -> int:
+        """Shares needed to rebuild a member's secret of ``block``: ``t_b`` on the complete
+        graph, the sparse graph's ``share_threshold`` on the sparse one."""
+        if self.is_sparse(block):
+            return int(self.sparse.share_threshold)
+        return self.block_threshold(block)
 
     def block_group(self, block: str) -> tuple[str, ...] | None:
         """The public group ``P_b`` of ``block`` (sorted site ids), or ``None`` if the

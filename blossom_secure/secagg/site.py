@@ -90,6 +90,7 @@ from blossom_secure.secagg.messages import (
     KeyBundle,
     MaskedBlock,
     MaskedInput,
+    MaskStatement,
     MessageType,
     RevealedShare,
     ShareDelivery,
@@ -99,6 +100,7 @@ from blossom_secure.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
     decode_coordinator_message,
+    decode_advertisement_remembered,
     decode_share_plaintext,
     decode_site_message,
     encode_share_plaintext,
@@ -484,6 +486,7 @@ class SiteStageMachine:
             {s: [b.block for b in a.blocks] for s, a in adverts.items()},
             {s: a.min_contributors for s, a in adverts.items()},
             self._params,
+            graph_keys=self._graph_keys,
         )
         own_shares, ciphertexts = self._make_shares(plan, adverts)
         message = EncryptedShares(
@@ -511,7 +514,7 @@ class SiteStageMachine:
         adverts: dict[str, AdvertiseKeys] = {}
         own_seen = False
         for untrusted_advert in untrusted_adverts:
-            advert = decode_site_message(
+            advert = decode_advertisement_remembered(
                 untrusted_advert,
                 federation_id=self._federation_id,
                 federation_sha256=self._federation_sha256,
@@ -539,17 +542,26 @@ class SiteStageMachine:
         _check_distinct_keys(adverts.values())
         return adverts
 
+    def _graph_keys(self, members: Iterable[str]) -> dict[str, bytes]:
+        return kdf.graph_position_keys(
+            tuple(members),
+            federation_id=self._federation_id,
+            federation_sha256=self._federation_sha256,
+            round_id=self._round_id,
+        )
+
     def _make_shares(
         self, plan: BlockPlan, adverts: Mapping[str, AdvertiseKeys]
     ) -> tuple[dict[str, tuple[int, int]], list[EncryptedShare]]:
         per_holder: dict[str, list[BlockShares]] = {}
         own_shares: dict[str, tuple[int, int]] = {}
         for block in plan.blocks_of(self._site_id):
-            holders = plan.groups[block]
+            holders = tuple(sorted((self._site_id, *plan.block_neighbours(block, self._site_id))))
             xs = [self._x[h] for h in holders]
             secret = self._secrets[block]
-            key_shares = shamir.split(secret.mask_private_key, threshold=plan.thresholds[block], xs=xs)
-            seed_shares = shamir.split(secret.seed, threshold=plan.thresholds[block], xs=xs)
+            threshold = plan.share_thresholds[block]
+            key_shares = shamir.split(secret.mask_private_key, threshold=threshold, xs=xs)
+            seed_shares = shamir.split(secret.seed, threshold=threshold, xs=xs)
             for holder, key_share, seed_share in zip(holders, key_shares, seed_shares, strict=True):
                 if holder == self._site_id:
                     own_shares[block] = (key_share, seed_share)
@@ -632,20 +644,25 @@ class SiteStageMachine:
         state = _MaskedState(share_senders=frozenset(delivery.share_senders))
         self._check_share_senders(shared, state.share_senders)
         self._receive_shares(shared, delivery, state)
-        blocks = []
+        blocks, statements = [], []
         plan = shared.plan
         for block in plan.blocks_of(self._site_id):
             group = tuple(s for s in plan.groups[block] if s in state.share_senders)
             if block_shortfall(group, plan=plan, block=block, params=self._params, stage="shared keys") is not None:
                 continue
-            blocks.append(MaskedBlock(block, self._mask_block(shared, contribution, block, group)))
+            peers = tuple(s for s in plan.block_neighbours(block, self._site_id) if s in state.share_senders)
+            blocks.append(MaskedBlock(block, self._mask_block(shared, contribution, block, peers)))
             state.mask_groups[block] = group
+            if block in plan.graphs:
+                payload = self._mask_statement_payload(block, self._site_id, peers)
+                statements.append(MaskStatement(self._site_id, block, peers, crypto.sign(self._identity_key, payload)))
         message = MaskedInput(
             federation_id=self._federation_id,
             federation_sha256=self._federation_sha256,
             round_id=self._round_id,
             site_id=self._site_id,
             blocks=tuple(blocks),
+            statements=tuple(statements),
         )
         return encode_site_message(message, self._identity_key), state
 
@@ -693,14 +710,22 @@ class SiteStageMachine:
         for block, values in shared.own_shares.items():
             state.held[(self._site_id, block)] = values
 
+    def _mask_statement_payload(self, block: str, site: str, peers: Iterable[str]) -> bytes:
+        return kdf.mask_statement_payload(
+            federation_id=self._federation_id,
+            federation_sha256=self._federation_sha256,
+            round_id=self._round_id,
+            block=block,
+            site=site,
+            peers=tuple(peers),
+        )
+
     def _mask_block(
-        self, shared: _SharedState, contribution: SiteContribution, block: str, group: tuple[str, ...]
+        self, shared: _SharedState, contribution: SiteContribution, block: str, neighbours_: tuple[str, ...]
     ) -> np.ndarray:
         adverts = shared.adverts
         peers = {
-            peer: next(e.mask_public_key for e in adverts[peer].blocks if e.block == block)
-            for peer in group
-            if peer != self._site_id
+            peer: next(e.mask_public_key for e in adverts[peer].blocks if e.block == block) for peer in neighbours_
         }
         secret = self._secrets[block]
         return mask_block(
@@ -770,6 +795,7 @@ class SiteStageMachine:
             ):
                 continue
             signed[entry.block] = entry.survivors
+        self._check_mask_statements(request, signed, masked)
         signatures = tuple(
             BlockSignature(block, crypto.sign(self._identity_key, self._consistency_payload(block, survivors)))
             for block, survivors in sorted(signed.items())
@@ -790,6 +816,63 @@ class SiteStageMachine:
             "site %s signed the survivor sets of %d block(s) in round %d", self._site_id, len(signed), self._round_id
         )
         return encoded
+
+    def _check_mask_statements(
+        self, request: ConsistencyRequest, signed: Mapping[str, tuple[str, ...]], masked: _MaskedState
+    ) -> None:
+        """On the sparse graph: before this site signs a block's survivor set ``S``, every
+        survivor whose shares it holds must show its own signed statement of the peers it
+        masked the block with, at least ``min_masked`` of them in ``S``. (This site's own
+        count, and every count on its own graph, :func:`block_shortfall` has checked.)
+
+        Raises:
+            InconsistentMessageError: a statement missing, unasked for, or naming the
+                wrong peers of this site.
+            AuthenticationError: a statement whose signature does not verify.
+            ConsistencyCheckError: a survivor with fewer than ``min_masked`` masked peers
+                in ``S``.
+
+        Notes:
+            This site reveals the self-mask share of every such survivor ``u`` once ``S``
+            passes. The masks of ``u`` that the coordinator cannot remove are those with
+            peers in ``S`` (it rebuilds the mask keys of the others) that do not collude
+            with it, so ``u``'s input is only ever unmasked in a sum with at least
+            ``min_masked + 1 - c`` honest inputs, ``c`` the colluders (docs/protocol.md,
+            "Sparse masking graph"). The statement is ``u``'s own, so no view the
+            coordinator showed anyone changes it.
+        """
+        plan = self._shared_state().plan
+        given = {(entry.block, entry.site): entry for entry in request.statements}
+        wanted = set()
+        for block, survivors in signed.items():
+            graph = plan.graphs.get(block)
+            if graph is None:
+                continue
+            present = set(survivors)
+            for peer in survivors:
+                if peer == self._site_id or (peer, block) not in masked.held:
+                    continue
+                wanted.add((block, peer))
+                statement = given.get((block, peer))
+                if statement is None:
+                    raise InconsistentMessageError(f"consistency request lacks the mask statement of {peer} for {block}")
+                if self._site_id not in statement.peers:
+                    raise InconsistentMessageError(
+                        f"mask statement of {peer} for {block} omits this site, which shared keys with it"
+                    )
+                crypto.verify_signature_remembered(
+                    self._roster[peer],
+                    self._mask_statement_payload(block, peer, statement.peers),
+                    statement.signature,
+                )
+                kept = sum(other in present for other in statement.peers)
+                if kept < graph.min_masked:
+                    raise ConsistencyCheckError(
+                        f"{peer} masked {block} with {kept} site(s) of the survivor set, l = {graph.min_masked} required"
+                    )
+        unasked = {key for key in given if key[0] in signed and key not in wanted}
+        if unasked:
+            raise InconsistentMessageError("consistency request holds mask statements this site does not check")
 
     def _consistency_payload(self, block: str, survivors: Iterable[str]) -> bytes:
         return kdf.consistency_payload(
@@ -862,6 +945,8 @@ class SiteStageMachine:
                 continue
             self._verify_consistency(block, signed_set, proofs[block], shared.plan.thresholds[block])
             for peer in masked.mask_groups[block]:
+                if (peer, block) not in masked.held:
+                    continue  # not a neighbour on the sparse graph: this site holds no share of it
                 key_share, seed_share = masked.held[(peer, block)]
                 kind, value = (
                     (ShareKind.SELF_MASK_SEED, seed_share) if peer in signed_set else (ShareKind.MASK_KEY, key_share)
@@ -1335,6 +1420,7 @@ class SiteStageMachine:
             {s: [b.block for b in a.blocks] for s, a in adverts.items()},
             {s: a.min_contributors for s, a in adverts.items()},
             self._params,
+            graph_keys=self._graph_keys,
         )
         if tuple(share.block for share in record.own_shares) != plan.blocks_of(self._site_id):
             raise SiteStateError("the site's own shares saved do not cover exactly the blocks it shares")

@@ -244,6 +244,7 @@ def terms_sha256(block_sizes: Mapping[str, int], params: SecAggParams) -> bytes:
         "block_groups": {block: list(group) for block, group in params.block_groups.items()},
         "min_contributors": params.min_contributors,
         "max_message_bytes": params.max_message_bytes,
+        **({"sparse": params.sparse.as_document()} if params.sparse is not None else {}),
     }
     return hashlib.sha256(PROTOCOL_LABEL + _lp("site-state-terms") + _dumps(document)).digest()
 

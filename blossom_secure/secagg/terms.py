@@ -12,7 +12,7 @@ import numpy as np
 
 from blossom_secure.config import FederationConfig
 from blossom_secure.exchange import BlockOutcome
-from blossom_secure.secagg.params import SecAggParams
+from blossom_secure.secagg.params import SecAggParams, SparseGraph
 
 __all__ = ["block_outcome", "federation_sha256", "secagg_params"]
 
@@ -49,7 +49,8 @@ def secagg_params(federation: FederationConfig, *, roster_size: int) -> SecAggPa
         raise ValueError(f"the roster has {roster_size} sites, more than max_sites = {max_sites}")
     return SecAggParams(ring_bits=ag.ring_bits, clip=ag.clip, max_weight=ag.max_weight,
                         max_group_size=max_sites, threshold=ag.threshold, block_thresholds=dict(ag.thresholds),
-                        block_groups=dict(ag.groups), min_contributors=ag.min_contributors)
+                        block_groups=dict(ag.groups), min_contributors=ag.min_contributors,
+                        sparse=SparseGraph(**ag.sparse) if ag.sparse is not None else None)
 
 
 def federation_sha256(federation: FederationConfig) -> bytes:

@@ -12,6 +12,11 @@ for one site, and :meth:`MaliciousCoordinator.recover` must come back empty: nev
 over one site. ``test_split_view_attack_recovers_nothing`` recovered a site's exact update
 (maximum error 1.9e-7) against the code before thresholds were public and the
 consistency check existed.
+
+Every test runs twice: on the complete graph of the block's group, and on the sparse
+masking graph (``[aggregation.sparse]``, a ring of degree 2 over the six sites, the
+sparsest there is: each site masks with and deals its shares to two neighbours, two shares
+rebuild a secret, and a survivor must keep one masked neighbour in the survivor set).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from blossom_secure.secagg import (
     OutsideBlockGroupError,
     SecAggParams,
     SiteStageMachine,
+    SparseGraph,
     WrongFederationError,
     kdf,
     shamir,
@@ -63,8 +69,24 @@ SITES = ("s0", "s1", "s2", "s3", "s4", "s5")
 BLOCK = "fusion"
 # max_sites = 6 and the smallest threshold allowed for it (a strict majority), which is
 # the most favourable to the attacker.
-PARAMS = SecAggParams(max_weight=100, max_group_size=6, threshold=4)
+COMPLETE = SecAggParams(max_weight=100, max_group_size=6, threshold=4)
+#: The same terms on the sparsest masking graph: a ring of degree 2 from six possible signers.
+SPARSE = SparseGraph(2, from_sites=4)
+PARAMS = COMPLETE
 _SHARE_LIMIT = 1 << 256
+
+
+@pytest.fixture(autouse=True, params=["complete", "sparse"])
+def graph(request: pytest.FixtureRequest):
+    """Run the test on the complete graph, then on the sparse one (the module's ``PARAMS``
+    and ``GROUP_PARAMS`` with ``[aggregation.sparse]`` added)."""
+    global PARAMS, GROUP_PARAMS
+    saved = PARAMS, GROUP_PARAMS
+    if request.param == "sparse":
+        PARAMS = SecAggParams(max_weight=100, max_group_size=6, threshold=4, sparse=SPARSE)
+        GROUP_PARAMS = SecAggParams(max_weight=100, max_group_size=6, block_groups={BLOCK: GROUP}, sparse=SPARSE)
+    yield request.param
+    PARAMS, GROUP_PARAMS = saved
 
 
 class MaliciousCoordinator:
@@ -76,12 +98,14 @@ class MaliciousCoordinator:
     """
 
     def __init__(
-        self, sites: Iterable[str] = SITES, params: SecAggParams = PARAMS, *, outsiders: Iterable[str] = ()
+        self, sites: Iterable[str] = SITES, params: SecAggParams | None = None, *, outsiders: Iterable[str] = ()
     ) -> None:
-        """``sites`` run honest stage machines contributing ``BLOCK``; ``outsiders`` are
+        """``sites`` run honest stage machines contributing ``BLOCK`` under ``params``
+        (default: the module's ``PARAMS`` of the graph under test); ``outsiders`` are
         further roster members (with identity keys, no machine) that collude with the
         coordinator: see :meth:`outsider_advertisement`."""
         sites = tuple(sites)
+        params = PARAMS if params is None else params
         keys = make_keys(sorted({*sites, *outsiders}))
         self.fed = Federation({site: (BLOCK,) for site in sites}, params=params, keys=keys)
         self.params = params
@@ -92,6 +116,7 @@ class MaliciousCoordinator:
         self.views: dict[str, tuple[str, ...]] = {}
         self.senders: dict[str, tuple[str, ...]] = {}
         self.shares: dict[str, object] = {}
+        self.inbox: dict[str, set[str]] = {}  # site -> the peers whose shares it was handed
         self.masked: dict[str, object] = {}
         self.asked: dict[str, tuple[str, ...]] = {}
         self.signatures: dict[str, bytes] = {}
@@ -191,16 +216,34 @@ class MaliciousCoordinator:
                 for share in self.shares[sender].shares
                 if share.peer == site
             ]
+            self.inbox[site] = {share.peer for share in inbox}
             delivery = ShareDelivery(**self._context(site), share_senders=self.senders[site], shares=tuple(inbox))
             answer = self._send(site, "masked_input", delivery)
             if answer is not None:
                 self.masked[site] = answer
 
-    def check(self, sets: Mapping[str, Iterable[str]]) -> None:
-        """Ask each site to sign ``sets[site]`` as the block's survivors."""
+    def statements_for(self, site: str, survivors: Iterable[str]) -> tuple:
+        """The genuine mask statements (sparse graph) of the ``survivors`` whose shares
+        ``site`` was handed: what an honest coordinator forwards."""
+        return tuple(
+            statement
+            for peer in sorted(survivors)
+            if peer != site and peer in self.inbox.get(site, ()) and peer in self.masked
+            for statement in self.masked[peer].statements
+            if statement.block == BLOCK
+        )
+
+    def check(self, sets: Mapping[str, Iterable[str]], statements: Mapping[str, tuple] | None = None) -> None:
+        """Ask each site to sign ``sets[site]`` as the block's survivors, forwarding
+        ``statements[site]`` (default: the genuine mask statements it checks)."""
         for site, survivors in sets.items():
             self.asked[site] = tuple(sorted(survivors))
-            request = ConsistencyRequest(**self._context(site), blocks=(BlockSurvivors(BLOCK, self.asked[site]),))
+            forwarded = (statements or {}).get(site)
+            if forwarded is None:
+                forwarded = self.statements_for(site, self.asked[site])
+            request = ConsistencyRequest(
+                **self._context(site), blocks=(BlockSurvivors(BLOCK, self.asked[site]),), statements=forwarded
+            )
             answer = self._send(site, "consistency_check", request)
             if answer is not None and answer.signatures:
                 self.signatures[site] = answer.signatures[0].signature
@@ -269,7 +312,9 @@ class MaliciousCoordinator:
         masks = [(kdf.self_mask_key(seed, site=target, **context), -1)]
         public = {s: self.decode(a).blocks[0].mask_public_key for s, a in self.adverts.items()}
         own_key = self.rebuild(target, ShareKind.MASK_KEY)
-        for peer in sorted((set(self.views[target]) & set(self.senders[target])) - {target}):
+        stated = [statement.peers for statement in masked.statements if statement.block == BLOCK]
+        masked_with = stated[0] if stated else sorted((set(self.views[target]) & set(self.senders[target])) - {target})
+        for peer in masked_with:
             peer_key = self.rebuild(peer, ShareKind.MASK_KEY)
             if own_key is not None:
                 secret = crypto.x25519_shared_secret(own_key, public[peer])
@@ -322,7 +367,7 @@ def honest_until_masked_input(attacker: MaliciousCoordinator) -> None:
 # ------------------------------------------------------------ split views
 
 
-def test_split_view_attack_recovers_nothing() -> None:
+def test_split_view_attack_recovers_nothing(graph: str) -> None:
     """The reported attack: s0 is shown a group of two (with s1), everyone else a group of
     six; then s0 and s1 are told that all survived and the rest that s1 dropped, so that
     s0's seed comes from {s0, s1} and s1's mask key from the four others."""
@@ -342,20 +387,28 @@ def test_split_view_attack_recovers_nothing() -> None:
     assert attacker.recovers_nobody()
     # s1 expected s0's shares (it was told s0 shared keys); the four others hold 4
     # signatures over their set, reveal s1's mask-key share, but s0 never masked with s1.
-    assert isinstance(attacker.refusals["s1"], InconsistentMessageError)
+    # On the sparse ring s0 is no neighbour of s1's: s1 expects nothing of it, and finds
+    # only its own signature over the set of six.
+    assert isinstance(attacker.refusals["s1"], InconsistentMessageError if graph == "complete" else ConsistencyCheckError)
     assert attacker.rebuild("s0", ShareKind.SELF_MASK_SEED) is None
 
 
-def test_split_view_with_a_group_of_t_recovers_nothing() -> None:
+def test_split_view_with_a_group_of_t_recovers_nothing(graph: str) -> None:
     """The attacker adapts: s0 is shown exactly t = 4 sites, so it accepts the group; the
-    attacker then asks s0-s3 to sign the four and s4, s5 to sign a set without s1."""
+    attacker then asks s0-s3 to sign the four and s4, s5 to sign a set without s1. (On the
+    sparse graph s0's ring of four gives it other neighbours than the ring of six gives
+    the others: it refuses the share delivery and sends nothing.)"""
     attacker = MaliciousCoordinator()
     small = ("s0", "s1", "s2", "s3")
     attacker.advertise()
     attacker.share(everyone(s0=small))
     attacker.mask(mutual(everyone(s0=small)))
-    assert attacker.masked["s0"].blocks != ()  # s0 takes part, with threshold 4
-    assert attacker.refusals == {}
+    if graph == "complete":
+        assert attacker.masked["s0"].blocks != ()  # s0 takes part, with threshold 4
+        assert attacker.refusals == {}
+    else:
+        assert isinstance(attacker.refusals.pop("s0"), InconsistentMessageError) and "s0" not in attacker.masked
+        assert attacker.refusals == {}
     without_s1 = ("s2", "s3", "s4", "s5")  # s4 and s5 were told s0 did not share keys
     attacker.check({**{s: small for s in small}, "s4": without_s1, "s5": without_s1})
     for site in small:
@@ -363,12 +416,15 @@ def test_split_view_with_a_group_of_t_recovers_nothing() -> None:
         attacker.unmask(site, survivors=small, dropped=others, signatures=attacker.signatures_over(small))
     for site in ("s4", "s5"):
         attacker.unmask(site, survivors=without_s1, dropped=("s1",), signatures=attacker.signatures_over(without_s1))
-    assert isinstance(attacker.refusals["s4"], ConsistencyCheckError)  # 2 signatures < t
-    assert isinstance(attacker.refusals["s5"], ConsistencyCheckError)
+    # 2 signatures < t. (On the sparse ring, s4 and s5 left the set unsigned: in it a
+    # member keeps none of its neighbours. Signatures for a set a site did not sign are
+    # refused as such.)
+    expected = ConsistencyCheckError if graph == "complete" else InconsistentMessageError
+    assert isinstance(attacker.refusals["s4"], expected) and isinstance(attacker.refusals["s5"], expected)
     assert attacker.recovers_nobody()
 
 
-def test_different_group_per_site_recovers_nothing() -> None:
+def test_different_group_per_site_recovers_nothing(graph: str) -> None:
     """Each site is shown a different group (each of at least t sites) and asked to sign
     its own group: no two sites sign the same set, so none gathers t signatures."""
     attacker = MaliciousCoordinator()
@@ -383,6 +439,12 @@ def test_different_group_per_site_recovers_nothing() -> None:
     attacker.advertise()
     attacker.share(views)
     attacker.mask(mutual(views))
+    if graph == "sparse":
+        # Each view gives its own ring: the deliveries hold other neighbours' shares than
+        # the sites expect, and every site that sees it refuses before masking.
+        assert attacker.refusals and all(isinstance(e, InconsistentMessageError) for e in attacker.refusals.values())
+        assert attacker.recovers_nobody()
+        return
     assert attacker.refusals == {}
     attacker.check(attacker.senders)
     assert len(set(attacker.asked.values())) == len(SITES) and len(attacker.signatures) == len(SITES)
@@ -395,7 +457,7 @@ def test_different_group_per_site_recovers_nothing() -> None:
     assert attacker.recovers_nobody()
 
 
-def test_shrinking_view_by_omitting_honest_advertisements_recovers_nothing() -> None:
+def test_shrinking_view_by_omitting_honest_advertisements_recovers_nothing(graph: str) -> None:
     """The attacker drops honest sites' advertisements from s0's bundle, one by one: below
     t = 4 s0 withholds its input; at t it takes part, but the others' view (all six) and
     s0's (four) give different survivor sets to sign."""
@@ -416,7 +478,13 @@ def test_shrinking_view_by_omitting_honest_advertisements_recovers_nothing() -> 
                 dropped=tuple(v for v in attacker.senders[site] if v not in attacker.asked[site]),
                 signatures=attacker.signatures_over(attacker.asked[site]),
             )
-        assert isinstance(attacker.refusals["s0"], ConsistencyCheckError)  # only s0 signed its small set
+        # Only s0 signed its small set. On the sparse graph a ring of fewer sites gives s0
+        # other neighbours: it refuses the share delivery instead (a ring of five over six
+        # sites may agree on s0's neighbours; then only s0 signs its set, as above).
+        refusal = attacker.refusals["s0"]
+        assert isinstance(refusal, ConsistencyCheckError) or (
+            graph == "sparse" and isinstance(refusal, InconsistentMessageError) and "s0" not in attacker.masked
+        )
         assert attacker.recover("s0") is None
 
 
@@ -642,16 +710,21 @@ def test_honest_round_through_the_attackers_plumbing_recovers_only_what_it_may()
 
 
 def test_collusion_of_t_sites_with_the_coordinator_still_recovers_an_update() -> None:
-    """What the protocol does not protect against (threat-model.md): ``t`` group members
-    that hand their shares to the coordinator let it unmask any member. This also shows
-    that :meth:`MaliciousCoordinator.recover` works when the shares are there."""
+    """What the protocol does not protect against (threat-model.md): as many holders of a
+    member's shares as the shares needed to rebuild its secrets (``t_b`` of the group on the
+    complete graph, ``share_threshold`` of its neighbours on the sparse one) that hand
+    them to the coordinator let it unmask that member. This also shows that
+    :meth:`MaliciousCoordinator.recover` works when the shares are there."""
     attacker = MaliciousCoordinator()
     honest_until_masked_input(attacker)
-    attacker.collude(("s1", "s2", "s3", "s4"))
+    needed = PARAMS.share_threshold(BLOCK)
+    holders = sorted(attacker.inbox["s0"])  # s0's neighbours: they hold its shares
+    assert len(holders) == (2 if PARAMS.sparse else 5)
+    attacker.collude(holders[:needed])
     assert attacker.error("s0") <= 2.0 ** -(PARAMS.scale_bits + 1) + 1e-7
     fewer = MaliciousCoordinator()
     honest_until_masked_input(fewer)
-    fewer.collude(("s1", "s2", "s3"))  # t - 1 colluders: nothing
+    fewer.collude(sorted(fewer.inbox["s0"])[: needed - 1])  # one short: nothing
     assert fewer.recovers_nobody()
 
 
