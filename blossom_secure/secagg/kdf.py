@@ -58,6 +58,7 @@ class Purpose(str, Enum):
     MASK_STATEMENT = "mask-statement"
 
 
+@functools.lru_cache(maxsize=4096)
 def _length_prefixed(text: str) -> bytes:
     data = text.encode("utf-8")
     if len(data) > _U16_MAX:

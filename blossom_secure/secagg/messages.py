@@ -199,10 +199,7 @@ class _Text(_Codec):
     min_bytes = 2
 
     def write(self, writer: _Writer, value: str) -> None:
-        data = value.encode("utf-8")
-        if len(data) > 0xFFFF:
-            raise ValueError("text too long")
-        writer.raw(len(data).to_bytes(2, "big") + data)
+        writer.raw(_text_bytes(value))
 
     def read(self, reader: _Reader) -> str:
         size = int.from_bytes(reader.take(2), "big")
@@ -210,6 +207,16 @@ class _Text(_Codec):
             return bytes(reader.take(size)).decode("utf-8", errors="strict")
         except UnicodeDecodeError:
             raise MalformedMessageError("text is not UTF-8") from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _text_bytes(value: str) -> bytes:
+    """A text's encoding (2-byte length, UTF-8); remembered, since a round's messages
+    spell the same few site ids and block names thousands of times."""
+    data = value.encode("utf-8")
+    if len(data) > 0xFFFF:
+        raise ValueError("text too long")
+    return len(data).to_bytes(2, "big") + data
 
 
 class _Fixed(_Codec):

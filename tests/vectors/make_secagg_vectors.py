@@ -86,6 +86,8 @@ def kdf_vectors() -> dict:
         ("seed-commitment", "fed-a", 3, "encoder.tabular", ["x"]),
         ("round-salt", "fed-a", 3, "", []),
         ("consistency-check", "fed-a", 3, "fusion", ["s1", "s2", "s3"]),
+        ("neighbour-graph", "fed-a", 3, "", ["s2"]),
+        ("mask-statement", "fed-a", 3, "fusion", ["s2", "s1", "s4"]),
     ]
     for purpose, federation, round_id, block, parties in contexts:
         label = ref.label_reference(purpose, federation, round_id, block, parties)
