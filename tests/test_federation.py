@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,11 +146,12 @@ def _plaintext_allowed_copy(src, dest):
     return dest / "sites"
 
 
-def test_secure_result_equals_plaintext_within_quantisation_bound(tiny_sites_with_data, tmp_path):
+def _secure_equals_plaintext(a: Path, b: Path, tmp_path: Path):
+    """Run one secure round on ``a`` and one plaintext round on ``b`` (copies of one
+    federation) and check that every shared block agrees within the quantisation bound;
+    returns the secure run."""
     from blossom_secure.secagg.terms import secagg_params
 
-    a = _plaintext_allowed_copy(tiny_sites_with_data, tmp_path / "a")
-    b = _plaintext_allowed_copy(tiny_sites_with_data, tmp_path / "b")
     secure = simulate(sites_root=a, rounds=1, out_dir=tmp_path / "secure", seed=5, secure=True)
     plain = simulate(sites_root=b, rounds=1, out_dir=tmp_path / "plain", seed=5, secure=False)
     fed = load_federation(a / "federation.toml")
@@ -167,6 +169,41 @@ def test_secure_result_equals_plaintext_within_quantisation_bound(tiny_sites_wit
     init = simulate(sites_root=b, rounds=1, out_dir=tmp_path / "plain", seed=5, mode="local")
     with np.load(secure.out_dir / "global_blocks.npz") as s, np.load(init.out_dir / "global_blocks.npz") as i:
         assert any(np.abs(s[k] - i[k]).max() > 100 * bound for k in s.files)
+    return secure
+
+
+def test_secure_result_equals_plaintext_within_quantisation_bound(tiny_sites_with_data, tmp_path):
+    a = _plaintext_allowed_copy(tiny_sites_with_data, tmp_path / "a")
+    b = _plaintext_allowed_copy(tiny_sites_with_data, tmp_path / "b")
+    _secure_equals_plaintext(a, b, tmp_path)
+
+
+def test_sparse_graph_round_equals_plaintext_within_quantisation_bound(tiny_sites_with_data, tmp_path):
+    """The sparse masking graph end to end, through real site agents: the demo federation
+    without public groups (each block's possible signers: max_sites = 4) and with
+    [aggregation.sparse] from 4 sites (a ring of degree 2, l = 2, so that lakeside's
+    policy minimum of 3 is met). Every site sends its mask statements, every block is
+    aggregated, and the result is the plaintext one within the bound."""
+    copies = []
+    for name in ("a", "b"):
+        sites = _plaintext_allowed_copy(tiny_sites_with_data, tmp_path / name)
+        fed = sites / "federation.toml"
+        text = fed.read_text()
+        head, _, tail = text.partition("[aggregation.groups]")
+        tail = tail[tail.index("[synth]"):]
+        fed.write_text(head + "[aggregation.sparse]\nneighbours = 2\nfrom_sites = 4\nmin_masked = 2\n\n" + tail)
+        copies.append(sites)
+    from blossom_secure.secagg.terms import secagg_params
+
+    params = secagg_params(load_federation(copies[0] / "federation.toml"), roster_size=4)
+    assert all(params.is_sparse(b) for b in ("encoder.image", "encoder.tabular", "fusion"))
+    assert params.share_threshold("fusion") == 2 < params.block_threshold("fusion") == 3
+    secure = _secure_equals_plaintext(*copies, tmp_path)
+    doc = json.loads(secure.metrics_path.read_text())
+    assert all(v["failure"] is None for r in doc["blocks"].values() for v in r.values())
+    for site in ("st-mary", "northgate", "riverside", "lakeside"):
+        records = [json.loads(line) for line in (copies[0] / site / "state" / "audit.jsonl").read_text().splitlines()]
+        assert any(r["details"].get("message_type") == "secagg.masked_input" for r in records)
 
 
 def test_audit_log_accounts_for_every_byte_sent(tiny_sites_with_data, tmp_path):

@@ -13,7 +13,6 @@ one test trains for real.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

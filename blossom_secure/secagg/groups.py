@@ -288,7 +288,9 @@ def block_shortfall(
         short = graph.short_of_neighbours(members)
         if short is not None:
             site, kept = short
-            return f"fewer than l neighbours on the sparse graph: {site} has {kept} that {stage}, l = {graph.min_masked}"
+            return (
+                f"fewer than l neighbours on the sparse graph: {site} has {kept} that {stage}, l = {graph.min_masked}"
+            )
     return None
 
 

@@ -1020,8 +1020,8 @@ def decode_advertisement_remembered(
     max_bytes: int,
 ) -> SiteMessage:
     """:func:`decode_site_message`, remembering the advertisements it accepted in this
-    process (the oldest forgotten first), so that the same bytes in the same context under the same sender key are
-    decoded once.
+    process (the oldest forgotten first), so that the same bytes in the same context under
+    the same sender key are decoded once.
 
     For the key bundle, which every site of a federation run in one process (the embedded
     runtime, tests, benchmarks) decodes in full: ``n * n`` decodes of ``n`` distinct

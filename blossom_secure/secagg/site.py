@@ -855,7 +855,9 @@ class SiteStageMachine:
                 wanted.add((block, peer))
                 statement = given.get((block, peer))
                 if statement is None:
-                    raise InconsistentMessageError(f"consistency request lacks the mask statement of {peer} for {block}")
+                    raise InconsistentMessageError(
+                        f"consistency request lacks the mask statement of {peer} for {block}"
+                    )
                 if self._site_id not in statement.peers:
                     raise InconsistentMessageError(
                         f"mask statement of {peer} for {block} omits this site, which shared keys with it"
@@ -868,7 +870,8 @@ class SiteStageMachine:
                 kept = sum(other in present for other in statement.peers)
                 if kept < graph.min_masked:
                     raise ConsistencyCheckError(
-                        f"{peer} masked {block} with {kept} site(s) of the survivor set, l = {graph.min_masked} required"
+                        f"{peer} masked {block} with {kept} site(s) of the survivor set, "
+                        f"l = {graph.min_masked} required"
                     )
         unasked = {key for key in given if key[0] in signed and key not in wanted}
         if unasked:

@@ -389,7 +389,8 @@ def test_split_view_attack_recovers_nothing(graph: str) -> None:
     # signatures over their set, reveal s1's mask-key share, but s0 never masked with s1.
     # On the sparse ring s0 is no neighbour of s1's: s1 expects nothing of it, and finds
     # only its own signature over the set of six.
-    assert isinstance(attacker.refusals["s1"], InconsistentMessageError if graph == "complete" else ConsistencyCheckError)
+    expected = InconsistentMessageError if graph == "complete" else ConsistencyCheckError
+    assert isinstance(attacker.refusals["s1"], expected)
     assert attacker.rebuild("s0", ShareKind.SELF_MASK_SEED) is None
 
 
