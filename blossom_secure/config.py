@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 _ID_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
-AGGREGATION_MODES = ("blockwise", "full-model", "local")
+AGGREGATION_MODES = ("blockwise", "full-model", "paper-full-model", "local")
 IMAGE_ARCHITECTURES = ("cnn", "densenet121")
 
 

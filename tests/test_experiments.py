@@ -126,6 +126,38 @@ def test_gain_is_computed_on_seed_means_of_site_averaged_metrics():
     assert g["accuracy_gain_pct_seed_mean"] == pytest.approx((32.0 + 0.02 / 0.70 * 100) / 2)
 
 
+def _seeded(scheme: str, dp: str, accuracies, aggregation: str = "secure") -> list[dict]:
+    return [{"cell": {"dataset": "digits", "tasks": "single", "split": "incomplete", "partition": "iid",
+                      "scheme": scheme, "dp": dp, "seed": seed, "aggregation": aggregation},
+             "final": {"accuracy": acc, "macro_f1": acc / 2}} for seed, acc in enumerate(accuracies)]
+
+
+def test_paired_comparison_interval_and_verdict_by_hand():
+    """Differences 0.10, 0.11, 0.09: mean 0.10, sample sd 0.01, t(0.975, 2) = 4.302653;
+    half-width 4.302653 * 0.01 / sqrt(3) = 0.024842: [0.075158, 0.124842], a win. Against
+    local the differences straddle 0 (a tie); a plaintext twin is never paired; one seed
+    gives no interval."""
+    from blossom_secure.experiments.report import paired_comparisons, paired_interval
+
+    results = (_seeded("private-head", "on", [0.70, 0.72, 0.74])
+               + _seeded("paper-full-model", "on", [0.60, 0.61, 0.65])
+               + _seeded("local", "on", [0.69, 0.74, 0.73])
+               + _seeded("private-head", "on", [0.0, 0.0, 0.0], "plaintext")
+               + _seeded("local-nodp", "on", [0.9, 0.9, 0.9]))
+    rows = {(r["scheme"], r["baseline"]): r for r in paired_comparisons(results)}
+    assert set(rows) == {("private-head", "paper-full-model"), ("private-head", "local"),
+                         ("private-head", "local-nodp")}
+    win = rows[("private-head", "paper-full-model")]
+    assert win["accuracy_diff_by_seed"] == pytest.approx([0.10, 0.11, 0.09])
+    assert win["accuracy_diff_mean"] == pytest.approx(0.10)
+    assert (win["accuracy_ci95_low"], win["accuracy_ci95_high"]) == pytest.approx((0.075158, 0.124842), abs=1e-6)
+    assert win["accuracy_verdict"] == "win" and win["macro_f1_verdict"] == "win"
+    assert rows[("private-head", "local")]["accuracy_verdict"] == "tie"
+    assert rows[("private-head", "local-nodp")]["accuracy_verdict"] == "loss"
+    mean, low, high = paired_interval([0.05])
+    assert mean == 0.05 and math.isnan(low) and math.isnan(high)
+
+
 def test_secure_vs_plaintext_pairs_the_same_seed():
     results = [_result("private-head", 0, 0.70, 0.6, "secure"), _result("private-head", 0, 0.68, 0.6, "plaintext"),
                _result("private-head", 1, 0.60, 0.5, "secure"), _result("private-head", 1, 0.61, 0.5, "plaintext")]
@@ -264,6 +296,38 @@ def test_dp_off_sites_spend_nothing_and_report_no_epsilon(tmp_path, tiny_config)
     assert result["epsilon_max"] is None
     for path in (tmp_path / "cells" / cell.key / "sites").glob("*/state"):
         assert not (path / "ledger.json").exists()
+
+
+def test_local_without_dp_in_a_dp_cell_spends_nothing_and_matches_local_with_dp_off(tmp_path, tiny_config):
+    """The hospital's alternative to joining: its own model, never released, so no DP.
+    In a DP-on cell it trains exactly as ``local`` does with DP off (same seed)."""
+    config = load_experiment(tiny_config)
+    pools: dict = {}
+    results = {}
+    for scheme, dp in (("local-nodp", "on"), ("local", "off")):
+        cell = Cell("breast_cancer", "single", "incomplete", "iid", scheme, dp, 0, "none")
+        build_data(config, cell, tmp_path, pools)
+        results[scheme] = run_cell(config, cell, tmp_path, _pool_meta(pools["breast_cancer"]),
+                                   _noise(config, tmp_path, cell), keep=True)
+        assert not list((tmp_path / "cells" / cell.key / "sites").glob("*/state/ledger.json"))
+    assert results["local-nodp"]["epsilon_max"] is None
+    assert results["local-nodp"]["sites"] == results["local"]["sites"]
+    assert results["local-nodp"]["curve"] == results["local"]["curve"]
+
+
+def test_new_baselines_in_the_grid_never_get_plaintext_twins_or_dp_off_repeats(tmp_path):
+    path = tmp_path / "grid.toml"
+    path.write_text(TINY.replace('schemes = ["full-model", "private-head", "private-head-fusion", "local"]',
+                                 'schemes = ["paper-full-model", "full-model", "private-head", "local", '
+                                 '"local-nodp"]')
+                    .replace('schemes = ["private-head"]', 'schemes = ["private-head", "paper-full-model"]'))
+    cells = cells_of(load_experiment(path))
+    by_scheme: dict[str, list] = {}
+    for cell in cells:
+        by_scheme.setdefault(cell.scheme, []).append(cell)
+    assert {c.aggregation for c in by_scheme["paper-full-model"]} == {"in-memory"}
+    assert [c.dp for c in by_scheme["local-nodp"]] == ["on"]
+    assert {c.aggregation for c in by_scheme["private-head"]} == {"secure", "plaintext"}
 
 
 def test_training_without_dp_needs_a_simulation_seed(copy_sites):

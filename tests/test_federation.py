@@ -136,6 +136,35 @@ def test_full_model_needs_explicit_flag(copy_sites, tmp_path):
     assert doc["blocks"]["0"]["head.severity"]["contributors"] == ["lakeside"]
 
 
+def test_paper_full_model_dilutes_a_block_with_the_sites_that_lack_it(tiny_sites_with_data, tmp_path):
+    """The paper's baseline: a site without a block (riverside has no images; only
+    lakeside has the severity task) sends it back as it received it, so the mean is over
+    all four sites. Same seed, same training as the holders-only ``full-model``: the
+    paper's mean is the holders' mean diluted by the initial value, exactly."""
+    import shutil
+
+    from blossom_secure.coordinator.rounds import initial_global_blocks
+
+    runs = {}
+    for mode in ("paper-full-model", "full-model"):
+        dest = tmp_path / mode
+        shutil.copytree(tiny_sites_with_data.parent / "policies", dest / "policies")
+        shutil.copytree(tiny_sites_with_data, dest / "sites")
+        with pytest.raises(ValueError, match="allow-full-model"):
+            run(dest / "sites", dest, mode=mode, rounds=1)
+        runs[mode] = run(dest / "sites", dest, mode=mode, allow_full_model=True, rounds=1, seed=5)
+    doc = json.loads(runs["paper-full-model"].metrics_path.read_text())
+    assert all(len(v["contributors"]) == 4 for v in doc["blocks"]["0"].values())
+    init = initial_global_blocks(load_federation(tiny_sites_with_data / "federation.toml"), include_heads=True,
+                                 seed=5)
+    with (np.load(runs["paper-full-model"].out_dir / "global_blocks.npz") as paper,
+          np.load(runs["full-model"].out_dir / "global_blocks.npz") as holders):
+        for block, held_by in (("encoder.image", 3), ("encoder.tabular", 3), ("head.severity", 1), ("fusion", 4)):
+            expected = (held_by * holders[block].astype(np.float64) + (4 - held_by) * init[block]) / 4
+            assert np.abs(paper[block] - expected).max() < 1e-6, block
+        assert np.abs(paper["encoder.image"] - holders["encoder.image"]).max() > 1e-4  # the dilution is visible
+
+
 def _plaintext_allowed_copy(src, dest):
     import shutil
 

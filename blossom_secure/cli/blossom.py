@@ -1,6 +1,6 @@
 """``blossom``: commands for the people who run federations and experiments.
 
-    blossom simulate --sites sites --rounds N --out DIR [--quick] [--mode blockwise|full-model|local]
+    blossom simulate --sites sites --rounds N --out DIR [--quick] [--mode blockwise|paper-full-model|full-model|local]
                      [--plaintext] [--seed S] [--fresh] [--allow-full-model] [--workers N|auto]
     blossom data synth --sites sites [--force]
     blossom experiment CONFIG.toml [--work DIR] [--out DIR] [--quick] [--workers N] [--fresh] [--report-only]
@@ -34,7 +34,7 @@ def _parser() -> ArgumentParser:
     sim.add_argument("--rounds", type=int, default=None, help="rounds (default: the federation file's)")
     sim.add_argument("--out", type=Path, required=True, help="folder for metrics.json and the global blocks")
     sim.add_argument("--quick", action="store_true", help=f"a short run ({QUICK_ROUNDS} rounds) for demos and tests")
-    sim.add_argument("--mode", choices=("blockwise", "full-model", "local"), default=None,
+    sim.add_argument("--mode", choices=("blockwise", "paper-full-model", "full-model", "local"), default=None,
                      help="aggregation mode (default: the federation file's, normally blockwise)")
     sim.add_argument("--plaintext", action="store_true",
                      help="aggregate in the clear (sites whose policy requires secure aggregation decline)")
@@ -48,7 +48,8 @@ def _parser() -> ArgumentParser:
                           "(auto: one per core; default 1, the sites one after the other). Pays off for large "
                           "models or many cores; starting the workers costs a few seconds")
     sim.add_argument("--allow-full-model", action="store_true",
-                     help="allow --mode full-model (shares heads, ignores policies; synthetic sites only)")
+                     help="allow --mode paper-full-model or full-model (shares heads, ignores policies; "
+                          "synthetic sites only)")
 
     data = sub.add_parser("data", help="example-site data")
     dsub = data.add_subparsers(dest="data_command", required=True, parser_class=ArgumentParser)
@@ -376,8 +377,8 @@ def _simulate(args) -> int:
         rounds = min(rounds or QUICK_ROUNDS, QUICK_ROUNDS)
     if rounds is not None and rounds < 1:
         raise UsageError("--rounds must be at least 1")
-    if args.mode == "full-model" and not args.allow_full_model:
-        raise UsageError("--mode full-model shares task heads and ignores the sites' policies; "
+    if args.mode in ("full-model", "paper-full-model") and not args.allow_full_model:
+        raise UsageError(f"--mode {args.mode} shares task heads and ignores the sites' policies; "
                          "add --allow-full-model to run this baseline (synthetic sites only)")
     if rounds is None:
         from blossom_secure.config import load_federation

@@ -18,7 +18,7 @@ from blossom_secure.experiments.datasets import DATASETS
 __all__ = ["DP_SETTINGS", "ExperimentConfig", "PARTITIONS", "SCHEMES", "SubGrid", "load_experiment"]
 
 #: Schemes: what each site shares (see :mod:`blossom_secure.experiments.runner`).
-SCHEMES = ("full-model", "private-head", "private-head-fusion", "local")
+SCHEMES = ("paper-full-model", "full-model", "private-head", "private-head-fusion", "local", "local-nodp")
 PARTITIONS = ("iid", "dirichlet")
 DP_SETTINGS = ("off", "on")
 _GRID_KEYS = ("datasets", "splits", "schemes", "partitions", "dp")

@@ -23,20 +23,22 @@ import numpy as np
 
 from blossom_secure._fs import atomic_write
 
-__all__ = ["METRICS", "relative_gain", "secure_vs_plaintext", "summarise", "write_report"]
+__all__ = ["METRICS", "PAIRS", "paired_comparisons", "paired_interval", "relative_gain", "secure_vs_plaintext",
+           "summarise", "write_report"]
 
 METRICS = ("accuracy", "macro_f1")
 _SETTING = ("dataset", "tasks", "split", "partition", "scheme", "dp", "aggregation")
-_SCHEME_ORDER = ("full-model", "private-head", "private-head-fusion", "local")
-_COLOURS = {"full-model": "#6d6d6d", "private-head": "#1565c0", "private-head-fusion": "#2e7d32", "local": "#c62828"}
+_SCHEME_ORDER = ("paper-full-model", "full-model", "private-head", "private-head-fusion", "local", "local-nodp")
+_COLOURS = {"paper-full-model": "#000000", "full-model": "#6d6d6d", "private-head": "#1565c0",
+            "private-head-fusion": "#2e7d32", "local": "#c62828", "local-nodp": "#ef6c00"}
 
 
 def relative_gain(metric: float, baseline: float) -> float:
     """``(metric - baseline) / baseline * 100`` (percent); NaN when ``baseline`` is 0.
 
     Example:
-        >>> relative_gain(0.69, 0.60)
-        15.000000000000002
+        >>> round(relative_gain(0.69, 0.60), 9)
+        15.0
     """
     if baseline == 0:
         return math.nan
@@ -90,6 +92,68 @@ def gains(rows: Sequence[Mapping]) -> list[dict]:
             spread = _mean_std(per_seed) if per_seed else (math.nan, math.nan)
             g[f"{m}_gain_pct_seed_mean"], g[f"{m}_gain_pct_seed_std"] = spread
         out.append(g)
+    return out
+
+
+#: The comparisons a hospital weighs: each block-wise scheme against the paper's baseline,
+#: the holders-only ablation, and training alone with and without DP.
+PAIRS = tuple((scheme, baseline) for scheme in ("private-head", "private-head-fusion")
+              for baseline in ("paper-full-model", "full-model", "local", "local-nodp"))
+_PAIRED_BY = ("dataset", "tasks", "split", "partition", "dp")
+
+
+def paired_interval(differences: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean of paired per-seed differences and its two-sided ``confidence`` interval from
+    Student's t distribution with ``n - 1`` degrees of freedom; the interval is NaN with
+    fewer than two pairs.
+
+    Example:
+        >>> mean, low, high = paired_interval([0.02, 0.04, 0.03])
+        >>> round(mean, 4), round(low, 4), round(high, 4)
+        (0.03, 0.0052, 0.0548)
+    """
+    from scipy import stats
+
+    arr = np.asarray(differences, dtype=np.float64)
+    if arr.size == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(arr.mean())
+    if arr.size < 2:
+        return mean, math.nan, math.nan
+    half = float(stats.t.ppf(0.5 + confidence / 2, arr.size - 1) * arr.std(ddof=1) / math.sqrt(arr.size))
+    return mean, mean - half, mean + half
+
+
+def paired_comparisons(results: Iterable[Mapping], pairs: Sequence[tuple[str, str]] = PAIRS) -> list[dict]:
+    """For every setting (data set, tasks, split, partition, DP) and every pair (scheme,
+    baseline) run there on common seeds: the per-seed differences scheme - baseline of the
+    final site-averaged metrics, their mean and 95% interval, and the verdict: ``win``
+    when the interval lies above 0, ``loss`` below, ``tie`` otherwise (``n/a`` with fewer
+    than two seeds). Only the secure or in-memory cells count (no plaintext twins)."""
+    by: dict[tuple, dict[int, Mapping]] = defaultdict(dict)
+    for r in results:
+        c = r["cell"]
+        if c["aggregation"] == "plaintext":
+            continue
+        by[(*(c[k] for k in _PAIRED_BY), c["scheme"])][c["seed"]] = r
+    out = []
+    for setting in sorted({key[:-1] for key in by}):
+        for scheme, baseline in pairs:
+            a, b = by.get((*setting, scheme)), by.get((*setting, baseline))
+            if not a or not b:
+                continue
+            seeds = sorted(set(a) & set(b))
+            if not seeds:
+                continue
+            row = {**dict(zip(_PAIRED_BY, setting, strict=True)), "scheme": scheme, "baseline": baseline,
+                   "seeds": seeds}
+            for m in METRICS:
+                diffs = [a[s]["final"][m] - b[s]["final"][m] for s in seeds]
+                mean, low, high = paired_interval(diffs)
+                verdict = "n/a" if math.isnan(low) else "win" if low > 0 else "loss" if high < 0 else "tie"
+                row.update({f"{m}_diff_by_seed": diffs, f"{m}_diff_mean": mean, f"{m}_ci95_low": low,
+                            f"{m}_ci95_high": high, f"{m}_verdict": verdict})
+            out.append(row)
     return out
 
 
@@ -170,6 +234,25 @@ def _fmt(mean: float, std: float) -> str:
 
 def _pct(v: float) -> str:
     return "n/a" if v is None or math.isnan(v) else f"{v:+.1f}%"
+
+
+def _paired_md(paired: Sequence[Mapping]) -> str:
+    """The paired comparisons as a table: accuracy difference, 95% interval, verdict."""
+    if not paired:
+        return ""
+    lines = ["### Paired comparisons (per-seed differences, 95% interval; win = interval above 0)", "",
+             "| data set | tasks | split | partition | DP | scheme | baseline | seeds | Δ accuracy [95% CI] | verdict "
+             "| Δ macro-F1 [95% CI] | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in paired:
+        cells = []
+        for m in METRICS:
+            interval = "" if math.isnan(p[f"{m}_ci95_low"]) else \
+                f" [{p[f'{m}_ci95_low']:+.3f}, {p[f'{m}_ci95_high']:+.3f}]"
+            cells += [f"{p[f'{m}_diff_mean']:+.3f}{interval}", p[f"{m}_verdict"]]
+        lines.append(f"| {p['dataset']} | {p['tasks']} | {p['split']} | {p['partition']} | {p['dp']} | "
+                     f"{p['scheme']} | {p['baseline']} | {len(p['seeds'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + [""]) + "\n"
 
 
 def _tables_md(rows: Sequence[Mapping], gain_rows: Sequence[Mapping], twins: Sequence[Mapping],
@@ -337,6 +420,7 @@ def write_report(results: Sequence[Mapping], out_dir: Path, *, config_text: str,
     gain_rows = gains(rows)
     twins = secure_vs_plaintext(results)
     heads = headline(gain_rows)
+    paired = paired_comparisons(results)
 
     cell_rows = []
     curve_rows = []
@@ -370,10 +454,11 @@ def write_report(results: Sequence[Mapping], out_dir: Path, *, config_text: str,
         "headline": heads,
         "settings": [{k: v for k, v in r.items() if k != "curve"} for r in rows],
         "gains": gain_rows,
+        "paired": paired,
         "secure_vs_plaintext": twins,
     }
     atomic_write(out_dir / "summary.json", json.dumps(summary, indent=1, allow_nan=True).encode() + b"\n")
-    atomic_write(out_dir / "tables.md", _tables_md(rows, gain_rows, twins, heads).encode())
+    atomic_write(out_dir / "tables.md", (_tables_md(rows, gain_rows, twins, heads) + _paired_md(paired)).encode())
     plots = []
     for dataset, tasks in sorted({(r["dataset"], r["tasks"]) for r in rows}):
         for partition in sorted({r["partition"] for r in rows}):

@@ -14,10 +14,17 @@ Schemes (BLOSSOM, arXiv 2603.27552, section on partial personalisation):
 ``private-head``            policy shares ``encoder.*`` and ``fusion``; heads stay (block-wise
                             mode, secure aggregation)
 ``private-head-fusion``     policy shares ``encoder.*``; fusion and heads stay
+``paper-full-model``        the paper's baseline: one global model, every block, heads
+                            included, averaged over every site (FedAvg); a site without a block
+                            sends it back unchanged and dilutes the mean (the coordinator's
+                            simulation-only ``paper-full-model`` mode; taken in memory, since
+                            heads can never enter secure aggregation)
 ``full-model``              every block, heads included, averaged over the sites that hold it
-                            (the coordinator's simulation-only ``full-model`` mode: heads can
-                            never enter secure aggregation, so this mean is taken in memory)
+                            only (an ablation: block-wise for encoders, global for heads)
 ``local``                   no federation
+``local-nodp``              no federation and no DP, in the DP-on cells: a model that never
+                            leaves the hospital needs no DP, so this is what a hospital weighs
+                            against joining (in the DP-off cells it is ``local``, not repeated)
 ==========================  ====================================================================
 
 DP on: each site's policy carries the noise multiplier that makes its *whole run*
@@ -53,9 +60,12 @@ logger = logging.getLogger(__name__)
 
 FEDERATION_ID = "blossom-bench"
 _SHARES = {"private-head": ["encoder.*", "fusion"], "private-head-fusion": ["encoder.*"],
-           "full-model": ["encoder.*", "fusion"], "local": ["encoder.*", "fusion"]}
-_MODES = {"private-head": "blockwise", "private-head-fusion": "blockwise", "full-model": "full-model",
-          "local": "local"}
+           "paper-full-model": ["encoder.*", "fusion"], "full-model": ["encoder.*", "fusion"],
+           "local": ["encoder.*", "fusion"], "local-nodp": ["encoder.*", "fusion"]}
+_MODES = {"private-head": "blockwise", "private-head-fusion": "blockwise", "paper-full-model": "paper-full-model",
+          "full-model": "full-model", "local": "local", "local-nodp": "local"}
+#: Schemes that aggregate nothing through the coordinator's aggregator.
+_NOT_AGGREGATED = ("paper-full-model", "full-model", "local", "local-nodp")
 _SYNTH_WINDOW = (-160.0, 240.0)
 
 
@@ -96,9 +106,9 @@ class Cell:
 
 
 def _aggregation(scheme: str, secure: bool) -> str:
-    if scheme == "full-model":
+    if scheme in ("paper-full-model", "full-model"):
         return "in-memory"
-    if scheme == "local":
+    if scheme in ("local", "local-nodp"):
         return "none"
     return "secure" if secure else "plaintext"
 
@@ -116,6 +126,8 @@ def cells_of(config: ExperimentConfig) -> list[Cell]:
                 for partition in grid.partitions:
                     for scheme in grid.schemes:
                         for dp in grid.dp:
+                            if scheme == "local-nodp" and dp == "off":
+                                continue  # the same run as local with DP off
                             for seed in config.seeds:
                                 cell = Cell(dataset, tasks, split, partition, scheme, dp, seed,
                                             _aggregation(scheme, secure))
@@ -127,7 +139,7 @@ def cells_of(config: ExperimentConfig) -> list[Cell]:
     add(config.heterogeneous, "hetero", True)
     if config.plaintext is not None:
         add(config.plaintext, "single", False)
-    return [c for c in out if not (c.aggregation == "plaintext" and c.scheme in ("full-model", "local"))]
+    return [c for c in out if not (c.aggregation == "plaintext" and c.scheme in _NOT_AGGREGATED)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -375,7 +387,8 @@ def run_cell(config: ExperimentConfig, cell: Cell, work_dir: Path, pool_meta: di
     started = time.perf_counter()
     sites_root, planned = build_cell(config, cell, work_dir, pool_meta, noise)
     federation = load_federation(sites_root / "federation.toml")
-    agents = [SiteAgent(d, federation, seed=cell.seed, simulation_without_dp=cell.dp == "off")
+    without_dp = cell.dp == "off" or cell.scheme == "local-nodp"
+    agents = [SiteAgent(d, federation, seed=cell.seed, simulation_without_dp=without_dp)
               for d in site_dirs(sites_root)]
     for agent in agents:
         if agent.n_train != planned[agent.id]["n_train"]:
@@ -401,7 +414,7 @@ def run_cell(config: ExperimentConfig, cell: Cell, work_dir: Path, pool_meta: di
     epsilon = {}
     for agent in agents:
         ledger = PrivacyLedger(agent.config.state_dir / LEDGER_FILE, site_id=agent.id, terms=agent.policy.privacy)
-        epsilon[agent.id] = None if cell.dp == "off" else ledger.epsilon_spent
+        epsilon[agent.id] = None if without_dp else ledger.epsilon_spent
         final_sites[agent.id].update(planned[agent.id], epsilon=epsilon[agent.id],
                                      modalities=list(agent.config.modalities), tasks=sorted(agent.config.tasks))
     if not keep:
@@ -409,7 +422,7 @@ def run_cell(config: ExperimentConfig, cell: Cell, work_dir: Path, pool_meta: di
     return {
         "cell": asdict(cell), "key": cell.key, "rounds": config.rounds,
         "final": dict(curve[-1]), "curve": curve, "sites": final_sites,
-        "epsilon_max": None if cell.dp == "off" else max(epsilon.values()),
+        "epsilon_max": None if without_dp else max(epsilon.values()),
         "declined_site_rounds": declined, "bytes_to_coordinator": bytes_total,
         "wall_s": time.perf_counter() - started,
     }

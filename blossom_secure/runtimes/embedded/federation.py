@@ -9,10 +9,16 @@ Modes (BLOSSOM, arXiv 2603.27552):
 
 * ``blockwise`` (default): each block shared by a site's policy is averaged over the sites
   that hold and share it; heads and unshared blocks stay private.
-* ``full-model``: every block, heads included, averaged over the sites that hold it: the
-  paper's baseline. It ignores the hospitals' policies, so it exists only here, only for
-  sites whose data are synthetic, and only when explicitly requested; nothing is sent
-  (the average is taken in memory) and no egress is recorded.
+* ``paper-full-model``: the paper's baseline (FedAvg of one global model): every block,
+  heads included, averaged over every site that trained, where a site without a block
+  (no such modality or task) sends the block back as it received it, so it dilutes the
+  mean as in the BLOSSOM reference code.
+* ``full-model``: every block, heads included, averaged over the sites that hold it only
+  (an ablation between the paper's baseline and ``blockwise``).
+
+  Both ignore the hospitals' policies, so they exist only here, only for sites whose
+  data are synthetic, and only when explicitly requested; nothing is sent (the average is
+  taken in memory) and no egress is recorded.
 * ``local``: no federation; every site trains alone.
 """
 
@@ -58,7 +64,9 @@ __all__ = ["Coordinator", "FederationBudgetExhaustedError", "SimulationResult", 
 
 logger = logging.getLogger(__name__)
 
-MODES = ("blockwise", "full-model", "local")
+MODES = ("blockwise", "full-model", "paper-full-model", "local")
+#: The simulation-only modes that share every block, heads included.
+FULL_MODEL_MODES = ("full-model", "paper-full-model")
 #: :attr:`SimulationResult.answers` of a site that trained in a round.
 TRAINED = "trained"
 
@@ -153,17 +161,17 @@ class Coordinator:
         self.aggregator = aggregator
         #: Round -> site -> TRAINED or the category of its decline (in-process knowledge).
         self.answers: dict[int, dict[str, str]] = {}
-        self.global_blocks = initial_global_blocks(federation, include_heads=mode == "full-model", seed=seed)
+        self.global_blocks = initial_global_blocks(federation, include_heads=mode in FULL_MODEL_MODES, seed=seed)
         self._init_site_blocks()
 
     def _init_site_blocks(self) -> None:
         """Every site starts its shared (or, in full-model, all) blocks from the same values."""
         for agent in self.agents:
-            names = agent.model.blocks() if self.mode == "full-model" else agent.shared_blocks
+            names = agent.model.blocks() if self.mode in FULL_MODEL_MODES else agent.shared_blocks
             agent.model.set_blocks({b: self.global_blocks[b] for b in names if b in self.global_blocks})
 
     def run_round(self, round_id: int) -> RoundReport:
-        if self.mode == "full-model":
+        if self.mode in FULL_MODEL_MODES:
             return self._full_model_round(round_id)
         secure = bool(self.aggregator is not None and self.aggregator.secure)
         if self.mode == "local":
@@ -252,12 +260,16 @@ class Coordinator:
             if offers[agent.id].declined is None:
                 trained[agent.id] = agent.model.get_blocks()
         outcomes: dict[str, BlockOutcome] = {}
+        dilute = self.mode == "paper-full-model"
         for block in self.global_blocks:
             holders = [a for a in self.agents if a.id in trained and block in trained[a.id]]
             if not holders:
                 continue
+            if dilute:  # every site that trained; one without the block sends it back unchanged
+                holders = [a for a in self.agents if a.id in trained]
             weights = np.array([a.public_weight or 1 for a in holders], dtype=np.float64)
-            mean = sum(w * trained[a.id][block].astype(np.float64) for w, a in zip(weights, holders)) / weights.sum()
+            mean = sum(w * trained[a.id].get(block, self.global_blocks[block]).astype(np.float64)
+                       for w, a in zip(weights, holders)) / weights.sum()
             self.global_blocks[block] = mean.astype(np.float32)
             outcomes[block] = BlockOutcome(block=block, contributors=tuple(a.id for a in holders),
                                            mean_update=None, weight_sum=int(weights.sum()))
@@ -298,7 +310,8 @@ def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str |
         sites_root: Folder holding ``federation.toml`` and one folder per site.
         rounds: Rounds to run (``None``: the federation file's number).
         out_dir: Where ``metrics.json`` and the final global blocks are written.
-        mode: ``blockwise``, ``full-model`` or ``local`` (``None``: the federation file's).
+        mode: ``blockwise``, ``paper-full-model``, ``full-model`` or ``local`` (``None``: the
+            federation file's).
         secure: Secure aggregation or plaintext (``None``: the federation file's, secure by default).
         seed: Seed for the initial block values and, on sites with synthetic data only,
             for DP sampling and noise: such a run is a seeded simulation whose epsilon is
@@ -306,7 +319,7 @@ def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str |
             CSPRNG everywhere. A site without ``[synth]`` never gets seeded noise.
         fresh: Delete the example sites' previous state (ledger, audit log, private blocks)
             first; refused for a site without ``[synth]`` (real data).
-        allow_full_model: Required for ``mode="full-model"``.
+        allow_full_model: Required for the two full-model modes.
         on_round: Called after every round (progress display).
         on_setup: Called with a line of text as each site is loaded.
         workers: Train the sites of a round in this many worker processes at once, one
@@ -351,14 +364,14 @@ def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str |
     """
     sites_root = Path(sites_root)
     federation = load_federation(sites_root / "federation.toml")
-    if mode is None and federation.aggregation.mode == "full-model" and not allow_full_model:
+    if mode is None and federation.aggregation.mode in FULL_MODEL_MODES and not allow_full_model:
         raise PolicyError([Problem(str(federation.path), "aggregation.mode",
                                    "full-model shares task heads and ignores policies; it needs --allow-full-model")])
     mode = federation.aggregation.mode if mode is None else mode
     secure = federation.aggregation.secure if secure is None else secure
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}")
-    if mode == "full-model" and not allow_full_model:
+    if mode in FULL_MODEL_MODES and not allow_full_model:
         raise ValueError("full-model aggregation ignores the sites' policies and shares task heads; "
                          "it runs only in simulation and only with --allow-full-model")
     dirs = site_dirs(sites_root)
@@ -373,8 +386,8 @@ def simulate(*, sites_root: Path, rounds: int | None, out_dir: Path, mode: str |
     # site's files, the output folder or the round counter stops the run before any site
     # records, reserves or trains anything.
     configs = _load_sites(dirs, federation)
-    if fresh or mode == "full-model":
-        _check_synthetic(configs, reason="--fresh" if fresh else "full-model")
+    if fresh or mode in FULL_MODEL_MODES:
+        _check_synthetic(configs, reason="--fresh" if fresh else mode)
     _check_policies_allow(configs, federation, secure=secure if mode == "blockwise" else True,
                           plaintext=mode == "blockwise" and not secure)
     if mode == "blockwise" and secure:
