@@ -6,13 +6,13 @@ this machine. For each site count it generates a federation of synthetic example
 temporary folder (tiny models, a few patients each: every site holds both modalities and
 shares its encoders and fusion block under the standard policy), with their data
 (:mod:`blossom_secure.site.synth`), identity keys and roster, and runs ``--rounds`` rounds
-with secure aggregation in a fresh process per site count, on one of two runtimes:
+with secure aggregation in a fresh process per site count, on the complete masking graph
+and, from ``3 k`` sites on, again on the sparse graph of degree ``k = --neighbours``
+(``[aggregation.sparse]``; ``graph`` in each row), on one of two runtimes:
 
 ``--runtime embedded`` (default; ``--sites 4,10,25,50,100``): the embedded runtime
 (:func:`blossom_secure.runtimes.embedded.federation.simulate`), every site in the one
-process. Each site count is run on the complete masking graph and, from ``3 k`` sites on,
-again on the sparse graph of degree ``k = --neighbours`` (``graph`` in each row).
-Reported per site count:
+process. Reported per site count:
 
 * ``startup_s``: from the start of the run to the first round (every site's files checked,
   its data, key, ledger and audit log loaded);
