@@ -673,14 +673,11 @@ class CoordinatorStageMachine:
 
         self_mask_keys = [self._self_mask_key(block, site, holders_of(site)) for site in contributors]
         public = {peer: self._mask_public_key(peer, block) for peer in contributors}
-        dropped_sites = [
-            DroppedSite(
-                site,
-                self._mask_private_key(block, site, holders_of(site)),
-                tuple((peer, public[peer]) for peer in contributors if peer in self._holds_shares_of(block, site)),
-            )
-            for site in dropped
-        ]
+        dropped_sites = []
+        for site in dropped:  # its pairwise masks: with the contributors that held its shares (masked with it)
+            neighbours_ = self._holds_shares_of(block, site)
+            peers = tuple((peer, public[peer]) for peer in contributors if peer in neighbours_)
+            dropped_sites.append(DroppedSite(site, self._mask_private_key(block, site, holders_of(site)), peers))
         accumulator = self._sums[block]
         try:
             remove_masks(
