@@ -368,7 +368,7 @@ def _site_metric(tasks: dict) -> tuple[float, float]:
 
 
 def run_cell(config: ExperimentConfig, cell: Cell, work_dir: Path, pool_meta: dict, noise: dict[int, float], *,
-             keep: bool = False) -> dict:
+             keep: bool = False, server_optimizer=None) -> dict:
     """Run one cell; returns its result document (see ``docs/results.md`` for the fields).
 
     Raises:
@@ -397,7 +397,8 @@ def run_cell(config: ExperimentConfig, cell: Cell, work_dir: Path, pool_meta: di
     mode = _MODES[cell.scheme]
     aggregator = make_aggregator(federation, agents, secure=cell.aggregation == "secure") if mode == "blockwise" \
         else None
-    coordinator = Coordinator(federation, agents, mode=mode, aggregator=aggregator, seed=cell.seed)
+    coordinator = Coordinator(federation, agents, mode=mode, aggregator=aggregator, seed=cell.seed,
+                              server_optimizer=server_optimizer)
     curve = []
     declined = 0
     final_sites = {}

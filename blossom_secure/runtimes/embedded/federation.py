@@ -39,7 +39,7 @@ from blossom_secure.exchange import Aggregator, BlockOutcome
 from blossom_secure.runtimes.embedded.aggregators import PlaintextAggregator
 from blossom_secure.runtimes.embedded.training_pool import TrainingPool, train_all
 from blossom_secure.config import FederationConfig, load_federation
-from blossom_secure.coordinator.rounds import RoundReport, initial_global_blocks, site_report_view
+from blossom_secure.coordinator.rounds import RoundReport, ServerOptimizer, initial_global_blocks, site_report_view
 from blossom_secure.coordinator.counter import (
     COORDINATOR_STATE_FILE,
     RoundCounterError,
@@ -148,7 +148,8 @@ class Coordinator:
     """Holds the global shared blocks and runs rounds over in-process sites."""
 
     def __init__(self, federation: FederationConfig, agents: list[SiteAgent], *, mode: str,
-                 aggregator: Aggregator | None, seed: int, pool: TrainingPool | None = None) -> None:
+                 aggregator: Aggregator | None, seed: int, pool: TrainingPool | None = None,
+                 server_optimizer: ServerOptimizer | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         self.federation = federation
@@ -159,6 +160,8 @@ class Coordinator:
         self._by_id = {agent.id: agent for agent in agents}
         self.mode = mode
         self.aggregator = aggregator
+        #: Moves the shared blocks by each round's aggregated mean update (FedAvg by default).
+        self.server_optimizer = server_optimizer or ServerOptimizer()
         #: Round -> site -> TRAINED or the category of its decline (in-process knowledge).
         self.answers: dict[int, dict[str, str]] = {}
         self.global_blocks = initial_global_blocks(federation, include_heads=mode in FULL_MODEL_MODES, seed=seed)
@@ -193,7 +196,8 @@ class Coordinator:
                     self._by_id[site].record_secagg_outcome(round_id, error=errors.get(site))
             for block, outcome in outcomes.items():
                 if outcome.failure is None:
-                    self.global_blocks[block] = (self.global_blocks[block] + outcome.mean_update).astype(np.float32)
+                    self.global_blocks[block] = self.server_optimizer.step(block, self.global_blocks[block],
+                                                                           outcome.mean_update)
         else:
             received = {}
         return self._finish(round_id, offers, outcomes, received)
