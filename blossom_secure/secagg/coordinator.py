@@ -18,7 +18,7 @@ that raises changes nothing; the runtime may log the error and carry on.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from enum import IntEnum
@@ -42,6 +42,7 @@ from blossom_secure.secagg.groups import (
     block_shortfall,
     neighbours,
     plan_blocks,
+    round_graph_keys,
     share_x_coordinates,
     validate_block_sizes,
     validate_roster,
@@ -477,14 +478,6 @@ class CoordinatorStageMachine:
             raise StageOrderError("the advertise stage is not closed")
         return self._plan
 
-    def _graph_keys(self, members: Iterable[str]) -> dict[str, bytes]:
-        return kdf.graph_position_keys(
-            tuple(members),
-            federation_id=self._federation_id,
-            federation_sha256=self._federation_sha256,
-            round_id=self._round_id,
-        )
-
     def _statements_for(self, site: str) -> tuple[MaskStatement, ...]:
         """The mask statements ``site`` checks before signing: for each sparse block it is
         asked to sign, those of the survivors whose shares it holds."""
@@ -502,7 +495,10 @@ class CoordinatorStageMachine:
     def _close_advertise(self) -> dict[str, bytes]:
         offers = {site: [entry.block for entry in advert.blocks] for site, advert in self._adverts.items()}
         minimums = {site: advert.min_contributors for site, advert in self._adverts.items()}
-        self._plan = plan_blocks(offers, minimums, self._params, graph_keys=self._graph_keys)
+        graph_keys = round_graph_keys(
+            federation_id=self._federation_id, federation_sha256=self._federation_sha256, round_id=self._round_id
+        )
+        self._plan = plan_blocks(offers, minimums, self._params, graph_keys=graph_keys)
         self._failures.update(self._plan.failures)
         bundle = tuple(sorted(self._advert_bytes.values()))
         logger.info(

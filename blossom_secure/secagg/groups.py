@@ -33,6 +33,7 @@ import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from blossom_secure import crypto
+from blossom_secure.secagg import kdf
 from blossom_secure.blocks import is_valid_block_name
 from blossom_secure.secagg.errors import OutsideBlockGroupError
 from blossom_secure.secagg.messages import is_valid_identifier
@@ -48,6 +49,7 @@ __all__ = [
     "block_shortfall",
     "neighbours",
     "plan_blocks",
+    "round_graph_keys",
     "share_x_coordinates",
     "validate_block_sizes",
     "validate_roster",
@@ -263,6 +265,15 @@ def plan_blocks(
                                       int(params.sparse.min_masked))
     return BlockPlan(groups, thresholds, failures, {s: int(minimums[s]) for s in offers},
                      share_thresholds=share_thresholds, graphs=graphs)
+
+
+def round_graph_keys(*, federation_id: str, federation_sha256: bytes, round_id: int) -> GraphKeys:
+    """The members' position keys on the sparse graphs of one round
+    (:func:`blossom_secure.secagg.kdf.graph_position_keys` bound to it), for
+    :func:`plan_blocks`."""
+    return functools.partial(
+        kdf.graph_position_keys, federation_id=federation_id, federation_sha256=federation_sha256, round_id=round_id
+    )
 
 
 def block_shortfall(

@@ -72,6 +72,7 @@ from blossom_secure.secagg.groups import (
     block_shortfall,
     neighbours,
     plan_blocks,
+    round_graph_keys,
     share_x_coordinates,
     validate_block_sizes,
     validate_roster,
@@ -393,6 +394,9 @@ class SiteStageMachine:
         self._contribution = contribution
         self._contribution_digest: bytes | None = None
         self._x = share_x_coordinates(self._roster)
+        self._graph_keys = round_graph_keys(
+            federation_id=federation_id, federation_sha256=federation_sha256, round_id=round_id
+        )
         self._stage = _Stage.NEW
         self._advertisement = b""
         self._share_private_key = b""
@@ -541,14 +545,6 @@ class SiteStageMachine:
             raise InconsistentMessageError("key bundle lacks this site's advertisement")
         _check_distinct_keys(adverts.values())
         return adverts
-
-    def _graph_keys(self, members: Iterable[str]) -> dict[str, bytes]:
-        return kdf.graph_position_keys(
-            tuple(members),
-            federation_id=self._federation_id,
-            federation_sha256=self._federation_sha256,
-            round_id=self._round_id,
-        )
 
     def _make_shares(
         self, plan: BlockPlan, adverts: Mapping[str, AdvertiseKeys]

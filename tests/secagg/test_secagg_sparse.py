@@ -38,7 +38,7 @@ from blossom_secure.secagg import (
     SparseGraph,
     kdf,
 )
-from blossom_secure.secagg.groups import plan_blocks
+from blossom_secure.secagg.groups import plan_blocks, round_graph_keys
 from blossom_secure.secagg.masking import apply_masks
 from blossom_secure.secagg.messages import MaskStatement, ShareKind
 from blossom_secure.secagg.quantize import dequantize_sum
@@ -52,9 +52,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def keys_for(round_id: int):
-    return lambda members: kdf.graph_position_keys(
-        members, federation_id=FEDERATION, federation_sha256=FEDERATION_SHA256, round_id=round_id
-    )
+    return round_graph_keys(federation_id=FEDERATION, federation_sha256=FEDERATION_SHA256, round_id=round_id)
 
 
 def attacker_until_masked_input() -> MaliciousCoordinator:
