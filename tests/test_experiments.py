@@ -313,6 +313,12 @@ def test_local_without_dp_in_a_dp_cell_spends_nothing_and_matches_local_with_dp_
     assert results["local-nodp"]["epsilon_max"] is None
     assert results["local-nodp"]["sites"] == results["local"]["sites"]
     assert results["local-nodp"]["curve"] == results["local"]["curve"]
+    # Site averages: unweighted (final) and weighted by each site's held-out size.
+    sites = results["local"]["sites"].values()
+    assert results["local"]["final"]["accuracy"] == pytest.approx(np.mean([s["accuracy"] for s in sites]))
+    weighted = sum(s["accuracy"] * s["n_holdout"] for s in sites) / sum(s["n_holdout"] for s in sites)
+    assert results["local"]["final_weighted_by_holdout"]["accuracy"] == pytest.approx(weighted)
+    assert all(s["n_holdout"] > 0 for s in sites)
 
 
 def test_new_baselines_in_the_grid_never_get_plaintext_twins_or_dp_off_repeats(tmp_path):

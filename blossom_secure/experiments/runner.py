@@ -416,13 +416,16 @@ def run_cell(config: ExperimentConfig, cell: Cell, work_dir: Path, pool_meta: di
     for agent in agents:
         ledger = PrivacyLedger(agent.config.state_dir / LEDGER_FILE, site_id=agent.id, terms=agent.policy.privacy)
         epsilon[agent.id] = None if without_dp else ledger.epsilon_spent
-        final_sites[agent.id].update(planned[agent.id], epsilon=epsilon[agent.id],
+        final_sites[agent.id].update(planned[agent.id], epsilon=epsilon[agent.id], n_holdout=len(agent.test_idx),
                                      modalities=list(agent.config.modalities), tasks=sorted(agent.config.tasks))
+    held_out = sum(site["n_holdout"] for site in final_sites.values())
+    weighted = {m: float(sum(site[m] * site["n_holdout"] for site in final_sites.values()) / held_out)
+                for m in ("accuracy", "macro_f1")}
     if not keep:
         shutil.rmtree(work_dir / "cells" / cell.key, ignore_errors=True)
     return {
         "cell": asdict(cell), "key": cell.key, "rounds": config.rounds,
-        "final": dict(curve[-1]), "curve": curve, "sites": final_sites,
+        "final": dict(curve[-1]), "final_weighted_by_holdout": weighted, "curve": curve, "sites": final_sites,
         "epsilon_max": None if without_dp else max(epsilon.values()),
         "declined_site_rounds": declined, "bytes_to_coordinator": bytes_total,
         "wall_s": time.perf_counter() - started,
