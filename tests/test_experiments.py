@@ -272,6 +272,12 @@ def test_dp_on_respects_the_epsilon_bound_in_every_ledger(tmp_path, tiny_config)
         # The noise was calibrated for the whole run, not one round: close to the target.
         assert acct.get_epsilon(delta=config.delta) > 0.95 * config.target_epsilon
     assert result["epsilon_max"] <= config.target_epsilon
+    # The parameter-level secure-vs-plaintext check: every round, every block within half a
+    # quantisation step (and float32 rounding) of the exact mean of the clipped updates.
+    check = result["secure_vs_plaintext_parameters"]
+    assert check["rounds_checked"] == config.rounds
+    assert set(check["max_abs_diff_by_block"]) == {"encoder.tabular", "encoder.se_worst", "fusion"}
+    assert 0 < check["max_abs_diff"] <= check["bound"] + 1e-6
 
 
 @pytest.mark.parametrize("batches", [3, 9])
@@ -398,6 +404,11 @@ def test_cli_runs_a_tiny_grid_end_to_end_and_writes_well_formed_results(tmp_path
     assert summary["cells"] == len(expected) and summary["runs"][-1]["cells_run"] == len(expected)
     assert {h["split"] for h in summary["headline"]} == {"incomplete"}
     assert len(summary["secure_vs_plaintext"]) == 1
+    checks = summary["secure_vs_plaintext_parameters"]  # the secure block-wise settings, within the bound
+    assert {(c["scheme"], c["dp"]) for c in checks} == {(s, dp) for s in ("private-head", "private-head-fusion")
+                                                       for dp in ("off", "on")}
+    assert all(c["within_bound"] and c["rounds_checked"] == config.rounds for c in checks)
+    assert "Secure aggregation vs exact means, on the parameters" in (out / "tables.md").read_text()
     assert (out / "tables.md").read_text().count("| incomplete |") >= 8
     for plot in summary["plots"]:
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

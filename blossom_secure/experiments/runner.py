@@ -361,6 +361,42 @@ def build_cell(config: ExperimentConfig, cell: Cell, work_dir: Path, pool_meta: 
 # One cell
 
 
+class _ParameterCheck:
+    """A secure aggregator that also measures, every round and block, how far the securely
+    aggregated mean update is from the exact weighted mean of the same clipped updates
+    (computed here, in the simulation, from the contributions it was handed): the
+    parameter-level secure-vs-plaintext check. Secure aggregation's bound is half a
+    quantisation step, ``2^-(scale_bits + 1)``, plus float32 rounding of the result."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.bound = 2.0 ** -(inner.params.scale_bits + 1)
+        self.max_abs_diff: dict[str, float] = {}
+        self.rounds_checked = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def aggregate(self, *, contributions, **kwargs):
+        outcomes = self.inner.aggregate(contributions=contributions, **kwargs)
+        clip = float(self.inner.params.clip)
+        for block, outcome in outcomes.items():
+            if outcome.failure is not None:
+                continue
+            weights = [contributions[s].weight for s in outcome.contributors]
+            exact = sum(w * np.clip(contributions[s].egress[block].astype(np.float64), -clip, clip)
+                        for w, s in zip(weights, outcome.contributors)) / sum(weights)
+            diff = float(np.abs(outcome.mean_update.astype(np.float64) - exact).max())
+            self.max_abs_diff[block] = max(self.max_abs_diff.get(block, 0.0), diff)
+        self.rounds_checked += 1
+        return outcomes
+
+    def report(self) -> dict:
+        return {"bound": self.bound, "rounds_checked": self.rounds_checked,
+                "max_abs_diff_by_block": dict(sorted(self.max_abs_diff.items())),
+                "max_abs_diff": max(self.max_abs_diff.values(), default=None)}
+
+
 def _site_metric(tasks: dict) -> tuple[float, float]:
     accs = [m["accuracy"] for m in tasks.values()]
     f1s = [m["macro_f1"] for m in tasks.values()]
@@ -397,6 +433,8 @@ def run_cell(config: ExperimentConfig, cell: Cell, work_dir: Path, pool_meta: di
     mode = _MODES[cell.scheme]
     aggregator = make_aggregator(federation, agents, secure=cell.aggregation == "secure") if mode == "blockwise" \
         else None
+    if cell.aggregation == "secure":
+        aggregator = _ParameterCheck(aggregator)
     coordinator = Coordinator(federation, agents, mode=mode, aggregator=aggregator, seed=cell.seed,
                               server_optimizer=server_optimizer)
     curve = []
@@ -428,6 +466,7 @@ def run_cell(config: ExperimentConfig, cell: Cell, work_dir: Path, pool_meta: di
         "final": dict(curve[-1]), "final_weighted_by_holdout": weighted, "curve": curve, "sites": final_sites,
         "epsilon_max": None if without_dp else max(epsilon.values()),
         "declined_site_rounds": declined, "bytes_to_coordinator": bytes_total,
+        "secure_vs_plaintext_parameters": aggregator.report() if isinstance(aggregator, _ParameterCheck) else None,
         "wall_s": time.perf_counter() - started,
     }
 
