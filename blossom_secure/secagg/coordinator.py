@@ -412,19 +412,14 @@ class CoordinatorStageMachine:
             self._signatures.setdefault(entry.block, {})[sender] = entry.signature
         self._signers.add(sender)
 
-    def _holds_shares_of(self, block: str, site: str) -> frozenset[str]:
-        """The members whose shares of ``block``'s secrets ``site`` holds: itself and its
-        neighbours on the block's masking graph."""
-        return frozenset((site, *self._require_plan().block_neighbours(block, site)))
-
     def _expected_reveals(self, site: str) -> list[tuple[str, str, ShareKind]]:
+        plan = self._require_plan()
         expected = []
         for block, group in sorted(self._mask_groups.items()):
             if block in self._failures or site not in self._signatures.get(block, {}):
                 continue
-            held = self._holds_shares_of(block, site)
             for peer in group:
-                if peer not in held:
+                if not plan.holds_shares_of(block, site, peer):
                     continue
                 kind = ShareKind.SELF_MASK_SEED if peer in self._masked_senders else ShareKind.MASK_KEY
                 expected.append((peer, block, kind))
@@ -486,9 +481,10 @@ class CoordinatorStageMachine:
         for block in self._blocks_to_sign(site):
             if block not in plan.graphs:
                 continue
-            held = self._holds_shares_of(block, site)
             found.extend(
-                self._statements[(block, peer)] for peer in self._survivor_sets[block] if peer != site and peer in held
+                self._statements[(block, peer)]
+                for peer in self._survivor_sets[block]
+                if peer != site and plan.holds_shares_of(block, site, peer)
             )
         return tuple(found)
 
@@ -658,8 +654,7 @@ class CoordinatorStageMachine:
         def holders_of(site: str) -> tuple[str, ...]:
             if block not in plan.graphs:
                 return tuple(responders[:shares_needed])
-            held = self._holds_shares_of(block, site)
-            found = tuple(r for r in responders if r in held)
+            found = tuple(r for r in responders if plan.holds_shares_of(block, r, site))
             if len(found) < shares_needed:
                 raise _BlockFailure(
                     f"fewer than the shares needed: {len(found)} holder(s) of {site}'s secrets answered unmask, "
@@ -671,8 +666,7 @@ class CoordinatorStageMachine:
         public = {peer: self._mask_public_key(peer, block) for peer in contributors}
         dropped_sites = []
         for site in dropped:  # its pairwise masks: with the contributors that held its shares (masked with it)
-            neighbours_ = self._holds_shares_of(block, site)
-            peers = tuple((peer, public[peer]) for peer in contributors if peer in neighbours_)
+            peers = tuple((peer, public[peer]) for peer in contributors if plan.holds_shares_of(block, peer, site))
             dropped_sites.append(DroppedSite(site, self._mask_private_key(block, site, holders_of(site)), peers))
         accumulator = self._sums[block]
         try:

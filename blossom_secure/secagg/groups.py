@@ -152,13 +152,18 @@ class BlockPlan:
             return graph.neighbours(site)
         return tuple(s for s in self.groups[block] if s != site)
 
+    def holds_shares_of(self, block: str, holder: str, peer: str) -> bool:
+        """Whether ``holder`` holds shares of ``peer``'s secrets of ``block``: ``peer`` is
+        itself or its neighbour on the block's masking graph (both in the group)."""
+        members = self.groups[block]
+        if holder not in members or peer not in members:
+            return False
+        graph = self.graphs.get(block)
+        return peer == holder or graph is None or peer in graph.neighbours(holder)
+
     def common_blocks(self, site_a: str, site_b: str) -> tuple[str, ...]:
         """The blocks on whose masking graph the two sites are neighbours (sorted)."""
-        return tuple(
-            b
-            for b, members in sorted(self.groups.items())
-            if site_a in members and site_b in members and site_b in self.block_neighbours(b, site_a)
-        )
+        return tuple(b for b in sorted(self.groups) if site_a != site_b and self.holds_shares_of(b, site_a, site_b))
 
 
 def _required(members: Iterable[str], minimums: Mapping[str, int], params: SecAggParams) -> int:
