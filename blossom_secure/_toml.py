@@ -167,6 +167,23 @@ class Table:
             return default
         return list(value)
 
+    def float_list(self, name: str, *, required: bool = True, default: list[float] | None = None,
+                   exclusive_minimum: float = 0.0, maximum: float | None = None) -> list[float] | None:
+        """A non-empty list of distinct finite numbers, each above ``exclusive_minimum`` (and at
+        most ``maximum``)."""
+        value = self._get(name, list, required)
+        if value is _INVALID:
+            return default
+        if not value or any(not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
+                            or not v > exclusive_minimum or (maximum is not None and v > maximum) for v in value):
+            bound = f" and at most {maximum:g}" if maximum is not None else ""
+            self.problem(name, f"must be a non-empty list of numbers greater than {exclusive_minimum:g}{bound}")
+            return default
+        if len(set(value)) != len(value):
+            self.problem(name, "must not list the same value twice")
+            return default
+        return [float(v) for v in value]
+
     def float_pair(self, name: str, *, required: bool = True, default: tuple[float, float] | None = None
                    ) -> tuple[float, float] | None:
         value = self._get(name, list, required)

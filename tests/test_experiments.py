@@ -31,6 +31,7 @@ from blossom_secure.experiments.runner import (
     _pool_meta,
     build_data,
     noise_for_run,
+    tuning_cells,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,9 +87,10 @@ dp = ["on"]
 """
 
 
-def _noise(config, work_dir: Path, cell: Cell) -> dict[int, float]:
+def _noise(config, work_dir: Path, cell: Cell) -> dict[tuple[int, float], float]:
     meta = json.loads((work_dir / "data" / cell.data_key / "sites.json").read_text())["sites"]
-    return _noise_table(config, work_dir, {math.ceil(s["n_train"] / config.batch_size) for s in meta.values()})
+    return _noise_table(config, work_dir, {(math.ceil(s["n_train"] / cell.batch_size), cell.epsilon)
+                                           for s in meta.values()})
 
 
 @pytest.fixture
@@ -115,8 +117,9 @@ def _result(scheme: str, seed: int, acc: float, f1: float, aggregation: str) -> 
 
 
 def test_gain_is_computed_on_seed_means_of_site_averaged_metrics():
-    # full-model: accuracies 0.50, 0.70 (mean 0.60); private-head: 0.66, 0.72 (mean 0.69).
-    results = [_result("full-model", 0, 0.50, 0.40, "in-memory"), _result("full-model", 1, 0.70, 0.60, "in-memory"),
+    # paper-full-model: accuracies 0.50, 0.70 (mean 0.60); private-head: 0.66, 0.72 (mean 0.69).
+    results = [_result("paper-full-model", 0, 0.50, 0.40, "in-memory"),
+               _result("paper-full-model", 1, 0.70, 0.60, "in-memory"),
                _result("private-head", 0, 0.66, 0.55, "secure"), _result("private-head", 1, 0.72, 0.55, "secure")]
     [g] = gains(summarise(results))
     assert g["scheme"] == "private-head"
@@ -146,7 +149,7 @@ def test_paired_comparison_interval_and_verdict_by_hand():
                + _seeded("local-nodp", "on", [0.9, 0.9, 0.9]))
     rows = {(r["scheme"], r["baseline"]): r for r in paired_comparisons(results)}
     assert set(rows) == {("private-head", "paper-full-model"), ("private-head", "local"),
-                         ("private-head", "local-nodp")}
+                         ("private-head", "local-nodp"), ("local", "local-nodp")}
     win = rows[("private-head", "paper-full-model")]
     assert win["accuracy_diff_by_seed"] == pytest.approx([0.10, 0.11, 0.09])
     assert win["accuracy_diff_mean"] == pytest.approx(0.10)
@@ -360,9 +363,13 @@ def test_quick_grid_of_the_study_file_is_small():
     quick = load_experiment(ROOT / "experiments" / "blossom.toml", quick=True)
     assert full.sites == 10 and full.splits == {"complete": (0, 0, 10), "incomplete": (3, 3, 4),
                                                 "exclusive": (5, 5, 0)}
-    assert set(full.grid.schemes) == {"full-model", "private-head", "private-head-fusion", "local"}
-    assert set(full.grid.partitions) == {"iid", "dirichlet"} and set(full.grid.dp) == {"off", "on"}
+    assert set(full.grid.schemes) == {"paper-full-model", "fedavg-ft", "private-head", "private-head-fusion",
+                                      "local", "local-nodp"}
+    assert set(full.grid.partitions) == {"iid", "dirichlet"} and set(full.grid.dp) == {"on"}
+    assert len(full.seeds) >= 5 and full.target_epsilon == 8.0 and set(full.curve_epsilons) == {1.0, 2.0, 4.0}
+    assert full.tuning is not None and not set(full.tuning.seeds) & set(full.seeds)
     assert len(cells_of(quick)) < len(cells_of(full)) / 10 and quick.rounds <= 3
+    assert len(tuning_cells(quick)) < len(tuning_cells(full)) / 10
 
 
 def test_experiment_file_problems_reported_together(tmp_path):
@@ -379,42 +386,74 @@ def test_experiment_file_problems_reported_together(tmp_path):
     assert {"experiment.schemes", "privacy.target_epsilon", "splits.incomplete", "surprise"} <= keys
 
 
+TUNING = """
+[tuning]
+seeds = [7]
+split = "incomplete"
+partitions = ["iid"]
+learning_rates = [0.05]
+batch_sizes = [8, 16]
+"""
+
+
 @pytest.mark.slow
-def test_cli_runs_a_tiny_grid_end_to_end_and_writes_well_formed_results(tmp_path, tiny_config):
+def test_cli_runs_a_tiny_grid_end_to_end_and_writes_well_formed_results(tmp_path):
+    """Tuning on validation, then the test cells with the chosen values, then the report."""
     from blossom_secure.cli.blossom import main
 
+    tiny_config = tmp_path / "tiny.toml"
+    tiny_config.write_text(TINY + TUNING)
     work, out = tmp_path / "work", tmp_path / "report"
     assert main(["experiment", str(tiny_config), "--work", str(work), "--out", str(out), "--workers", "1"]) == 0
     config = load_experiment(tiny_config)
-    expected = {c.key for c in cells_of(config)}
+    tuning = json.loads((work / "tuning.json").read_text())
+    choices = {(c["dataset"], c["tasks"], c["scheme"], c["epsilon"]): c for c in tuning["choices"]}
+    # One choice per scheme and DP setting, each the best of its candidates on validation.
+    assert set(choices) == {("breast_cancer", "single", s, eps) for s in ("full-model", "private-head",
+                                                                         "private-head-fusion", "local")
+                            for eps in (None, 8.0)}
+    for c in choices.values():
+        assert len(c["candidates"]) == 2
+        assert c["validation_accuracy"] == max(x["validation_accuracy"] for x in c["candidates"])
+    assert len(list((work / "results").glob("tune_*.json"))) == len(tuning_cells(config)) == 16
+    expected = {c.key for c in cells_of(config, choices)}
     assert len(expected) == 4 * 2 + 1  # 4 schemes x DP off/on, and one plaintext twin
     with open(out / "cells.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(expected)
     for row in rows:
         assert 0.0 <= float(row["accuracy"]) <= 1.0 and 0.0 <= float(row["macro_f1"]) <= 1.0
-        assert row["declined_site_rounds"] == "0"
+        assert 0.0 <= float(row["majority_class_accuracy"]) <= 1.0
+        assert row["declined_site_rounds"] == "0" and row["stage"] == "test"
         if row["dp"] == "on":
             assert float(row["epsilon_max"]) <= 8.0
         else:
             assert row["epsilon_max"] == ""
     with open(out / "curves.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == len(expected) * config.rounds
+    with open(out / "tuning_cells.csv", newline="") as f:
+        assert {r["stage"] for r in csv.DictReader(f)} == {"tune"}
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["cells"] == len(expected) and summary["runs"][-1]["cells_run"] == len(expected)
-    assert {h["split"] for h in summary["headline"]} == {"incomplete"}
+    assert summary["cells"] == len(expected) and summary["runs"][-1]["cells_run"] == len(expected) + 16
+    [goal] = summary["goal"]
+    assert goal["best_blockwise"] in ("private-head", "private-head-fusion")
+    assert {"vs_local"} <= set(goal) and goal["accuracy"]["best_blockwise"]["seeds"] == 1
     assert len(summary["secure_vs_plaintext"]) == 1
     checks = summary["secure_vs_plaintext_parameters"]  # the secure block-wise settings, within the bound
     assert {(c["scheme"], c["dp"]) for c in checks} == {(s, dp) for s in ("private-head", "private-head-fusion")
                                                        for dp in ("off", "on")}
     assert all(c["within_bound"] and c["rounds_checked"] == config.rounds for c in checks)
-    assert "Secure aggregation vs exact means, on the parameters" in (out / "tables.md").read_text()
-    assert (out / "tables.md").read_text().count("| incomplete |") >= 8
+    tables = (out / "tables.md").read_text()
+    assert "Secure aggregation vs exact means, on the parameters" in tables and "Goal table" in tables
+    assert "Hyperparameters chosen on validation" in tables and tables.count("| incomplete |") >= 8
+    assert summary["plots"]
     for plot in summary["plots"]:
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # A second invocation resumes: nothing left to run, same results.
+    # A second invocation resumes: nothing left to run, same results; --report-only reads them.
     assert main(["experiment", str(tiny_config), "--work", str(work), "--out", str(out), "--workers", "1"]) == 0
     assert json.loads((work / "runs.json").read_text())[-1]["cells_run"] == 0
+    assert main(["experiment", str(tiny_config), "--work", str(work), "--out", str(out), "--report-only"]) == 0
+    assert json.loads((out / "summary.json").read_text())["cells"] == len(expected)
 
 
 @pytest.mark.slow
@@ -531,3 +570,215 @@ def test_cell_federation_declares_public_groups_scaling_and_weights(tmp_path, ti
     assert fed.aggregation.max_sites == config.sites
     assert len(fed.layout.tabular.scaling) == len(fed.layout.tabular.features)
     assert fed.weighting.scheme == "declared" and set(fed.weighting.declared) == set(meta)
+
+
+# -- tuning, the baselines a hospital weighs, the goal table ------------------------------------
+
+
+def _patients(site_dir: Path) -> list[str]:
+    with open(site_dir / "clinical.csv", newline="") as f:
+        return [row["patient_id"] for row in csv.DictReader(f)]
+
+
+def test_tuning_never_sees_a_patient_held_out_in_any_test_cell(tmp_path, tiny_config):
+    """The attack on the study's honesty: hyperparameters picked on the patients they are
+    then scored on. Every test cell (any seed, any partition) holds out the same patients
+    (a fixed split seed); a tuning cell's sites hold none of them, and its agents carve a
+    validation split (a different split seed) from the rest."""
+    from blossom_secure.experiments.runner import HOLDOUT_SPLIT_SEED, VALIDATION_SPLIT_SEED, build_cell
+    from blossom_secure.site.data import split_holdout
+
+    config = load_experiment(tiny_config)
+    pools: dict = {}
+    held_out: set[str] = set()
+    for seed in (0, 1, 2):
+        for partition in ("iid", "dirichlet"):
+            cell = Cell("breast_cancer", "single", "incomplete", partition, "private-head", "on", seed, "secure")
+            root = build_data(config, cell, tmp_path, pools)
+            for site in sorted(p for p in root.iterdir() if p.is_dir()):
+                ids = sorted(_patients(site))
+                _, test = split_holdout(ids, fraction=config.holdout_fraction, seed=HOLDOUT_SPLIT_SEED)
+                held_out |= {ids[i] for i in test}
+    assert held_out
+    tune = Cell("breast_cancer", "single", "incomplete", "iid", "private-head", "on", 7, "secure", stage="tune")
+    root = build_data(config, tune, tmp_path, pools)
+    meta = json.loads((root / "sites.json").read_text())["sites"]
+    tuning_patients = set()
+    for name, site in meta.items():
+        ids = _patients(root / name)
+        tuning_patients |= set(ids)
+        assert site["n_heldout"] > 0 and site["n_train"] > 0  # a real validation split
+    assert tuning_patients and not tuning_patients & held_out
+    sites_root, _ = build_cell(config, tune, tmp_path, _pool_meta(pools["breast_cancer"]), _noise(config, tmp_path, tune))
+    from blossom_secure.config import load_federation
+
+    assert load_federation(sites_root / "federation.toml").training.split_seed == VALIDATION_SPLIT_SEED
+    test_cell = Cell("breast_cancer", "single", "incomplete", "iid", "private-head", "on", 2, "secure")
+    sites_root, _ = build_cell(config, test_cell, tmp_path, _pool_meta(pools["breast_cancer"]),
+                               _noise(config, tmp_path, test_cell))
+    assert load_federation(sites_root / "federation.toml").training.split_seed == HOLDOUT_SPLIT_SEED
+
+
+def _tune_result(scheme: str, lr: float, batch: int, acc: float, seed: int = 7, eps: float = 8.0,
+                 dp: str = "on") -> dict:
+    cell = Cell("digits", "single", "incomplete", "iid", scheme, dp, seed, "secure", epsilon=eps, learning_rate=lr,
+                batch_size=batch, stage="tune")
+    return {"cell": cell.__dict__, "key": cell.key, "final": {"accuracy": acc, "macro_f1": acc}}
+
+
+def test_hyperparameters_are_the_best_validation_candidate_and_the_first_on_a_tie(tmp_path):
+    from blossom_secure.experiments.runner import choose_hyperparameters
+
+    path = tmp_path / "t.toml"
+    path.write_text(TINY + TUNING.replace("batch_sizes = [8, 16]", "batch_sizes = [8, 16]\nepsilons = [8.0, 1.0]"))
+    config = load_experiment(path)
+    results = [_tune_result("private-head", 0.05, 8, 0.60), _tune_result("private-head", 0.05, 16, 0.70),
+               _tune_result("local", 0.05, 8, 0.50), _tune_result("local", 0.05, 16, 0.50),
+               _tune_result("local", 0.05, 8, 0.40, eps=1.0), _tune_result("local", 0.05, 16, 0.45, eps=1.0),
+               _tune_result("local-nodp", 0.05, 8, 0.8), _tune_result("local-nodp", 0.05, 16, 0.9)]
+    choices = choose_hyperparameters(config, results)
+    assert choices[("digits", "single", "private-head", 8.0)]["batch_size"] == 16
+    assert choices[("digits", "single", "local", 8.0)]["batch_size"] == 8  # a tie: the first candidate
+    assert choices[("digits", "single", "local", 1.0)]["batch_size"] == 16  # chosen per epsilon
+    assert choices[("digits", "single", "local-nodp", None)]["validation_accuracy"] == 0.9
+    with pytest.raises(ValueError, match="expected 1"):
+        choose_hyperparameters(config, results[:1])
+    # A cell at an epsilon that was not tuned takes the nearest tuned one's values (log scale).
+    from blossom_secure.experiments.runner import _setting_of
+
+    for eps, tuned in ((1.0, 1.0), (2.0, 1.0), (4.0, 8.0), (8.0, 8.0)):
+        cell = Cell("digits", "single", "incomplete", "iid", "local", "on", 0, "none", epsilon=eps)
+        assert _setting_of(cell, (8.0, 1.0))[-1] == tuned
+
+
+def _test_result(scheme: str, seed: int, acc: float, *, split: str = "incomplete", eps: float = 8.0,
+                 majority: float = 0.3) -> dict:
+    cell = Cell("digits", "single", split, "iid", scheme, "on", seed, "secure", epsilon=eps)
+    return {"cell": cell.__dict__, "key": cell.key, "final": {"accuracy": acc, "macro_f1": acc},
+            "final_weighted_by_holdout": {"accuracy": acc, "macro_f1": acc}, "majority_class_accuracy": majority,
+            "curve": [{"round": 1, "accuracy": acc, "macro_f1": acc}], "epsilon_max": eps,
+            "declined_site_rounds": 0}
+
+
+def test_best_block_wise_is_chosen_on_validation_never_on_the_held_out_results():
+    """The attack: report whichever block-wise variant happened to score best on the test
+    patients. The goal table takes the variant the tuning preferred, even when the other
+    one did better on held-out data, and states both numbers."""
+    from blossom_secure.experiments.report import goal_table
+
+    results = ([_test_result("private-head", s, a) for s, a in enumerate([0.70, 0.72, 0.74])]
+               + [_test_result("private-head-fusion", s, a) for s, a in enumerate([0.90, 0.91, 0.92])]
+               + [_test_result("paper-full-model", s, a) for s, a in enumerate([0.60, 0.61, 0.65])]
+               + [_test_result("local", s, a) for s, a in enumerate([0.69, 0.74, 0.73])]
+               + [_test_result("local-nodp", s, 0.9) for s in range(3)])
+    tuning = {"choices": [{"dataset": "digits", "tasks": "single", "scheme": "private-head", "epsilon": 8.0,
+                           "validation_accuracy": 0.8},
+                          {"dataset": "digits", "tasks": "single", "scheme": "private-head-fusion", "epsilon": 8.0,
+                           "validation_accuracy": 0.7}]}
+    [row] = goal_table(results, epsilon=8.0, tuning=tuning)
+    assert row["best_blockwise"] == "private-head"
+    assert row["accuracy"]["best_blockwise"]["mean"] == pytest.approx(0.72)
+    assert row["vs_paper-full-model"]["accuracy"]["verdict"] == "win"  # 0.10, 0.11, 0.09: see above
+    assert row["vs_local"]["accuracy"]["verdict"] == "tie"
+    assert row["vs_local-nodp"]["accuracy"]["verdict"] == "loss"
+    assert row["majority_class"] == pytest.approx(0.3)
+    # Without tuning, the first block-wise scheme: never the better of the two on held-out data.
+    assert goal_table(results, epsilon=8.0, tuning=None)[0]["best_blockwise"] == "private-head"
+
+
+def test_majority_class_rate_is_the_training_majority_scored_on_held_out_patients():
+    from blossom_secure.experiments.runner import majority_class_accuracy
+
+    assert majority_class_accuracy({"train_label_counts": [5, 9, 1], "heldout_label_counts": [2, 3, 5]}) == 0.3
+    # A tie in training goes to the first class; an empty held-out split has no rate.
+    assert majority_class_accuracy({"train_label_counts": [4, 4], "heldout_label_counts": [1, 3]}) == 0.25
+    assert majority_class_accuracy({"train_label_counts": [4, 4], "heldout_label_counts": [0, 0]}) is None
+
+
+def test_privacy_curve_cells_vary_epsilon_and_never_repeat_a_run_without_dp(tmp_path):
+    path = tmp_path / "curve.toml"
+    path.write_text(TINY.replace('schemes = ["full-model", "private-head", "private-head-fusion", "local"]',
+                                 'schemes = ["paper-full-model", "private-head", "local", "local-nodp"]')
+                    + '\n[privacy_curve]\nepsilons = [1.0, 2.0]\ndatasets = ["breast_cancer"]\n'
+                      'splits = ["incomplete"]\nschemes = ["private-head", "local-nodp"]\npartitions = ["iid"]\n')
+    config = load_experiment(path)
+    cells = cells_of(config)
+    assert sorted({c.epsilon for c in cells if c.scheme == "private-head" and c.dp == "on"}) == [1.0, 2.0, 8.0]
+    assert [c.epsilon for c in cells if c.scheme == "local-nodp"] == [8.0]  # no DP: one run, at no epsilon
+    assert {c.epsilon for c in cells if c.dp == "off"} == {8.0}
+    # Each curve cell's policy budget is its own epsilon, and so is its noise.
+    pools: dict = {}
+    by_eps = {}
+    for e in (1.0, 8.0):
+        cell = Cell("breast_cancer", "single", "incomplete", "iid", "private-head", "on", 0, "secure", epsilon=e)
+        build_data(config, cell, tmp_path, pools)
+        from blossom_secure.experiments.runner import build_cell
+        from blossom_secure.site.policy import load_policy
+
+        sites_root, planned = build_cell(config, cell, tmp_path, _pool_meta(pools["breast_cancer"]),
+                                         _noise(config, tmp_path, cell))
+        policy = load_policy(sites_root.parent / "policies" / "site-00.toml")
+        assert policy.privacy.epsilon_budget == e
+        by_eps[e] = planned["site-00"]["noise_multiplier"]
+    assert by_eps[1.0] > by_eps[8.0]
+
+
+@pytest.mark.slow
+def test_fedavg_with_fine_tuning_freezes_the_shared_encoders_and_stays_within_budget(tmp_path):
+    """FedAvg + FT: the global model for all but the last round, then each site alone
+    trains its fusion and head with its encoders frozen: every site ends with the same
+    encoders (the last global ones) and its own head, and no site spends more than the
+    whole run's epsilon."""
+    path = tmp_path / "ft.toml"
+    path.write_text(TINY.replace("holdout_fraction = 0.25", "holdout_fraction = 0.25\nfine_tune_rounds = 1")
+                    .replace("exclusive = [2, 2, 0]", "exclusive = [2, 2, 0]\ncomplete = [0, 0, 4]"))
+    cell = Cell("breast_cancer", "single", "complete", "iid", "fedavg-ft", "on", 0, "in-memory")
+    config = load_experiment(path)
+    pools: dict = {}
+    build_data(config, cell, tmp_path, pools)
+    result = run_cell(config, cell, tmp_path, _pool_meta(pools["breast_cancer"]), _noise(config, tmp_path, cell),
+                      keep=True)
+    assert result["fine_tune_rounds"] == 1 and result["declined_site_rounds"] == 0
+    assert result["epsilon_max"] <= config.target_epsilon
+    blocks = [dict(np.load(p)) for p in sorted((tmp_path / "cells" / cell.key / "sites").glob("*/state/blocks.npz"))]
+    assert len(blocks) == config.sites
+    for other in blocks[1:]:
+        for name in ("encoder.tabular", "encoder.se_worst"):
+            assert np.array_equal(blocks[0][name], other[name]), name
+        assert not np.array_equal(blocks[0]["head.diagnosis"], other["head.diagnosis"])
+
+
+def test_tuning_curve_and_fine_tuning_problems_are_reported_together(tmp_path):
+    from blossom_secure.errors import PolicyError
+
+    path = tmp_path / "bad.toml"
+    path.write_text(TINY.replace("holdout_fraction = 0.25", "holdout_fraction = 0.25\nfine_tune_rounds = 2")
+                    + TUNING.replace('partitions = ["iid"]', 'partitions = ["zipf"]')
+                            .replace("learning_rates = [0.05]", "learning_rates = [0.05, -1.0]")
+                            .replace("batch_sizes = [8, 16]", "batch_sizes = [8, 16]\nepsilons = [8.0, 9.0]")
+                    + '\n[privacy_curve]\nepsilons = [1.0, 1.0]\ndatasets = ["breast_cancer"]\n'
+                      'splits = ["incomplete"]\nschemes = ["fedsgd"]\npartitions = ["iid"]\n')
+    with pytest.raises(PolicyError) as info:
+        load_experiment(path)
+    keys = {p.key for p in info.value.problems}
+    assert {"training.fine_tune_rounds", "tuning.partitions", "tuning.learning_rates", "tuning.epsilons",
+            "privacy_curve.epsilons", "privacy_curve.schemes"} <= keys
+
+
+@pytest.mark.slow
+def test_the_study_files_quick_grid_runs_end_to_end(tmp_path):
+    """The study's own file, its [quick] grid: tuning on validation, every scheme of the main
+    grid on all three data sets, the report with its goal table and plots."""
+    from blossom_secure.cli.blossom import main
+
+    work, out = tmp_path / "work", tmp_path / "report"
+    assert main(["experiment", str(ROOT / "experiments" / "blossom.toml"), "--quick", "--work", str(work),
+                 "--out", str(out)]) == 0
+    quick = load_experiment(ROOT / "experiments" / "blossom.toml", quick=True)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cells"] == len(cells_of(quick)) and summary["tuning_cells"] == len(tuning_cells(quick))
+    assert {g["dataset"] for g in summary["goal"]} == {"synthetic", "breast_cancer", "digits"}
+    assert all(set(g["accuracy"]) == {"best_blockwise", "paper-full-model", "fedavg-ft", "local", "local-nodp"}
+               for g in summary["goal"])
+    assert summary["epsilon_max_over_all_sites"] <= quick.target_epsilon
+    assert all(c["within_bound"] for c in summary["secure_vs_plaintext_parameters"])

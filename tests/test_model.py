@@ -265,3 +265,78 @@ def test_federation_max_physical_batch_size_reaches_dp_training_and_leaves_epsil
     assert parts_blocks.keys() == whole_blocks.keys()
     for name, block in whole_blocks.items():
         assert np.allclose(parts_blocks[name], block, atol=1e-5), name
+
+
+def _small_site(n: int = 32):
+    lay = layout()
+    rng = np.random.default_rng(5)
+    arrays = SimpleNamespace(
+        image=rng.random((n, 1, *lay.image.size)).astype(np.float32), image_present=rng.random(n) < 0.8,
+        tabular=rng.normal(size=(n, 3)).astype(np.float32), tabular_present=rng.random(n) < 0.8,
+        labels={"malignancy": rng.integers(0, 2, n), "severity": rng.integers(0, 3, n)},
+    )
+    terms = PrivacyTerms(accountant="rdp", delta=1e-5, max_grad_norm=1.0, epsilon_budget=10.0,
+                         noise_multiplier=1.0, target_epsilon_per_round=None)
+    return lay, SiteTensors.from_arrays(arrays, lay), plan_round(n, batch_size=8, epochs=1, terms=terms)
+
+
+def test_frozen_blocks_take_no_step_and_no_noise_while_the_rest_trains_with_the_same_accounting():
+    """Fine-tuning (the study's FedAvg + FT): frozen encoders stay bit for bit, so no noise
+    is spent on them; every other block trains; the steps Opacus accounts are the plan's,
+    exactly as without freezing; and the model is trainable everywhere afterwards."""
+    torch.manual_seed(0)
+    lay, data, plan = _small_site()
+    m = BlockModel(lay, ("image", "tabular"), ("malignancy", "severity"))
+    before = m.get_blocks()
+    frozen = ("encoder.image", "encoder.tabular")
+    result = train_dp(m, data, plan, max_grad_norm=1.0, learning_rate=0.1, frozen=frozen,
+                      randomness=DPRandomness.seeded_simulation(4, site_id="s", round_id=0))
+    after = m.get_blocks()
+    for name in before:
+        if name in frozen:
+            assert np.array_equal(before[name], after[name]), name
+        else:
+            assert not np.allclose(before[name], after[name]), name
+    assert result.steps == plan.steps and sum(s for _, _, s in result.history) == plan.steps
+    assert all(p.requires_grad for p in m.parameters())
+
+
+def test_frozen_blocks_without_dp_stay_put_too():
+    from blossom_secure.site.training import train_without_dp_simulation_only
+
+    torch.manual_seed(0)
+    lay, data, _ = _small_site()
+    m = BlockModel(lay, ("image", "tabular"), ("malignancy", "severity"))
+    before = m.get_blocks()
+    train_without_dp_simulation_only(m, data, epochs=1, batch_size=8, learning_rate=0.1, momentum=0.9, seed=1,
+                                     frozen=("encoder.image",))
+    after = m.get_blocks()
+    assert np.array_equal(before["encoder.image"], after["encoder.image"])
+    assert not np.allclose(before["encoder.tabular"], after["encoder.tabular"])
+
+
+@pytest.mark.parametrize(("frozen", "reason"), [(("encoder.nope",), "no such block"),
+                                                (("encoder.image", "encoder.tabular", "fusion", "head.malignancy",
+                                                  "head.severity"), "nothing to train")])
+def test_freezing_an_unknown_block_or_every_block_is_refused(frozen, reason):
+    lay, data, plan = _small_site()
+    m = BlockModel(lay, ("image", "tabular"), ("malignancy", "severity"))
+    with pytest.raises(ValueError, match=reason):
+        train_dp(m, data, plan, max_grad_norm=1.0, learning_rate=0.1, frozen=frozen,
+                 randomness=DPRandomness.seeded_simulation(4, site_id="s", round_id=0))
+    assert all(p.requires_grad for p in m.parameters())
+
+
+def test_macro_f1_averages_only_the_classes_present_at_the_site():
+    """Labels 0, 0, 1 of a 3-class task, every prediction 0: F1 is 0.8 for class 0 and 0 for
+    class 1; class 2, absent at the site, does not count (0.4, not 0.8 / 3)."""
+    lay = layout()
+    arrays = SimpleNamespace(image=None, image_present=np.zeros(3, bool), tabular=np.ones((3, 3), np.float32),
+                             tabular_present=np.ones(3, bool), labels={"severity": np.array([0, 0, 1])})
+    m = BlockModel(lay, ("tabular",), ("severity",))
+    with torch.no_grad():
+        m.heads["severity"].weight.zero_()
+        m.heads["severity"].bias.copy_(torch.tensor([10.0, 0.0, 0.0]))
+    metrics = evaluate(m, SiteTensors.from_arrays(arrays, lay))["severity"]
+    assert metrics["accuracy"] == pytest.approx(2 / 3)
+    assert metrics["macro_f1"] == pytest.approx(0.4)

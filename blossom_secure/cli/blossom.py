@@ -310,6 +310,7 @@ def _experiment(args, argv: list[str]) -> int:
     import shlex
 
     from blossom_secure.experiments import cells_of, load_experiment, load_results, run_grid, write_report
+    from blossom_secure.experiments.runner import tuning_cells
 
     config = load_experiment(args.config, quick=args.quick)
     if args.workers is not None and args.workers < 1:
@@ -317,37 +318,47 @@ def _experiment(args, argv: list[str]) -> int:
     work = args.work if args.work is not None else Path("runs") / "experiments" / (config.name + ("-quick" if args.quick
                                                                                                     else ""))
     out = args.out if args.out is not None else work / "report"
-    cells = cells_of(config)
-    console.print(f"{config.name}: {len(cells)} cells, {len(config.seeds)} seed(s), {config.rounds} rounds; "
-                  f"work folder {work}")
+    tune = tuning_cells(config)
+    console.print(f"{config.name}: {len(tune)} tuning cells, then {len(cells_of(config))} test cells, "
+                  f"{len(config.seeds)} seed(s), {config.rounds} rounds; work folder {work}")
+    tuning_path = work / "tuning.json"
     if args.report_only:
-        results = load_results(work, cells)
+        tuning = json.loads(tuning_path.read_text()) if tune and tuning_path.is_file() else None
+        choices = None
+        if tuning is not None:
+            choices = {(c["dataset"], c["tasks"], c["scheme"], c["epsilon"]): c for c in tuning["choices"]}
+        results = load_results(work, cells_of(config, choices))
     else:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, transient=True) as progress:
-            bar = progress.add_task("preparing data", total=len(cells))
+            bar = progress.add_task("preparing data", total=len(tune) + len(cells_of(config)))
 
             def on_cell(result: dict, done: int, total: int) -> None:
-                progress.update(bar, completed=done, description=result["key"][:60])
+                progress.update(bar, completed=done, total=total, description=result["key"][:60])
 
             results = run_grid(config, work, workers=args.workers, fresh=args.fresh, on_cell=on_cell)
+        tuning = json.loads(tuning_path.read_text()) if tune else None
     runs_path = work / "runs.json"
     runs = json.loads(runs_path.read_text()) if runs_path.is_file() else []
     command = "blossom " + " ".join(shlex.quote(a) for a in argv)
     summary = write_report(results, out, config_text=args.config.read_text(encoding="utf-8"), command=command,
-                           runs=runs)
-    table = Table(title="private-head over full-model (relative gain, site-averaged final metric)",
-                  title_justify="left")
-    for col in ("data set", "split", "DP", "accuracy", "macro-F1"):
+                           runs=runs, tuning=tuning, tuning_results=load_results(work, tune),
+                           target_epsilon=config.target_epsilon)
+    table = Table(title=f"Does joining pay? best block-wise minus each baseline, accuracy, epsilon "
+                        f"{config.target_epsilon:g} (paired, 95% interval)", title_justify="left")
+    for col in ("data set", "split", "partition", "best block-wise", "vs paper full model", "vs FedAvg+FT",
+                "vs local (DP)", "vs local (no DP)"):
         table.add_column(col)
-    for h in summary["headline"]:
-        if h["scheme"] == "private-head" and h["split"] in ("incomplete", "exclusive"):
-            table.add_row(h["dataset"], h["split"], h["dp"], f"{h['accuracy_gain_pct']:+.1f}%",
-                          f"{h['macro_f1_gain_pct']:+.1f}%")
+    for g in summary["goal"]:
+        cells = []
+        for baseline in ("paper-full-model", "fedavg-ft", "local", "local-nodp"):
+            d = g.get(f"vs_{baseline}", {}).get("accuracy")
+            cells.append("" if d is None else f"{d['diff_mean']:+.3f} {d['verdict']}")
+        table.add_row(g["dataset"], g["split"], g["partition"], g["best_blockwise"], *cells)
     console.print(table)
     eps = summary["epsilon_max_over_all_sites"]
     console.print(f"largest epsilon spent by any site (DP on): {'n/a' if eps is None else f'{eps:.3f}'}")
-    console.print(f"report: {out} (tables.md, cells.csv, curves.csv, summary.json, plots)")
+    console.print(f"report: {out} (tables.md, cells.csv, curves.csv, tuning.json, summary.json, plots)")
     return EXIT_OK
 
 

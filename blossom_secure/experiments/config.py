@@ -15,10 +15,14 @@ from blossom_secure._toml import Table, read_root_table
 from blossom_secure.errors import PolicyError, Problem
 from blossom_secure.experiments.datasets import DATASETS
 
-__all__ = ["DP_SETTINGS", "ExperimentConfig", "PARTITIONS", "SCHEMES", "SubGrid", "load_experiment"]
+__all__ = ["BLOCKWISE_SCHEMES", "DP_SETTINGS", "ExperimentConfig", "PARTITIONS", "SCHEMES", "SubGrid", "Tuning",
+           "load_experiment"]
 
 #: Schemes: what each site shares (see :mod:`blossom_secure.experiments.runner`).
-SCHEMES = ("paper-full-model", "full-model", "private-head", "private-head-fusion", "local", "local-nodp")
+SCHEMES = ("paper-full-model", "fedavg-ft", "full-model", "private-head", "private-head-fusion",
+           "private-head-fedavgm", "local", "local-nodp")
+#: The block-wise schemes (secure aggregation of the shared blocks, private heads).
+BLOCKWISE_SCHEMES = ("private-head", "private-head-fusion", "private-head-fedavgm")
 PARTITIONS = ("iid", "dirichlet")
 DP_SETTINGS = ("off", "on")
 _GRID_KEYS = ("datasets", "splits", "schemes", "partitions", "dp")
@@ -33,6 +37,20 @@ class SubGrid:
     schemes: tuple[str, ...]
     partitions: tuple[str, ...]
     dp: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """The hyperparameter search on a validation split carved from each site's training
+    data (never the held-out split): every scheme gets the same grid of learning rates and
+    batch sizes, run on the same split, partitions and seeds, at each of ``epsilons``."""
+
+    seeds: tuple[int, ...]
+    split: str
+    partitions: tuple[str, ...]
+    learning_rates: tuple[float, ...]
+    batch_sizes: tuple[int, ...]
+    epsilons: tuple[float, ...]
 
 
 @dataclass(frozen=True)
@@ -58,6 +76,7 @@ class ExperimentConfig:
     learning_rate: float
     momentum: float
     holdout_fraction: float
+    fine_tune_rounds: int
     embedding_dim: int
     hidden: tuple[int, ...]
     image_size: tuple[int, int]
@@ -66,6 +85,15 @@ class ExperimentConfig:
     plaintext: SubGrid | None
     heterogeneous: SubGrid | None
     quick: dict
+    tuning: Tuning | None = None
+    curve: SubGrid | None = None  # the privacy-utility curve: these cells at each of curve_epsilons
+    curve_epsilons: tuple[float, ...] = ()
+    ablation: SubGrid | None = None
+
+    @property
+    def epsilons(self) -> tuple[float, ...]:
+        """Every target epsilon some cell runs at (the main grid's first)."""
+        return (self.target_epsilon, *(e for e in self.curve_epsilons if e != self.target_epsilon))
 
 
 def _subgrid(t: Table | None, *, splits: set[str], datasets: tuple[str, ...] = DATASETS) -> SubGrid | None:
@@ -149,6 +177,9 @@ def load_experiment(path: Path, *, quick: bool = False) -> ExperimentConfig:
         out["learning_rate"] = tr.float("learning_rate", exclusive_minimum=0.0, maximum=10.0)
         out["momentum"] = tr.float("momentum", minimum=0.0, exclusive_maximum=1.0)
         out["holdout_fraction"] = tr.float("holdout_fraction", exclusive_minimum=0.0, exclusive_maximum=1.0)
+        out["fine_tune_rounds"] = tr.int("fine_tune_rounds", required=False, default=0, minimum=0)
+        if out["fine_tune_rounds"] and out.get("rounds") and out["fine_tune_rounds"] >= out["rounds"]:
+            tr.problem("fine_tune_rounds", f"must be fewer than the {out['rounds']} rounds")
         tr.finish()
 
     md = root.table("model")
@@ -175,6 +206,16 @@ def load_experiment(path: Path, *, quick: bool = False) -> ExperimentConfig:
                                     datasets=("synthetic",))
     if out["plaintext"] is not None and "local" in out["plaintext"].schemes:
         problems.append(Problem(str(path), "secure_vs_plaintext.schemes", "local does not aggregate"))
+    out["ablation"] = _subgrid(root.table("ablation", required=False), splits=set(splits))
+    ct = root.table("privacy_curve", required=False)
+    out["curve"], out["curve_epsilons"] = None, ()
+    if ct is not None:
+        eps = ct.float_list("epsilons", maximum=8.0)
+        out["curve_epsilons"] = tuple(eps or ())
+        ct.data.setdefault("dp", ["on"])
+        out["curve"] = _subgrid(ct, splits=set(splits))
+    out["tuning"] = _tuning(root.table("tuning", required=False), splits=set(splits),
+                            target_epsilon=out.get("target_epsilon"))
 
     qt = root.table("quick", required=False)
     overrides: dict = {}
@@ -191,7 +232,11 @@ def load_experiment(path: Path, *, quick: bool = False) -> ExperimentConfig:
             v = qt.str_list(key, required=False)
             if v is not None:
                 overrides[key] = tuple(v)
-        for key in ("secure_vs_plaintext", "task_heterogeneity"):
+        for key, lo in (("learning_rates", 0.0), ("batch_sizes", 0.0)):
+            v = qt.float_list(key, required=False, exclusive_minimum=lo)
+            if v is not None:
+                overrides[key] = tuple(int(x) if key == "batch_sizes" else x for x in v)
+        for key in ("secure_vs_plaintext", "task_heterogeneity", "privacy_curve", "ablation"):
             v = qt.bool(key, required=False)
             if v is not None:
                 overrides[key] = v
@@ -200,7 +245,8 @@ def load_experiment(path: Path, *, quick: bool = False) -> ExperimentConfig:
     root.finish()
     if problems:
         raise PolicyError(problems)
-    missing = [k for k, v in out.items() if v is None and k not in ("plaintext", "heterogeneous")]
+    missing = [k for k, v in out.items()
+               if v is None and k not in ("plaintext", "heterogeneous", "ablation", "curve", "tuning")]
     if missing:  # a table was missing: its problem is already reported
         raise PolicyError([Problem(str(path), missing[0], "missing")])
     out["splits"] = splits
@@ -218,8 +264,38 @@ def _apply_quick(config: ExperimentConfig) -> ExperimentConfig:
         config,
         seeds=q.get("seeds", config.seeds),
         rounds=q.get("rounds", config.rounds),
+        fine_tune_rounds=min(config.fine_tune_rounds, q.get("rounds", config.rounds) - 1),
         synthetic_patients=q.get("synthetic_patients", config.synthetic_patients),
         grid=grid,
         plaintext=config.plaintext if q.get("secure_vs_plaintext", True) else None,
         heterogeneous=config.heterogeneous if q.get("task_heterogeneity", True) else None,
+        curve=config.curve if q.get("privacy_curve", True) else None,
+        curve_epsilons=config.curve_epsilons if q.get("privacy_curve", True) else (),
+        ablation=config.ablation if q.get("ablation", True) else None,
+        tuning=None if config.tuning is None else replace(
+            config.tuning, seeds=config.tuning.seeds[:1],
+            partitions=tuple(p for p in config.tuning.partitions if p in grid.partitions) or config.tuning.partitions[:1],
+            learning_rates=q.get("learning_rates", config.tuning.learning_rates),
+            batch_sizes=q.get("batch_sizes", config.tuning.batch_sizes), epsilons=(config.target_epsilon,)),
     )
+
+
+def _tuning(t: Table | None, *, splits: set[str], target_epsilon: float | None) -> Tuning | None:
+    if t is None:
+        return None
+    seeds = t.int_list("seeds", minimum=0)
+    split = t.choice("split", tuple(sorted(splits)))
+    partitions = t.str_list("partitions")
+    if partitions and any(p not in PARTITIONS for p in partitions):
+        t.problem("partitions", f"must be among {', '.join(PARTITIONS)}")
+        partitions = None
+    rates = t.float_list("learning_rates", maximum=10.0)
+    batches = t.int_list("batch_sizes", minimum=1)
+    epsilons = t.float_list("epsilons", required=False, maximum=8.0)
+    t.finish()
+    if None in (seeds, split, partitions, rates, batches):
+        return None
+    if epsilons is None:
+        epsilons = [target_epsilon] if target_epsilon is not None else []
+    return Tuning(seeds=tuple(seeds), split=split, partitions=tuple(partitions), learning_rates=tuple(rates),
+                  batch_sizes=tuple(batches), epsilons=tuple(epsilons))

@@ -19,8 +19,15 @@ Schemes (BLOSSOM, arXiv 2603.27552, section on partial personalisation):
                             sends it back unchanged and dilutes the mean (the coordinator's
                             simulation-only ``paper-full-model`` mode; taken in memory, since
                             heads can never enter secure aggregation)
+``fedavg-ft``               the personalisation baseline: ``paper-full-model`` for all but the
+                            last ``fine_tune_rounds`` rounds, then each site alone fine-tunes its
+                            fusion and head (encoders frozen) in those rounds, within the same
+                            privacy budget
 ``full-model``              every block, heads included, averaged over the sites that hold it
                             only (an ablation: block-wise for encoders, global for heads)
+``private-head-fedavgm``    ``private-head`` with server momentum (FedAvgM: the coordinator
+                            moves the shared blocks by ``v = 0.9 v + mean update``; post-processing
+                            of the secure sum, no privacy cost)
 ``local``                   no federation
 ``local-nodp``              no federation and no DP, in the DP-on cells: a model that never
                             leaves the hospital needs no DP, so this is what a hospital weighs
@@ -29,10 +36,20 @@ Schemes (BLOSSOM, arXiv 2603.27552, section on partial personalisation):
 
 DP on: each site's policy carries the noise multiplier that makes its *whole run*
 (``rounds`` rounds of ``ceil(n_train / batch)`` Poisson-sampled steps) cost at most
-``target_epsilon`` at ``delta`` under Opacus's RDP accountant
+the cell's target epsilon at ``delta`` under Opacus's RDP accountant
 (``opacus.accountants.utils.get_noise_multiplier``), and the policy's budget is that
 target, so the site's ledger refuses any round beyond it. DP off: the site agent is built
 with ``simulation_without_dp=True`` (simulation only; no clipping, no noise).
+
+Held-out patients: a site's agent holds out the patients whose keyed hash (split seed
+:data:`HOLDOUT_SPLIT_SEED`, the same in every test cell) falls below ``holdout_fraction``,
+so a patient is held out in every test cell or in none, whatever the seed and partition.
+
+Hyperparameters (learning rate, batch size) are chosen per data set, scheme and DP
+setting by :func:`choose_hyperparameters` from *tuning* cells (their own seeds), whose
+sites hold only patients that no test cell holds out; each tuning site's agent carves a
+validation split from them (split seed :data:`VALIDATION_SPLIT_SEED`). So no held-out
+patient is ever seen while tuning, and every scheme gets the same grid of values.
 """
 
 from __future__ import annotations
@@ -43,7 +60,9 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -54,18 +73,28 @@ from blossom_secure.experiments.config import ExperimentConfig
 from blossom_secure.experiments.datasets import Pool, load_pool, write_site_data
 from blossom_secure.experiments.partition import dirichlet_partition, iid_partition, modality_roles
 
-__all__ = ["Cell", "build_data", "cells_of", "noise_for_run", "run_cell", "run_grid"]
+__all__ = ["Cell", "build_data", "cells_of", "choose_hyperparameters", "noise_for_run", "run_cell", "run_grid",
+           "tuning_cells"]
 
 logger = logging.getLogger(__name__)
 
 FEDERATION_ID = "blossom-bench"
 _SHARES = {"private-head": ["encoder.*", "fusion"], "private-head-fusion": ["encoder.*"],
-           "paper-full-model": ["encoder.*", "fusion"], "full-model": ["encoder.*", "fusion"],
-           "local": ["encoder.*", "fusion"], "local-nodp": ["encoder.*", "fusion"]}
-_MODES = {"private-head": "blockwise", "private-head-fusion": "blockwise", "paper-full-model": "paper-full-model",
+           "private-head-fedavgm": ["encoder.*", "fusion"],
+           "paper-full-model": ["encoder.*", "fusion"], "fedavg-ft": ["encoder.*", "fusion"],
+           "full-model": ["encoder.*", "fusion"], "local": ["encoder.*", "fusion"], "local-nodp": ["encoder.*", "fusion"]}
+_MODES = {"private-head": "blockwise", "private-head-fusion": "blockwise", "private-head-fedavgm": "blockwise",
+          "paper-full-model": "paper-full-model", "fedavg-ft": "paper-full-model",
           "full-model": "full-model", "local": "local", "local-nodp": "local"}
 #: Schemes that aggregate nothing through the coordinator's aggregator.
-_NOT_AGGREGATED = ("paper-full-model", "full-model", "local", "local-nodp")
+_NOT_AGGREGATED = ("paper-full-model", "fedavg-ft", "full-model", "local", "local-nodp")
+#: Server momentum of ``private-head-fedavgm``.
+FEDAVGM_MOMENTUM = 0.9
+#: The split seed of every site's held-out split: the same patients are held out in every
+#: test cell (whatever its seed and partition), so that tuning can leave them all out.
+HOLDOUT_SPLIT_SEED = 0
+#: The split seed with which a tuning cell's agents carve validation from training patients.
+VALIDATION_SPLIT_SEED = 1
 _SYNTH_WINDOW = (-160.0, 240.0)
 
 
@@ -84,6 +113,11 @@ class Cell:
         seed: Partition, initial values, sampling and noise.
         aggregation: ``secure`` or ``plaintext`` (block-wise schemes), ``in-memory``
             (full-model), ``none`` (local).
+        epsilon: The whole run's target epsilon per site (DP on).
+        learning_rate: Local SGD step size.
+        batch_size: Expected Poisson batch size (DP) or batch size (no DP).
+        stage: ``test`` (metrics on each site's held-out split) or ``tune`` (the sites
+            hold their training patients only; metrics on a validation split of them).
     """
 
     dataset: str
@@ -94,31 +128,65 @@ class Cell:
     dp: str
     seed: int
     aggregation: str
+    epsilon: float = 8.0
+    learning_rate: float = 0.05
+    batch_size: int = 16
+    stage: str = "test"
+
+    @property
+    def uses_dp(self) -> bool:
+        return self.dp == "on" and self.scheme != "local-nodp"
 
     @property
     def key(self) -> str:
-        return "_".join([self.dataset, self.tasks, self.split, self.partition, self.scheme, f"dp-{self.dp}",
-                         f"s{self.seed}", self.aggregation])
+        hp = [f"eps{self.epsilon:g}"] if self.uses_dp else []
+        hp += [f"lr{self.learning_rate:g}", f"b{self.batch_size}"]
+        return "_".join([*(["tune"] if self.stage == "tune" else []), self.dataset, self.tasks, self.split,
+                         self.partition, self.scheme, f"dp-{self.dp}", *hp, f"s{self.seed}", self.aggregation])
+
+    @property
+    def split_seed(self) -> int:
+        """The seed of the split each site's agent carves (held-out, or validation when tuning)."""
+        return VALIDATION_SPLIT_SEED if self.stage == "tune" else HOLDOUT_SPLIT_SEED
 
     @property
     def data_key(self) -> str:
-        return "_".join([self.dataset, self.tasks, self.split, self.partition, f"s{self.seed}"])
+        return "_".join([self.dataset, self.tasks, self.split, self.partition, f"s{self.seed}",
+                         *(["validation"] if self.stage == "tune" else [])])
 
 
 def _aggregation(scheme: str, secure: bool) -> str:
-    if scheme in ("paper-full-model", "full-model"):
+    if scheme in ("paper-full-model", "fedavg-ft", "full-model"):
         return "in-memory"
     if scheme in ("local", "local-nodp"):
         return "none"
     return "secure" if secure else "plaintext"
 
 
-def cells_of(config: ExperimentConfig) -> list[Cell]:
-    """Every cell of the experiment: the main grid, task heterogeneity, the plaintext twins."""
+#: A choice of hyperparameters: (data set, tasks, scheme, DP setting) -> values, where the
+#: DP setting is the tuned epsilon, or ``None`` for a cell without DP.
+Choices = dict[tuple[str, str, str, float | None], dict]
+
+
+def _setting_of(cell: Cell, tuned_epsilons: tuple[float, ...]) -> tuple[str, str, str, float | None]:
+    """Which tuned setting a cell takes its hyperparameters from: its own epsilon when it was
+    tuned, else the tuned epsilon nearest on a log scale (the larger on a tie)."""
+    if not cell.uses_dp:
+        return (cell.dataset, cell.tasks, cell.scheme, None)
+    eps = min(sorted(tuned_epsilons, reverse=True), key=lambda e: abs(math.log(e / cell.epsilon)))
+    return (cell.dataset, cell.tasks, cell.scheme, eps)
+
+
+def cells_of(config: ExperimentConfig, choices: Choices | None = None) -> list[Cell]:
+    """Every cell of the experiment: the main grid (at the target epsilon), the
+    privacy-utility curve (at each further epsilon), the method ablations, task
+    heterogeneity and the plaintext twins, each with the hyperparameters of ``choices``
+    (``None``: the experiment file's ``[training]`` values)."""
     out: list[Cell] = []
     seen: set[str] = set()
+    tuned = config.tuning.epsilons if config.tuning is not None else (config.target_epsilon,)
 
-    def add(grid, tasks: str, secure: bool) -> None:
+    def add(grid, tasks: str, secure: bool, epsilons: tuple[float, ...]) -> None:
         if grid is None:
             return
         for dataset in grid.datasets:
@@ -128,18 +196,82 @@ def cells_of(config: ExperimentConfig) -> list[Cell]:
                         for dp in grid.dp:
                             if scheme == "local-nodp" and dp == "off":
                                 continue  # the same run as local with DP off
-                            for seed in config.seeds:
-                                cell = Cell(dataset, tasks, split, partition, scheme, dp, seed,
-                                            _aggregation(scheme, secure))
-                                if cell.key not in seen:
-                                    seen.add(cell.key)
-                                    out.append(cell)
+                            for eps in epsilons:
+                                if eps != config.target_epsilon and (dp == "off" or scheme == "local-nodp"):
+                                    continue  # the curve varies epsilon: cells without DP do not change
+                                for seed in config.seeds:
+                                    cell = Cell(dataset, tasks, split, partition, scheme, dp, seed,
+                                                _aggregation(scheme, secure), epsilon=eps,
+                                                learning_rate=config.learning_rate, batch_size=config.batch_size)
+                                    if choices is not None:
+                                        chosen = choices[_setting_of(cell, tuned)]
+                                        cell = replace(cell, learning_rate=chosen["learning_rate"],
+                                                       batch_size=chosen["batch_size"])
+                                    if cell.key not in seen:
+                                        seen.add(cell.key)
+                                        out.append(cell)
 
-    add(config.grid, "single", True)
-    add(config.heterogeneous, "hetero", True)
+    add(config.grid, "single", True, (config.target_epsilon,))
+    add(config.curve, "single", True, config.curve_epsilons)
+    add(config.ablation, "single", True, (config.target_epsilon,))
+    add(config.heterogeneous, "hetero", True, (config.target_epsilon,))
     if config.plaintext is not None:
-        add(config.plaintext, "single", False)
+        add(config.plaintext, "single", False, (config.target_epsilon,))
     return [c for c in out if not (c.aggregation == "plaintext" and c.scheme in _NOT_AGGREGATED)]
+
+
+def tuning_cells(config: ExperimentConfig) -> list[Cell]:
+    """The tuning cells: for every (data set, tasks, scheme, DP setting) some cell of the
+    experiment runs, every learning rate x batch size of ``[tuning]``, on its split,
+    partitions and seeds, on the sites' validation splits. Empty without ``[tuning]``."""
+    t = config.tuning
+    if t is None:
+        return []
+    out: dict[str, Cell] = {}
+    for cell in cells_of(config):
+        for eps in (t.epsilons if cell.uses_dp else (config.target_epsilon,)):
+            for partition in t.partitions:
+                for seed in t.seeds:
+                    for lr in t.learning_rates:
+                        for batch in t.batch_sizes:
+                            c = Cell(cell.dataset, cell.tasks, t.split, partition, cell.scheme, cell.dp, seed,
+                                     "secure" if cell.aggregation == "plaintext" else cell.aggregation, epsilon=eps,
+                                     learning_rate=lr, batch_size=batch, stage="tune")
+                            out.setdefault(c.key, c)
+    return list(out.values())
+
+
+def choose_hyperparameters(config: ExperimentConfig, results: Iterable[Mapping]) -> Choices:
+    """For each tuned setting, the learning rate and batch size with the best validation
+    accuracy (site average, final round, mean over the tuning seeds and partitions); a tie
+    goes to the earlier value in the file's order. Each choice carries every candidate's
+    score (``candidates``) for the report.
+
+    Raises:
+        ValueError: a tuned setting has no result for some candidate.
+    """
+    t = config.tuning
+    scores: dict[tuple, dict[tuple[float, int], list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in results:
+        c = r["cell"]
+        setting = (c["dataset"], c["tasks"], c["scheme"],
+                   c["epsilon"] if (c["dp"] == "on" and c["scheme"] != "local-nodp") else None)
+        scores[setting][(c["learning_rate"], c["batch_size"])].append(r["final"]["accuracy"])
+    expected = len(t.seeds) * len(t.partitions)
+    choices: Choices = {}
+    for setting, by_candidate in scores.items():
+        candidates = []
+        for lr in t.learning_rates:
+            for batch in t.batch_sizes:
+                values = by_candidate.get((lr, batch), [])
+                if len(values) != expected:
+                    raise ValueError(f"tuning {setting}: {len(values)} results for lr={lr:g}, batch={batch}, "
+                                     f"expected {expected}")
+                candidates.append({"learning_rate": lr, "batch_size": batch,
+                                   "validation_accuracy": float(np.mean(values))})
+        best = max(candidates, key=lambda x: x["validation_accuracy"])  # first of the best on a tie
+        choices[setting] = {**best, "candidates": candidates}
+    return choices
 
 
 # ------------------------------------------------------------------------------------------
@@ -171,7 +303,11 @@ def site_indices(config: ExperimentConfig, pool: Pool, partition: str, seed: int
 
 
 def build_data(config: ExperimentConfig, cell: Cell, work_dir: Path, pools: dict[str, Pool]) -> Path:
-    """Write the site data folders of ``cell.data_key`` (once) and a ``sites.json`` describing them."""
+    """Write the site data folders of ``cell.data_key`` (once) and a ``sites.json`` describing them.
+
+    A tuning cell's sites hold only their training patients (the held-out split of the
+    test cells with the same seed is left out), so that the split the agent carves from
+    them is a validation split."""
     from blossom_secure.site.data import split_holdout
 
     root = work_dir / "data" / cell.data_key
@@ -186,20 +322,40 @@ def build_data(config: ExperimentConfig, cell: Cell, work_dir: Path, pools: dict
         shutil.rmtree(root)
     parts = site_indices(config, pool, cell.partition, cell.seed)
     roles = modality_roles(*config.splits[cell.split])
+    position = {pid: j for j, pid in enumerate(pool.patient_ids)}
     sites = {}
     for i, (idx, role) in enumerate(zip(parts, roles, strict=True)):
         name = _site_name(i)
         modalities = pool.modalities_of(role)
         tasks = _tasks_of(pool, cell.tasks, i)
+        if cell.stage == "tune":  # the held-out patients (of every test cell) are left out
+            ids = sorted(pool.patient_ids[j] for j in idx)
+            train, _ = split_holdout(ids, fraction=config.holdout_fraction, seed=HOLDOUT_SPLIT_SEED)
+            idx = np.array(sorted(position[ids[k]] for k in train), dtype=np.int64)
         write_site_data(pool, root / name, indices=idx, modalities=modalities, tasks=tasks)
         ids = sorted(pool.patient_ids[j] for j in idx)
-        train, test = split_holdout(ids, fraction=config.holdout_fraction, seed=cell.seed)
+        train, test = split_holdout(ids, fraction=config.holdout_fraction, seed=cell.split_seed)
+        labels = pool.labels[tasks[0]]
+        k = pool.num_classes[tasks[0]]
+
+        def counts(which: np.ndarray) -> list[int]:
+            return np.bincount(labels[[position[ids[j]] for j in which]], minlength=k).tolist()
+
         sites[name] = {"role": role, "modalities": list(modalities), "tasks": list(tasks), "n": len(ids),
                        "n_train": int(train.size), "n_heldout": int(test.size),
-                       "label_counts": np.bincount(pool.labels[tasks[0]][idx],
-                                                   minlength=pool.num_classes[tasks[0]]).tolist()}
-    atomic_write(meta_path, json.dumps({"dataset": cell.dataset, "sites": sites}, indent=1).encode() + b"\n")
+                       "label_counts": np.bincount(labels[idx], minlength=k).tolist(),
+                       "train_label_counts": counts(train), "heldout_label_counts": counts(test)}
+    atomic_write(meta_path, json.dumps({"dataset": cell.dataset, "stage": cell.stage, "sites": sites},
+                                       indent=1).encode() + b"\n")
     return root
+
+
+def majority_class_accuracy(site: Mapping) -> float | None:
+    """The accuracy on a site's held-out split of always predicting the most frequent class
+    of its training split (the first on a tie); ``None`` for an empty held-out split."""
+    train, held = site["train_label_counts"], site["heldout_label_counts"]
+    n = sum(held)
+    return None if n == 0 else held[int(np.argmax(train))] / n
 
 
 @lru_cache(maxsize=4096)
@@ -215,20 +371,19 @@ def noise_for_run(*, batches: int, epochs: int, rounds: int, target_epsilon: flo
                             steps=batches * epochs * rounds, accountant=accountant)
 
 
-def _noise_table(config: ExperimentConfig, work_dir: Path, batch_counts: set[int]) -> dict[int, float]:
-    """Noise multiplier per number of batches, cached in ``work_dir/noise.json``."""
+def _noise_table(config: ExperimentConfig, work_dir: Path, needs: set[tuple[int, float]]) -> dict[tuple[int, float], float]:
+    """Noise multiplier per (number of batches, target epsilon), cached in ``work_dir/noise.json``."""
     path = work_dir / "noise.json"
-    key = json.dumps([config.rounds, config.local_epochs, config.target_epsilon, config.delta, config.accountant])
-    table = {}
+    key = json.dumps([config.rounds, config.local_epochs, config.delta, config.accountant])
+    table: dict[tuple[int, float], float] = {}
     if path.is_file():
         saved = json.loads(path.read_text())
         if saved.get("key") == key:
-            table = {int(b): float(s) for b, s in saved["noise"].items()}
-    for b in sorted(batch_counts - set(table)):
-        table[b] = noise_for_run(batches=b, epochs=config.local_epochs, rounds=config.rounds,
-                                 target_epsilon=config.target_epsilon, delta=config.delta,
-                                 accountant=config.accountant)
-    atomic_write(path, json.dumps({"key": key, "noise": {str(b): s for b, s in sorted(table.items())}},
+            table = {(int(b), float(e)): float(s) for b, e, s in saved["noise"]}
+    for b, eps in sorted(needs - set(table)):
+        table[(b, eps)] = noise_for_run(batches=b, epochs=config.local_epochs, rounds=config.rounds,
+                                        target_epsilon=eps, delta=config.delta, accountant=config.accountant)
+    atomic_write(path, json.dumps({"key": key, "noise": [[b, e, s] for (b, e), s in sorted(table.items())]},
                                   indent=1).encode() + b"\n")
     return table
 
@@ -260,9 +415,9 @@ def _federation_toml(config: ExperimentConfig, pool_meta: dict, cell: Cell) -> s
     lines += ["[model.tasks]"] + [f"{t} = {k}" for t, k in ds["num_classes"].items()] + [""]
     lines += [
         "[training]", f"rounds = {config.rounds}", f"local_epochs = {config.local_epochs}",
-        f"batch_size = {config.batch_size}", f"learning_rate = {config.learning_rate!r}",
+        f"batch_size = {cell.batch_size}", f"learning_rate = {cell.learning_rate!r}",
         f"momentum = {config.momentum!r}", f"holdout_fraction = {config.holdout_fraction!r}",
-        f"split_seed = {cell.seed}", "",
+        f"split_seed = {cell.split_seed}", "",
         "[aggregation]", f'mode = "{_MODES[cell.scheme]}"', f"secure = {str(cell.aggregation == 'secure').lower()}",
         "min_contributors = 2", "clip = 1.0", "ring_bits = 32", "max_weight = 10000",
         f"max_sites = {config.sites}   # every site of the cell",
@@ -285,7 +440,7 @@ def _policy_toml(config: ExperimentConfig, cell: Cell, noise: float) -> str:
         "[sharing]", f"shareable = {_toml_list(_SHARES[cell.scheme])}", "",
         "[privacy]", f'accountant = "{config.accountant}"', f"delta = {config.delta!r}",
         f"max_grad_norm = {config.max_grad_norm!r}", f"noise_multiplier = {noise!r}",
-        f"epsilon_budget = {config.target_epsilon!r}", "",
+        f"epsilon_budget = {cell.epsilon!r}", "",
         "[secure_aggregation]", f"required = {str(cell.aggregation != 'plaintext').lower()}", "min_contributors = 2",
         "", "[reporting]", "metrics = true", "",
     ])
@@ -297,7 +452,7 @@ def _pool_meta(pool: Pool) -> dict:
 
 
 def build_cell(config: ExperimentConfig, cell: Cell, work_dir: Path, pool_meta: dict,
-               noise: dict[int, float]) -> tuple[Path, dict]:
+               noise: dict[tuple[int, float], float]) -> tuple[Path, dict]:
     """Write the cell's federation file, policies and site files (fresh). Returns the sites
     folder and the planned DP parameters per site."""
     data_root = work_dir / "data" / cell.data_key
@@ -336,10 +491,12 @@ def build_cell(config: ExperimentConfig, cell: Cell, work_dir: Path, pool_meta: 
                                                 + "\n".join(groups + weights) + "\n")
     planned = {}
     for name, site in meta["sites"].items():
-        batches = math.ceil(site["n_train"] / config.batch_size)
-        sigma = noise[batches]
-        planned[name] = {"noise_multiplier": sigma, "sample_rate": 1.0 / batches,
-                         "steps_per_round": batches * config.local_epochs, "n_train": site["n_train"]}
+        batches = math.ceil(site["n_train"] / cell.batch_size)
+        # A cell without DP gets a policy all the same (the agent reads it; it trains without it).
+        sigma = noise[(batches, cell.epsilon)] if cell.uses_dp else 1.0
+        planned[name] = {"noise_multiplier": sigma if cell.uses_dp else None, "sample_rate": 1.0 / batches,
+                         "steps_per_round": batches * config.local_epochs, "n_train": site["n_train"],
+                         "majority_class_accuracy": majority_class_accuracy(site)}
         (cell_dir / "policies" / f"{name}.toml").write_text(_policy_toml(config, cell, sigma))
         data_rel = f"../../../../data/{cell.data_key}/{name}"
         lines = [
@@ -403,8 +560,8 @@ def _site_metric(tasks: dict) -> tuple[float, float]:
     return float(np.mean(accs)), float(np.mean(f1s))
 
 
-def run_cell(config: ExperimentConfig, cell: Cell, work_dir: Path, pool_meta: dict, noise: dict[int, float], *,
-             keep: bool = False, server_optimizer=None) -> dict:
+def run_cell(config: ExperimentConfig, cell: Cell, work_dir: Path, pool_meta: dict,
+             noise: dict[tuple[int, float], float], *, keep: bool = False, server_optimizer=None) -> dict:
     """Run one cell; returns its result document (see ``docs/results.md`` for the fields).
 
     Raises:
@@ -414,6 +571,7 @@ def run_cell(config: ExperimentConfig, cell: Cell, work_dir: Path, pool_meta: di
 
     from blossom_secure.config import load_federation
 
+    from blossom_secure.coordinator.rounds import ServerOptimizer
     from blossom_secure.site.config import site_dirs
     from blossom_secure.runtimes.embedded.federation import Coordinator, make_aggregator
     from blossom_secure.site.ledger import PrivacyLedger
@@ -423,7 +581,7 @@ def run_cell(config: ExperimentConfig, cell: Cell, work_dir: Path, pool_meta: di
     started = time.perf_counter()
     sites_root, planned = build_cell(config, cell, work_dir, pool_meta, noise)
     federation = load_federation(sites_root / "federation.toml")
-    without_dp = cell.dp == "off" or cell.scheme == "local-nodp"
+    without_dp = not cell.uses_dp
     agents = [SiteAgent(d, federation, seed=cell.seed, simulation_without_dp=without_dp)
               for d in site_dirs(sites_root)]
     for agent in agents:
@@ -435,13 +593,21 @@ def run_cell(config: ExperimentConfig, cell: Cell, work_dir: Path, pool_meta: di
         else None
     if cell.aggregation == "secure":
         aggregator = _ParameterCheck(aggregator)
+    if server_optimizer is None and cell.scheme == "private-head-fedavgm":
+        server_optimizer = ServerOptimizer("momentum", lr=1.0, beta1=FEDAVGM_MOMENTUM)
     coordinator = Coordinator(federation, agents, mode=mode, aggregator=aggregator, seed=cell.seed,
                               server_optimizer=server_optimizer)
+    fine_tune_from = config.rounds - config.fine_tune_rounds if cell.scheme == "fedavg-ft" else config.rounds
     curve = []
     declined = 0
     final_sites = {}
     bytes_total = 0
     for r in range(config.rounds):
+        if r == fine_tune_from:
+            # FedAvg is over: from here each site fine-tunes its fusion and head alone.
+            coordinator.mode = "local"
+            for agent in agents:
+                agent.frozen_blocks = tuple(b for b in agent.model.blocks() if b.startswith("encoder."))
         report = coordinator.run_round(r)
         per_site = {sid: _site_metric(s["tasks"]) for sid, s in report.sites.items()}
         declined += sum(1 for s in report.sites.values() if s["declined"])
@@ -459,11 +625,14 @@ def run_cell(config: ExperimentConfig, cell: Cell, work_dir: Path, pool_meta: di
     held_out = sum(site["n_holdout"] for site in final_sites.values())
     weighted = {m: float(sum(site[m] * site["n_holdout"] for site in final_sites.values()) / held_out)
                 for m in ("accuracy", "macro_f1")}
+    majority = [site["majority_class_accuracy"] for site in final_sites.values()]
+    majority_mean = float(np.mean(majority)) if None not in majority else None
     if not keep:
         shutil.rmtree(work_dir / "cells" / cell.key, ignore_errors=True)
     return {
         "cell": asdict(cell), "key": cell.key, "rounds": config.rounds,
-        "final": dict(curve[-1]), "final_weighted_by_holdout": weighted, "curve": curve, "sites": final_sites,
+        "final": dict(curve[-1]), "final_weighted_by_holdout": weighted, "majority_class_accuracy": majority_mean,
+        "fine_tune_rounds": config.rounds - fine_tune_from, "curve": curve, "sites": final_sites,
         "epsilon_max": None if without_dp else max(epsilon.values()),
         "declined_site_rounds": declined, "bytes_to_coordinator": bytes_total,
         "secure_vs_plaintext_parameters": aggregator.report() if isinstance(aggregator, _ParameterCheck) else None,
@@ -482,29 +651,84 @@ def _worker_init() -> None:
     logging.getLogger("blossom_secure").setLevel(logging.ERROR)
 
 
-def _run_one(config: ExperimentConfig, cell: Cell, work_dir: Path, pool_meta: dict, noise: dict[int, float],
-             keep: bool) -> dict:
+def _run_one(config: ExperimentConfig, cell: Cell, work_dir: Path, pool_meta: dict,
+             noise: dict[tuple[int, float], float], keep: bool) -> dict:
     return run_cell(config, cell, work_dir, pool_meta, noise, keep=keep)
 
 
 def run_grid(config: ExperimentConfig, work_dir: Path, *, workers: int | None = None, fresh: bool = False,
              keep_cells: bool = False, on_cell: Callable[[dict, int, int], None] | None = None) -> list[dict]:
-    """Run every cell of ``config`` not already finished under ``work_dir``; return all results.
+    """Run every cell of ``config`` not already finished under ``work_dir``; return the
+    results of the test cells.
 
-    Results are written one file per cell (``work_dir/results/<cell>.json``) as cells
-    finish, so an interrupted grid resumes where it stopped (``fresh`` starts over).
-    ``workers`` processes (default: the file's) run cells in parallel, one torch thread each.
+    With ``[tuning]``, the tuning cells run first and :func:`choose_hyperparameters` picks
+    each setting's values from them (written to ``work_dir/tuning.json``); the test cells
+    then run with those values. Results are written one file per cell
+    (``work_dir/results/<cell>.json``) as cells finish, so an interrupted grid resumes
+    where it stopped (``fresh`` starts over). ``workers`` processes (default: the file's)
+    run cells in parallel, one torch thread each. ``on_cell(result, done, total)`` is
+    called as each cell finishes, over both stages.
     """
-    import concurrent.futures
-    import multiprocessing
-
     work_dir = Path(work_dir).resolve()
-    results_dir = work_dir / "results"
     if fresh and work_dir.exists():
         for sub in ("results", "cells", "data"):
             shutil.rmtree(work_dir / sub, ignore_errors=True)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    cells = cells_of(config)
+        (work_dir / "tuning.json").unlink(missing_ok=True)
+    (work_dir / "results").mkdir(parents=True, exist_ok=True)
+    workers = config.workers if workers is None else workers
+    tune = tuning_cells(config)
+    n_test = len(cells_of(config))
+    total = len(tune) + n_test
+    offset = 0
+
+    def progress(result: dict, done: int, _total: int) -> None:
+        if on_cell is not None:
+            on_cell(result, offset + done, total)
+
+    started_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    started = time.perf_counter()
+    ran = 0
+    choices = None
+    if tune:
+        tuned, n = _run_cells(config, tune, work_dir, workers=workers, keep_cells=keep_cells, on_cell=progress)
+        ran += n
+        offset = len(tune)
+        choices = choose_hyperparameters(config, tuned)
+        atomic_write(work_dir / "tuning.json", json.dumps(tuning_document(config, choices), indent=1).encode()
+                     + b"\n")
+    results, n = _run_cells(config, cells_of(config, choices), work_dir, workers=workers, keep_cells=keep_cells,
+                            on_cell=progress)
+    ran += n
+    # Every invocation that ran cells is logged, so the report can state the grid's wall time.
+    log_path = work_dir / "runs.json"
+    log = json.loads(log_path.read_text()) if log_path.is_file() else []
+    log.append({"started_utc": started_utc, "wall_s": time.perf_counter() - started, "cells_run": ran,
+                "cells_total": total, "tuning_cells": len(tune), "workers": workers})
+    atomic_write(log_path, json.dumps(log, indent=1).encode() + b"\n")
+    return results
+
+
+def tuning_document(config: ExperimentConfig, choices: Choices) -> dict:
+    """The search space and every choice (with each candidate's validation score), as the
+    report shows them."""
+    t = config.tuning
+    return {
+        "search_space": {"learning_rates": list(t.learning_rates), "batch_sizes": list(t.batch_sizes),
+                         "split": t.split, "partitions": list(t.partitions), "seeds": list(t.seeds),
+                         "epsilons": list(t.epsilons), "rounds": config.rounds,
+                         "metric": "validation accuracy, site average, final round"},
+        "choices": [{"dataset": d, "tasks": tasks, "scheme": scheme, "epsilon": eps, **choice}
+                    for (d, tasks, scheme, eps), choice in sorted(choices.items(), key=lambda kv: str(kv[0]))],
+    }
+
+
+def _run_cells(config: ExperimentConfig, cells: list[Cell], work_dir: Path, *, workers: int, keep_cells: bool,
+               on_cell: Callable[[dict, int, int], None]) -> tuple[list[dict], int]:
+    """Run the cells not finished yet; return every cell's result (in order) and how many ran."""
+    import concurrent.futures
+    import multiprocessing
+
+    results_dir = work_dir / "results"
     pools: dict[str, Pool] = {}
     metas: dict[str, dict] = {}
     for cell in cells:
@@ -514,11 +738,12 @@ def run_grid(config: ExperimentConfig, work_dir: Path, *, workers: int | None = 
                 pools[cell.dataset] = load_pool(cell.dataset, work_dir, synthetic_patients=config.synthetic_patients,
                                                 synthetic_image_size=config.image_size)
             metas[cell.dataset] = _pool_meta(pools[cell.dataset])
-    batch_counts = set()
-    for key in {c.data_key for c in cells}:
-        meta = json.loads((work_dir / "data" / key / "sites.json").read_text())
-        batch_counts |= {math.ceil(s["n_train"] / config.batch_size) for s in meta["sites"].values()}
-    noise = _noise_table(config, work_dir, batch_counts)
+    needs: set[tuple[int, float]] = set()
+    for cell in cells:
+        if cell.uses_dp:
+            meta = json.loads((work_dir / "data" / cell.data_key / "sites.json").read_text())
+            needs |= {(math.ceil(s["n_train"] / cell.batch_size), cell.epsilon) for s in meta["sites"].values()}
+    noise = _noise_table(config, work_dir, needs)
     done: dict[str, dict] = {}
     todo = []
     for cell in cells:
@@ -527,20 +752,15 @@ def run_grid(config: ExperimentConfig, work_dir: Path, *, workers: int | None = 
             done[cell.key] = json.loads(path.read_text())
         else:
             todo.append(cell)
-    # Slowest first (images, DP), so that the last cells to finish are short ones.
-    todo.sort(key=lambda c: (c.dataset != "synthetic", c.dp != "on", c.scheme == "local"))
-    total = len(cells)
-    workers = config.workers if workers is None else workers
+    # Slowest first (images, DP, secure aggregation), so that the last cells to finish are short ones.
+    todo.sort(key=lambda c: (c.dataset != "synthetic", not c.uses_dp, c.aggregation != "secure",
+                             c.batch_size))
 
     def finished(result: dict) -> None:
         atomic_write(results_dir / f"{result['key']}.json", json.dumps(result, indent=1).encode() + b"\n")
         done[result["key"]] = result
-        if on_cell is not None:
-            on_cell(result, len(done), total)
+        on_cell(result, len(done), len(cells))
 
-    started_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    started = time.perf_counter()
-    ran = len(todo)
     if workers <= 1:
         _worker_init()
         for cell in todo:
@@ -553,10 +773,4 @@ def run_grid(config: ExperimentConfig, work_dir: Path, *, workers: int | None = 
                        for cell in todo]
             for future in concurrent.futures.as_completed(futures):
                 finished(future.result())
-    # Every invocation that ran cells is logged, so the report can state the grid's wall time.
-    log_path = work_dir / "runs.json"
-    log = json.loads(log_path.read_text()) if log_path.is_file() else []
-    log.append({"started_utc": started_utc, "wall_s": time.perf_counter() - started, "cells_run": ran,
-                "cells_total": total, "workers": workers})
-    atomic_write(log_path, json.dumps(log, indent=1).encode() + b"\n")
-    return [done[c.key] for c in cells]
+    return [done[c.key] for c in cells], len(todo)

@@ -154,6 +154,7 @@ class TrainingTerms:
     max_physical_batch_size: int | None
     seeded_noise_seed: int | None
     plain_seed: int | None
+    frozen: tuple[str, ...] = ()
 
 
 def train_pending(model: BlockModel, data: SiteTensors, terms: TrainingTerms) -> TrainResult:
@@ -165,7 +166,7 @@ def train_pending(model: BlockModel, data: SiteTensors, terms: TrainingTerms) ->
     if terms.plan is None:
         return train_without_dp_simulation_only(model, data, epochs=terms.epochs, batch_size=terms.batch_size,
                                                 learning_rate=terms.learning_rate, momentum=terms.momentum,
-                                                seed=terms.plain_seed)
+                                                seed=terms.plain_seed, frozen=terms.frozen)
     if terms.seeded_noise_seed is not None:
         randomness = DPRandomness.seeded_simulation(terms.seeded_noise_seed, site_id=terms.site_id,
                                                     round_id=terms.round_id)
@@ -173,7 +174,7 @@ def train_pending(model: BlockModel, data: SiteTensors, terms: TrainingTerms) ->
         randomness = DPRandomness.from_os_csprng()
     return train_dp(model, data, terms.plan, max_grad_norm=terms.max_grad_norm, learning_rate=terms.learning_rate,
                     momentum=terms.momentum, randomness=randomness,
-                    max_physical_batch_size=terms.max_physical_batch_size)
+                    max_physical_batch_size=terms.max_physical_batch_size, frozen=terms.frozen)
 
 
 class SiteAgent:
@@ -221,6 +222,9 @@ class SiteAgent:
         self.seed = seed
         #: Whether DP noise and sampling are seeded (a simulation on synthetic data only).
         self.seeded_noise = seed is not None and self.config.may_seed_dp_noise
+        #: Blocks this site's training keeps as they are (local fine-tuning of the others,
+        #: as in the study's FedAvg + fine-tuning baseline); empty: every block trains.
+        self.frozen_blocks: tuple[str, ...] = ()
         if seed is not None and not self.seeded_noise:
             logger.warning("site %s holds patient data (no [synth] section, no data_origin): its DP noise is drawn "
                            "from the OS CSPRNG, not from the simulation seed", self.config.id)
@@ -378,7 +382,8 @@ class SiteAgent:
             momentum=training.momentum, epochs=training.local_epochs, batch_size=training.batch_size,
             max_physical_batch_size=training.max_physical_batch_size,
             seeded_noise_seed=self.seed if pending.randomness == SEEDED_SIMULATION else None,
-            plain_seed=_derive_seed(self.seed, self.id, pending.round_id) if pending.plan is None else None)
+            plain_seed=_derive_seed(self.seed, self.id, pending.round_id) if pending.plan is None else None,
+            frozen=tuple(self.frozen_blocks))
 
     def complete_offer(self, pending: PendingTraining, outcome: TrainResult | BaseException) -> RoundOffer:
         """Finish a round joined with :meth:`begin_offer` once its training has run:

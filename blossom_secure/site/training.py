@@ -23,9 +23,10 @@ Notes:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -201,8 +202,8 @@ def _loss(logits: Mapping[str, torch.Tensor], labels: Mapping[str, torch.Tensor]
 
 def train_dp(model: BlockModel, data: SiteTensors, plan: RoundPlan, *, max_grad_norm: float,
              learning_rate: float, randomness: DPRandomness, momentum: float = 0.0,
-             max_physical_batch_size: int | None = None) -> TrainResult:
-    """Train every block of ``model`` in place with DP-SGD for ``plan``.
+             max_physical_batch_size: int | None = None, frozen: Collection[str] = ()) -> TrainResult:
+    """Train every block of ``model`` but the ``frozen`` ones in place with DP-SGD for ``plan``.
 
     Args:
         model: The site's model (modified in place).
@@ -220,6 +221,10 @@ def train_dp(model: BlockModel, data: SiteTensors, plan: RoundPlan, *, max_grad_
             accounting are those of the whole batch: sampling, clipping, noise and the
             ledger's plan do not change. ``None``: the whole batch at once. The site agent
             passes the federation file's ``training.max_physical_batch_size``.
+        frozen: Blocks that stay as they are (fine-tuning the others): they take no
+            gradient, so the clipping norm and the noise are spent on the trained blocks
+            only. The step's accounting is the same (a DP-SGD step on the trained blocks;
+            the frozen ones are constants of it).
 
     Returns:
         Steps taken, mean loss, and the (noise, rate, steps) history Opacus accounted.
@@ -227,7 +232,8 @@ def train_dp(model: BlockModel, data: SiteTensors, plan: RoundPlan, *, max_grad_
     Raises:
         RuntimeError: Opacus ran a different number of steps or sample rate than planned
             (the ledger would then be wrong; the update must not be released).
-        ValueError: ``max_physical_batch_size`` is given and not a positive int.
+        ValueError: ``max_physical_batch_size`` is given and not a positive int, or
+            ``frozen`` names a block the model does not have or every block.
     """
     if max_physical_batch_size is not None and (
             not isinstance(max_physical_batch_size, int) or isinstance(max_physical_batch_size, bool)
@@ -238,8 +244,30 @@ def train_dp(model: BlockModel, data: SiteTensors, plan: RoundPlan, *, max_grad_
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        return _train_dp(model, data, plan, max_grad_norm=max_grad_norm, learning_rate=learning_rate,
-                         randomness=randomness, momentum=momentum, max_physical_batch_size=max_physical_batch_size)
+        with _frozen_blocks(model, frozen):
+            return _train_dp(model, data, plan, max_grad_norm=max_grad_norm, learning_rate=learning_rate,
+                             randomness=randomness, momentum=momentum,
+                             max_physical_batch_size=max_physical_batch_size)
+
+
+@contextlib.contextmanager
+def _frozen_blocks(model: BlockModel, frozen: Collection[str]) -> Iterator[None]:
+    """Within the block, the parameters of the ``frozen`` blocks take no gradient."""
+    blocks = model.blocks()
+    unknown = sorted(set(frozen) - set(blocks))
+    if unknown:
+        raise ValueError(f"cannot freeze {unknown[0]!r}: the model has no such block")
+    if frozen and set(frozen) >= set(blocks):
+        raise ValueError("every block is frozen: nothing to train")
+    params = [p for name in frozen for p in blocks[name].parameters()]
+    before = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, before, strict=True):
+            p.requires_grad_(flag)
 
 
 def _train_dp(model: BlockModel, data: SiteTensors, plan: RoundPlan, *, max_grad_norm: float,
@@ -252,7 +280,8 @@ def _train_dp(model: BlockModel, data: SiteTensors, plan: RoundPlan, *, max_grad
                                   steps=plan.steps // plan.epochs, randomness=randomness)
     # Opacus reads the loader's length and dataset only (the sampling is ours, below).
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler)
-    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=learning_rate,
+                                momentum=momentum)
     engine = PrivacyEngine(accountant="rdp")
     # Opacus wraps the model (per-sample gradients) and validates it; the loader is ours
     # (Poisson sampling from the keyed stream), and so is the optimizer's noise.
@@ -289,7 +318,8 @@ def _train_dp(model: BlockModel, data: SiteTensors, plan: RoundPlan, *, max_grad
                     # An empty Poisson batch: no per-sample gradients, but the step (noise
                     # only) is still taken and accounted, exactly as DP-SGD prescribes.
                     for p in dp_model.parameters():
-                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                        if p.requires_grad:
+                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
                 dp_opt.step()
             if batch[0].shape[0] > 0:
                 losses.append(batch_loss / batch[0].shape[0])
@@ -377,8 +407,10 @@ def _dataset(model: BlockModel, data: SiteTensors):
 
 
 def train_without_dp_simulation_only(model: BlockModel, data: SiteTensors, *, epochs: int, batch_size: int,
-                                     learning_rate: float, momentum: float, seed: int) -> TrainResult:
-    """Train every block with plain mini-batch SGD: **no clipping, no noise, no privacy**.
+                                     learning_rate: float, momentum: float, seed: int,
+                                     frozen: Collection[str] = ()) -> TrainResult:
+    """Train every block but the ``frozen`` ones with plain mini-batch SGD: **no clipping,
+    no noise, no privacy**.
 
     For simulations that measure what differential privacy costs (the "DP off" arm of
     ``blossom experiment``) and nothing else: a site agent reaches it only when built
@@ -394,11 +426,19 @@ def train_without_dp_simulation_only(model: BlockModel, data: SiteTensors, *, ep
     """
     if len(data) < 1:
         raise ValueError("no training examples")
+    with _frozen_blocks(model, frozen):
+        return _train_plain(model, data, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                            momentum=momentum, seed=seed)
+
+
+def _train_plain(model: BlockModel, data: SiteTensors, *, epochs: int, batch_size: int, learning_rate: float,
+                 momentum: float, seed: int) -> TrainResult:
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     dataset, unpack = _dataset(model, data)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
-    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=learning_rate,
+                                momentum=momentum)
     model.train()
     losses, steps = [], 0
     for _ in range(epochs):
@@ -415,7 +455,11 @@ def train_without_dp_simulation_only(model: BlockModel, data: SiteTensors, *, ep
 
 @torch.no_grad()
 def evaluate(model: BlockModel, data: SiteTensors) -> dict[str, dict[str, float]]:
-    """Accuracy and macro-F1 per task on ``data`` (patients with a label for the task)."""
+    """Accuracy and macro-F1 per task on ``data`` (patients with a label for the task).
+
+    Macro-F1 averages the F1 of the classes present among the patients evaluated: a class
+    a site never sees would count as 0 and make the same model look worse at a site with
+    fewer classes (label skew)."""
     from sklearn.metrics import f1_score
 
     model.eval()
@@ -430,7 +474,7 @@ def evaluate(model: BlockModel, data: SiteTensors) -> dict[str, dict[str, float]
             continue
         out[task] = {
             "accuracy": float((pred == y).mean()),
-            "macro_f1": float(f1_score(y, pred, average="macro", labels=np.arange(lg.shape[1]), zero_division=0)),
+            "macro_f1": float(f1_score(y, pred, average="macro", labels=np.unique(y), zero_division=0)),
             "n": int(y.size),
         }
     model.train()
