@@ -431,6 +431,9 @@ def test_cli_runs_a_tiny_grid_end_to_end_and_writes_well_formed_results(tmp_path
             assert row["epsilon_max"] == ""
     with open(out / "curves.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == len(expected) * config.rounds
+    with open(out / "sites.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == len(expected) * config.sites
+    assert {r["key"] for r in json.loads((out / "cells.json").read_text())} == expected
     with open(out / "tuning_cells.csv", newline="") as f:
         assert {r["stage"] for r in csv.DictReader(f)} == {"tune"}
     summary = json.loads((out / "summary.json").read_text())

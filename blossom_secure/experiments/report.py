@@ -753,7 +753,7 @@ def _cell_row(r: Mapping) -> dict:
 def write_report(results: Sequence[Mapping], out_dir: Path, *, config_text: str, command: str,
                  runs: Sequence[Mapping], tuning: Mapping | None = None,
                  tuning_results: Sequence[Mapping] = (), target_epsilon: float = 8.0) -> dict:
-    """Write ``cells.csv``, ``curves.csv``, ``cells.json``, ``tuning.json``,
+    """Write ``cells.csv``, ``curves.csv``, ``sites.csv``, ``cells.json``, ``tuning.json``,
     ``tuning_cells.csv``, ``summary.json``, ``tables.md`` and the PNG plots into
     ``out_dir``. Returns the summary document."""
     out_dir = Path(out_dir)
@@ -776,10 +776,18 @@ def write_report(results: Sequence[Mapping], out_dir: Path, *, config_text: str,
     atomic_write(out_dir / "tuning_cells.csv", _csv_bytes([_cell_row(r) for r in sorted(tuning_results,
                                                                                        key=lambda r: r["key"])],
                                                           [*_CELL_COLUMNS, *metric_cols]))
-    # Metrics rounded to 6 significant digits: far below the seed-to-seed spread, and it
-    # keeps the committed raw results small.
+    site_cols = ["site", "accuracy", "macro_f1", "n_train", "n_holdout", "majority_class_accuracy",
+                 "noise_multiplier", "sample_rate", "steps_per_round", "epsilon"]
+    site_rows = [{"key": r["key"], "site": site, **{k: v for k, v in values.items() if k in site_cols},
+                  "modalities": "+".join(values.get("modalities", ())), "tasks": "+".join(values.get("tasks", ()))}
+                 for r in results for site, values in sorted(r["sites"].items())]
+    atomic_write(out_dir / "sites.csv", _csv_bytes(site_rows, ["key", *site_cols, "modalities", "tasks"]))
+    # Every result but its curve (curves.csv) and its per-site rows (sites.csv), with metrics
+    # rounded to 6 significant digits: far below the seed-to-seed spread, and it keeps the
+    # committed raw results small.
     atomic_write(out_dir / "cells.json",
-                 json.dumps(_rounded(results), indent=None, separators=(",", ":")).encode() + b"\n")
+                 json.dumps(_rounded([{k: v for k, v in r.items() if k not in ("curve", "sites")} for r in results]),
+                            indent=None, separators=(",", ":")).encode() + b"\n")
     if tuning is not None:
         atomic_write(out_dir / "tuning.json", json.dumps(_rounded(tuning), indent=1).encode() + b"\n")
     summary = {
