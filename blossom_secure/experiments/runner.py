@@ -738,11 +738,14 @@ def _run_cells(config: ExperimentConfig, cells: list[Cell], work_dir: Path, *, w
                 pools[cell.dataset] = load_pool(cell.dataset, work_dir, synthetic_patients=config.synthetic_patients,
                                                 synthetic_image_size=config.image_size)
             metas[cell.dataset] = _pool_meta(pools[cell.dataset])
+    sizes: dict[str, list[int]] = {}  # data key -> the sites' training-set sizes, read once
     needs: set[tuple[int, float]] = set()
     for cell in cells:
         if cell.uses_dp:
-            meta = json.loads((work_dir / "data" / cell.data_key / "sites.json").read_text())
-            needs |= {(math.ceil(s["n_train"] / cell.batch_size), cell.epsilon) for s in meta["sites"].values()}
+            if cell.data_key not in sizes:
+                meta = json.loads((work_dir / "data" / cell.data_key / "sites.json").read_text())
+                sizes[cell.data_key] = [s["n_train"] for s in meta["sites"].values()]
+            needs |= {(math.ceil(n / cell.batch_size), cell.epsilon) for n in sizes[cell.data_key]}
     noise = _noise_table(config, work_dir, needs)
     done: dict[str, dict] = {}
     todo = []
